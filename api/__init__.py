@@ -1,0 +1,1 @@
+"""autopar's user-facing surfaces: the `autopar` command line and the HTTP planning service."""

@@ -1,0 +1,7 @@
+"""`autopar profile` (being written)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the CLI."""

@@ -1,0 +1,7 @@
+"""`autopar run` (being written)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the command to the CLI."""

@@ -1,0 +1,213 @@
+"""The cluster contract: devices, their peak rates and the links between them, plus presets for common machines.
+
+Bandwidths are bytes per second *per GPU, per direction*; latencies are seconds. A `ClusterSpec` is plain data: the
+cost model (`planner.cost`) reads its coefficients from here rather than from constants in code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from planner.errors import AutoparError
+from planner.model_profile import DType
+
+CLUSTER_SCHEMA_VERSION = 1
+
+GB = 1e9
+GiB = 1024**3
+
+
+class ClusterError(AutoparError):
+    """A cluster description that cannot be used, with what to change."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceSpec(_Strict):
+    """One accelerator (or one CPU worker of a gloo test cluster)."""
+
+    name: str = Field(description="Human-readable device name.")
+    type: str = Field(default="cuda", description="torch device type the executor uses: 'cuda' or 'cpu'.")
+    memory_bytes: int = Field(gt=0, description="Usable device memory in bytes.")
+    peak_flops: dict[DType, float] = Field(description="Dense peak FLOP/s per dtype (no sparsity).")
+    memory_bandwidth: float = Field(gt=0, description="Device memory bandwidth in bytes/s.")
+
+    @field_validator("peak_flops")
+    @classmethod
+    def _positive_rates(cls, v: dict[DType, float]) -> dict[DType, float]:
+        if not v:
+            raise ValueError("peak_flops needs at least one dtype, e.g. {'bfloat16': 312e12}")
+        for dtype, rate in v.items():
+            if rate <= 0:
+                raise ValueError(f"peak_flops[{dtype.value}] must be > 0, got {rate}")
+        return v
+
+
+class LinkSpec(_Strict):
+    """A communication link as an alpha-beta model: time(bytes) = latency + bytes / bandwidth."""
+
+    bandwidth: float = Field(gt=0, description="Bytes/s per GPU per direction.")
+    latency: float = Field(ge=0, description="Seconds of fixed cost per message.")
+
+
+class ClusterSpec(_Strict):
+    """A homogeneous cluster: `nodes` x `gpus_per_node` identical devices."""
+
+    schema_version: int = Field(default=CLUSTER_SCHEMA_VERSION)
+    name: str = Field(default="custom", description="Preset or user-given name.")
+    nodes: int = Field(ge=1, description="Number of nodes.")
+    gpus_per_node: int = Field(ge=1, description="Devices per node.")
+    device: DeviceSpec
+    intra_node: LinkSpec = Field(description="Link between devices of one node (NVLink, PCIe, loopback).")
+    inter_node: LinkSpec = Field(description="Per-GPU share of the network between nodes (InfiniBand, RoCE, ...).")
+    compute_efficiency: float = Field(
+        default=0.6, gt=0, le=1, description="Fraction of peak FLOP/s that large GEMMs achieve (roofline factor)."
+    )
+    memory_efficiency: float = Field(
+        default=0.8, gt=0, le=1, description="Fraction of peak memory bandwidth that memory-bound ops achieve."
+    )
+    comm_efficiency: float = Field(
+        default=0.8, gt=0, le=1, description="Fraction of link bandwidth collectives achieve (NCCL bus bandwidth)."
+    )
+    memory_margin: float = Field(
+        default=0.1, ge=0, lt=1, description="Fraction of device memory held back for fragmentation and buffers."
+    )
+    overlap_dp_comm: bool = Field(
+        default=True, description="Whether data-parallel gradient communication overlaps the backward pass."
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Total number of devices."""
+        return self.nodes * self.gpus_per_node
+
+    @model_validator(mode="after")
+    def _version(self) -> ClusterSpec:
+        if self.schema_version != CLUSTER_SCHEMA_VERSION:
+            raise ValueError(f"cluster schema_version {self.schema_version} is not supported")
+        return self
+
+    def peak_flops_for(self, dtype: DType) -> float:
+        """Peak FLOP/s for `dtype`, with a clear error when the device spec lacks it."""
+        if dtype not in self.device.peak_flops:
+            have = ", ".join(d.value for d in self.device.peak_flops)
+            raise ClusterError(
+                f"cluster '{self.name}' has no peak FLOP/s for {dtype.value} (it has: {have}); profile the model in "
+                f"one of those dtypes or add peak_flops.{dtype.value} to the cluster file"
+            )
+        return self.device.peak_flops[dtype]
+
+    def with_overrides(self, **overrides: object) -> ClusterSpec:
+        """A copy with top-level fields replaced (e.g. nodes=4), validated again."""
+        data = self.model_dump()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return _validate(data, source=f"overrides of '{self.name}'")
+
+
+def _a100(memory_gib: int) -> dict:
+    return {
+        "name": f"NVIDIA A100-SXM4-{memory_gib}GB",
+        "type": "cuda",
+        "memory_bytes": memory_gib * GiB,
+        "peak_flops": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12, "float16": 312e12},
+        "memory_bandwidth": 2039 * GB if memory_gib == 80 else 1555 * GB,
+    }
+
+
+_H100 = {
+    "name": "NVIDIA H100-SXM5-80GB",
+    "type": "cuda",
+    "memory_bytes": 80 * GiB,
+    "peak_flops": {"float32": 67e12, "tf32": 494.5e12, "bfloat16": 989.5e12, "float16": 989.5e12},
+    "memory_bandwidth": 3350 * GB,
+}
+
+# Published datasheet figures. NVLink bandwidth is the per-direction half of the bidirectional figure; the
+# inter-node link is one InfiniBand adapter per GPU (HDR 200 Gb/s on DGX A100, NDR 400 Gb/s on DGX/HGX H100/H200).
+PRESETS: dict[str, dict] = {
+    "dgx-a100-40gb": {
+        "name": "dgx-a100-40gb", "nodes": 1, "gpus_per_node": 8, "device": _a100(40),
+        "intra_node": {"bandwidth": 300 * GB, "latency": 5e-6},
+        "inter_node": {"bandwidth": 25 * GB, "latency": 1e-5},
+    },
+    "dgx-a100-80gb": {
+        "name": "dgx-a100-80gb", "nodes": 1, "gpus_per_node": 8, "device": _a100(80),
+        "intra_node": {"bandwidth": 300 * GB, "latency": 5e-6},
+        "inter_node": {"bandwidth": 25 * GB, "latency": 1e-5},
+    },
+    "dgx-h100": {
+        "name": "dgx-h100", "nodes": 1, "gpus_per_node": 8, "device": _H100,
+        "intra_node": {"bandwidth": 450 * GB, "latency": 5e-6},
+        "inter_node": {"bandwidth": 50 * GB, "latency": 1e-5},
+    },
+    "hgx-h200": {
+        "name": "hgx-h200", "nodes": 1, "gpus_per_node": 8,
+        "device": {**_H100, "name": "NVIDIA H200-SXM-141GB", "memory_bytes": 141 * GB, "memory_bandwidth": 4800 * GB},
+        "intra_node": {"bandwidth": 450 * GB, "latency": 5e-6},
+        "inter_node": {"bandwidth": 50 * GB, "latency": 1e-5},
+    },
+    # Processes on one CPU host talking gloo over loopback: for tests and the demo. Rates are rough figures for
+    # one core; calibrate with a measured profile for real predictions.
+    "cpu": {
+        "name": "cpu", "nodes": 1, "gpus_per_node": 4,
+        "device": {
+            "name": "CPU (gloo)", "type": "cpu", "memory_bytes": 4 * GiB,
+            "peak_flops": {"float32": 50e9, "bfloat16": 25e9},
+            "memory_bandwidth": 10 * GB,
+        },
+        "intra_node": {"bandwidth": 2 * GB, "latency": 5e-5},
+        "inter_node": {"bandwidth": 1 * GB, "latency": 1e-4},
+        "compute_efficiency": 1.0,
+        "memory_efficiency": 1.0,
+        "comm_efficiency": 1.0,
+    },
+}
+
+
+def preset_names() -> list[str]:
+    """Names of the built-in cluster presets."""
+    return sorted(PRESETS)
+
+
+def _validate(data: dict, *, source: str) -> ClusterSpec:
+    try:
+        return ClusterSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ClusterError(f"invalid cluster description in {source}: {problems}") from None
+
+
+def load_cluster(name_or_path: str | Path, **overrides: object) -> ClusterSpec:
+    """A preset name (see `preset_names()`) or a YAML/JSON file, with optional field overrides (nodes=4, ...)."""
+    key = str(name_or_path)
+    if key in PRESETS:
+        data, source = dict(PRESETS[key]), f"preset '{key}'"
+    else:
+        path = Path(key)
+        if not path.suffix and not path.exists():
+            raise ClusterError(f"unknown cluster preset '{key}'; known presets: {', '.join(preset_names())}")
+        if not path.exists():
+            raise ClusterError(f"cluster file {path} does not exist (or give a preset: {', '.join(preset_names())})")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise ClusterError(f"cannot parse cluster file {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ClusterError(f"cluster file {path} must hold a mapping of fields, got {type(data).__name__}")
+        if "preset" in data:  # a file may start from a preset and override some fields
+            base = data.pop("preset")
+            if base not in PRESETS:
+                raise ClusterError(f"{path}: unknown preset '{base}'; known presets: {', '.join(preset_names())}")
+            data = {**PRESETS[base], **data}
+        source = str(path)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return _validate(data, source=source)

@@ -1,0 +1,247 @@
+"""The profile contract: what each layer of a model costs, as plain JSON-serialisable data.
+
+`profiler.profile(...)` produces a `ModelProfile`; the planner reads it without importing torch. Every quantity
+that grows with the batch is stored *per sample* (one sequence of `input.seq_len` tokens, or one image), so the
+planner can rescale it to any micro-batch size. Sizes are in bytes, times in seconds, FLOPs are counted the way
+`torch.utils.flop_counter.FlopCounterMode` counts them (2 per multiply-accumulate).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROFILE_SCHEMA_VERSION = 1
+
+#: Node names that stand for the model's inputs and outputs in `ModelProfile.edges`.
+INPUT_NODE = "<input>"
+OUTPUT_NODE = "<output>"
+
+
+class DType(str, Enum):
+    """Floating-point precision of a profile's parameters and activations (and of a cluster's peak rate)."""
+
+    FP32 = "float32"
+    TF32 = "tf32"
+    BF16 = "bfloat16"
+    FP16 = "float16"
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element as stored in memory (tf32 is stored as fp32)."""
+        return 4 if self in (DType.FP32, DType.TF32) else 2
+
+
+class ProfileMode(str, Enum):
+    """How a profile was made: times measured on a device, or only counted on the meta device."""
+
+    MEASURED = "measured"
+    ANALYTIC = "analytic"
+
+
+class ShardStyle(str, Enum):
+    """How a tensor-parallel shard splits a Linear (Megatron): by output features or by input features."""
+
+    COLWISE = "colwise"
+    ROWWISE = "rowwise"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One example input tensor: its full shape (batch dim first) and dtype name as torch spells it."""
+
+    shape: list[int] = Field(description="Full shape, batch dimension first.")
+    dtype: str = Field(description="torch dtype name without the 'torch.' prefix, e.g. 'int64', 'float32'.")
+
+
+class InputSpec(_Strict):
+    """The example inputs the model was profiled with."""
+
+    batch_size: int = Field(ge=1, description="Batch size the profile was taken at.")
+    seq_len: int | None = Field(default=None, ge=1, description="Tokens per sample; None for non-sequence inputs.")
+    tensors: list[TensorSpec] = Field(default_factory=list, description="Positional example inputs.")
+
+
+class TPShard(_Strict):
+    """One Linear inside a layer that tensor parallelism may shard."""
+
+    module: str = Field(description="Path of the nn.Linear relative to the layer, e.g. 'attn.q_proj'.")
+    style: ShardStyle = Field(description="colwise: split output features; rowwise: split input features.")
+
+
+class TensorParallelSpec(_Strict):
+    """Where and how a layer can be split Megatron-style across a tensor-parallel group."""
+
+    shards: list[TPShard] = Field(description="Linears to shard; colwise ones feed rowwise ones.")
+    divisor: int = Field(ge=1, description="TP degree must divide this (attention heads, or KV heads with GQA).")
+    sharded_param_count: int = Field(ge=0, description="Parameters split across the TP group (the rest replicate).")
+    allreduces_per_forward: int = Field(
+        ge=0, description="All-reduces of the layer output per forward (one per rowwise Linear); backward has as many."
+    )
+    allreduce_bytes: float = Field(ge=0, description="Bytes per sample of each of those all-reduces.")
+
+
+class LayerProfile(_Strict):
+    """Cost of one pipeline-cuttable unit of the model. Batch-dependent fields are per sample."""
+
+    index: int = Field(ge=0, description="Position in execution order.")
+    name: str = Field(description="Module path in the model, e.g. 'blocks.3'.")
+    module_type: str = Field(description="Class name of the module.")
+    param_count: int = Field(ge=0, description="Parameters owned by this layer (a shared parameter counts once).")
+    param_bytes: int = Field(ge=0, description="Bytes of those parameters in the profiled dtype.")
+    buffer_bytes: int = Field(default=0, ge=0, description="Bytes of registered buffers.")
+    fwd_flops: float = Field(ge=0, description="Forward FLOPs per sample.")
+    bwd_flops: float = Field(ge=0, description="Backward FLOPs per sample.")
+    fwd_bytes: float = Field(
+        ge=0, description="Activation bytes read + written by forward ops per sample (roofline); weights excluded."
+    )
+    bwd_bytes: float = Field(ge=0, description="Activation bytes read + written by backward ops per sample.")
+    saved_activation_bytes: float = Field(ge=0, description="Bytes autograd keeps for backward, per sample.")
+    input_bytes: float = Field(ge=0, description="Bytes of the layer's inputs per sample (kept under full recompute).")
+    output_bytes: float = Field(ge=0, description="Bytes of the layer's output per sample (what a cut after it sends).")
+    selective_saved_bytes: float = Field(
+        default=0.0, ge=0,
+        description="Part of saved_activation_bytes that selective recompute drops (attention scores), per sample.",
+    )
+    selective_fwd_flops: float = Field(
+        default=0.0, ge=0, description="Forward FLOPs per sample that selective recompute repeats (attention core)."
+    )
+    fwd_seconds: float | None = Field(default=None, ge=0, description="Measured forward time per sample, or None.")
+    bwd_seconds: float | None = Field(default=None, ge=0, description="Measured backward time per sample, or None.")
+    tp: TensorParallelSpec | None = Field(default=None, description="How the layer shards under TP; None = cannot.")
+
+
+class LayerEdge(_Strict):
+    """Data flowing from one layer (or the model input) to another (or the model output)."""
+
+    src: str = Field(description="Layer name, or '<input>'.")
+    dst: str = Field(description="Layer name, or '<output>'.")
+    bytes: float = Field(ge=0, description="Bytes per sample crossing the edge.")
+
+
+class StepMeasurement(_Strict):
+    """A whole training step (forward + backward) measured at the profiled batch, to check the per-layer sum."""
+
+    fwd_bwd_seconds: float = Field(ge=0, description="Median wall time of forward + backward for the whole batch.")
+    peak_memory_bytes: int | None = Field(default=None, ge=0, description="Peak device memory, when measurable.")
+
+
+class ModelProfile(_Strict):
+    """Everything the planner needs to know about a model, JSON round-trippable without loss."""
+
+    schema_version: int = Field(default=PROFILE_SCHEMA_VERSION, description="Bumped on incompatible changes.")
+    name: str = Field(description="Model name (zoo name or factory path).")
+    structure_hash: str = Field(description="Hash of module tree, parameter shapes and dtypes.")
+    input: InputSpec
+    dtype: DType
+    device: str = Field(description="'cpu', 'cuda' or 'meta'.")
+    device_name: str | None = Field(default=None, description="e.g. 'NVIDIA H100 80GB HBM3' when measured on CUDA.")
+    mode: ProfileMode
+    layers: list[LayerProfile]
+    edges: list[LayerEdge]
+    cut_points: list[int] = Field(
+        description="k in this list means a pipeline stage may start at layer k (the cut is between k-1 and k)."
+    )
+    step: StepMeasurement | None = Field(default=None, description="Whole-step measurement (measured mode only).")
+    profile_seconds: float = Field(ge=0, description="Wall time the profiler took.")
+    torch_version: str | None = None
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ModelProfile:
+        if self.schema_version != PROFILE_SCHEMA_VERSION:
+            raise ValueError(
+                f"profile schema_version {self.schema_version} is not supported (this autopar reads "
+                f"{PROFILE_SCHEMA_VERSION}); re-create the profile with `autopar profile`"
+            )
+        if not self.layers:
+            raise ValueError("a profile needs at least one layer")
+        for i, layer in enumerate(self.layers):
+            if layer.index != i:
+                raise ValueError(f"layers[{i}] has index {layer.index}; layers must be listed in execution order")
+        names = {layer.name for layer in self.layers}
+        if len(names) != len(self.layers):
+            raise ValueError("layer names must be unique")
+        known = names | {INPUT_NODE, OUTPUT_NODE}
+        for e in self.edges:
+            if e.src not in known or e.dst not in known:
+                raise ValueError(f"edge {e.src} -> {e.dst} names a layer that is not in the profile")
+        for k in self.cut_points:
+            if not 0 < k < len(self.layers):
+                raise ValueError(f"cut point {k} is outside 1..{len(self.layers) - 1}")
+        return self
+
+    # Totals are derived, never stored, so they cannot disagree with the layers.
+    @property
+    def num_layers(self) -> int:
+        """Number of layers."""
+        return len(self.layers)
+
+    @property
+    def param_count(self) -> int:
+        """Total parameters."""
+        return sum(layer.param_count for layer in self.layers)
+
+    @property
+    def param_bytes(self) -> int:
+        """Total parameter bytes."""
+        return sum(layer.param_bytes for layer in self.layers)
+
+    @property
+    def fwd_flops(self) -> float:
+        """Forward FLOPs per sample."""
+        return sum(layer.fwd_flops for layer in self.layers)
+
+    @property
+    def bwd_flops(self) -> float:
+        """Backward FLOPs per sample."""
+        return sum(layer.bwd_flops for layer in self.layers)
+
+    @property
+    def saved_activation_bytes(self) -> float:
+        """Saved activations per sample."""
+        return sum(layer.saved_activation_bytes for layer in self.layers)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens in one sample (1 for non-sequence models)."""
+        return self.input.seq_len or 1
+
+    @property
+    def profile_hash(self) -> str:
+        """Identifies what a plan was made for: structure, input shape per sample and dtype (not the batch)."""
+        key = {
+            "structure": self.structure_hash,
+            "seq_len": self.input.seq_len,
+            "inputs": [t.shape[1:] for t in self.input.tensors],
+            "dtype": self.dtype.value,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise; also write atomically to `path` when given."""
+        text = self.model_dump_json(indent=1)
+        if path is not None:
+            write_text_atomic(Path(path), text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> ModelProfile:
+        """Load from a file path or a JSON string."""
+        p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
+        text = p.read_text() if p is not None else str(path_or_text)
+        return cls.model_validate_json(text)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,278 @@
+"""The plan contract: parallel degrees, a strategy, its predicted cost, and the plan the search returns.
+
+All of it is plain pydantic data with no torch import, written by the planner and read by the executor and the
+service. Layer ranges are half-open (`start` included, `stop` excluded) indices into `ModelProfile.layers`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from planner.cluster import ClusterSpec
+from planner.model_profile import write_text_atomic
+
+PLAN_SCHEMA_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MeshAxis(str, Enum):
+    """Names of the device-mesh axes. An *axis* is a mesh axis; a *dim* is a tensor dimension."""
+
+    PP = "pp"
+    DP = "dp"
+    TP = "tp"
+
+
+class ParallelDims(_Strict):
+    """Parallel degrees; `dp * tp * pp` must equal `world_size`."""
+
+    dp: int = Field(ge=1, description="Data-parallel degree (replicas, or ZeRO/FSDP shards).")
+    tp: int = Field(ge=1, description="Tensor-parallel degree (Megatron column/row split inside layers).")
+    pp: int = Field(ge=1, description="Pipeline-parallel degree (number of ranks along the pipeline).")
+    world_size: int = Field(ge=1, description="Total number of devices.")
+
+    @model_validator(mode="after")
+    def _product(self) -> ParallelDims:
+        if self.dp * self.tp * self.pp != self.world_size:
+            raise ValueError(
+                f"dp*tp*pp = {self.dp}*{self.tp}*{self.pp} = {self.dp * self.tp * self.pp} "
+                f"does not equal world_size {self.world_size}"
+            )
+        return self
+
+    def degree(self, axis: MeshAxis) -> int:
+        """Degree of one mesh axis."""
+        return getattr(self, axis.value)
+
+
+class ZeroStage(IntEnum):
+    """How the data-parallel axis shards training state: 0 replicated (DDP) ... 3 everything (FSDP full shard)."""
+
+    NONE = 0
+    OPTIMIZER = 1
+    GRADIENTS = 2
+    FULL = 3
+
+
+class Schedule(str, Enum):
+    """Pipeline schedule."""
+
+    GPIPE = "gpipe"
+    ONE_F_ONE_B = "1f1b"
+    INTERLEAVED_1F1B = "interleaved_1f1b"
+
+
+class Recompute(str, Enum):
+    """Activation recomputation: none, selective (attention core only), or full (whole layers)."""
+
+    NONE = "none"
+    SELECTIVE = "selective"
+    FULL = "full"
+
+
+class PlanKind(str, Enum):
+    """What kind of parallelism a plan uses."""
+
+    DATA = "data"
+    MODEL = "model"
+    HYBRID = "hybrid"
+
+
+class StageSpec(_Strict):
+    """One pipeline stage: layers [start, stop). With interleaving, stage s runs on pipeline rank s % pp."""
+
+    start: int = Field(ge=0)
+    stop: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _nonempty(self) -> StageSpec:
+        if self.stop <= self.start:
+            raise ValueError(f"stage [{self.start}, {self.stop}) holds no layer")
+        return self
+
+
+DEFAULT_MESH_ORDER = (MeshAxis.PP, MeshAxis.DP, MeshAxis.TP)
+
+
+class Strategy(_Strict):
+    """One way to train: degrees, sharding, micro-batching, schedule, recomputation and stage boundaries."""
+
+    dims: ParallelDims
+    mesh_order: tuple[MeshAxis, ...] = Field(
+        default=DEFAULT_MESH_ORDER,
+        description="Mesh axes outermost first; the last (tp) gets consecutive ranks, i.e. stays inside a node.",
+    )
+    zero_stage: ZeroStage = Field(default=ZeroStage.NONE, description="Sharding of the data-parallel axis.")
+    micro_batch_size: int = Field(ge=1, description="Samples per micro-batch per data-parallel replica.")
+    num_micro_batches: int = Field(ge=1, description="Micro-batches per step per replica (gradient accumulation).")
+    schedule: Schedule = Field(default=Schedule.ONE_F_ONE_B)
+    virtual_stages: int = Field(default=1, ge=1, description="Stages per pipeline rank (>1 only when interleaved).")
+    recompute: Recompute = Field(default=Recompute.NONE)
+    stages: list[StageSpec] = Field(description="pp * virtual_stages contiguous stages covering every layer.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Strategy:
+        if sorted(self.mesh_order, key=lambda a: a.value) != sorted(MeshAxis, key=lambda a: a.value):
+            raise ValueError(f"mesh_order must name each of pp, dp, tp once, got {[a.value for a in self.mesh_order]}")
+        if self.schedule == Schedule.INTERLEAVED_1F1B:
+            if self.virtual_stages < 2:
+                raise ValueError("the interleaved 1F1B schedule needs virtual_stages >= 2")
+            if self.num_micro_batches % self.dims.pp:
+                raise ValueError(
+                    f"interleaved 1F1B needs num_micro_batches ({self.num_micro_batches}) divisible by pp "
+                    f"({self.dims.pp})"
+                )
+        elif self.virtual_stages != 1:
+            raise ValueError(f"virtual_stages={self.virtual_stages} needs schedule 'interleaved_1f1b'")
+        expected = self.dims.pp * self.virtual_stages
+        if len(self.stages) != expected:
+            raise ValueError(f"{len(self.stages)} stages given, pp*virtual_stages = {expected} expected")
+        if self.stages[0].start != 0:
+            raise ValueError("the first stage must start at layer 0")
+        for a, b in zip(self.stages, self.stages[1:]):
+            if a.stop != b.start:
+                raise ValueError(f"stages must be contiguous: one ends at {a.stop}, the next starts at {b.start}")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over all replicas."""
+        return self.micro_batch_size * self.num_micro_batches * self.dims.dp
+
+    @property
+    def kind(self) -> PlanKind:
+        """data when only dp > 1 (or a single device), model when dp == 1, hybrid otherwise."""
+        model_parallel = self.dims.tp > 1 or self.dims.pp > 1
+        if not model_parallel:
+            return PlanKind.DATA
+        return PlanKind.MODEL if self.dims.dp == 1 else PlanKind.HYBRID
+
+    def stage_ranks(self, stage: int) -> int:
+        """Pipeline rank that runs `stage` (round-robin when interleaved)."""
+        return stage % self.dims.pp
+
+    def describe(self) -> str:
+        """One-line summary, e.g. 'dp=4 tp=2 pp=1 zero=1 mb=4x8 1f1b recompute=none'."""
+        d = self.dims
+        sched = self.schedule.value + (f"(v={self.virtual_stages})" if self.virtual_stages > 1 else "")
+        return (
+            f"dp={d.dp} tp={d.tp} pp={d.pp} zero={int(self.zero_stage)} "
+            f"mb={self.micro_batch_size}x{self.num_micro_batches} {sched} recompute={self.recompute.value}"
+        )
+
+
+class CommCost(_Strict):
+    """One collective of a step, on one mesh axis."""
+
+    collective: str = Field(description="all_reduce, reduce_scatter, all_gather, or p2p.")
+    axis: MeshAxis
+    purpose: str = Field(description="e.g. 'gradient sync', 'tp block outputs', 'stage activations'.")
+    bytes: float = Field(ge=0, description="Bytes per device per step.")
+    seconds: float = Field(ge=0, description="Total time of these collectives in a step.")
+    exposed_seconds: float = Field(ge=0, description="Part not hidden behind compute.")
+
+
+class TimeBreakdown(_Strict):
+    """Where a predicted step's time goes (critical path, seconds)."""
+
+    compute: float = Field(ge=0, description="Forward + backward compute of the slowest pipeline rank.")
+    recompute: float = Field(ge=0, description="Extra forward compute from activation recomputation.")
+    bubble: float = Field(ge=0, description="Pipeline idle time.")
+    exposed_comm: float = Field(ge=0, description="Communication not overlapped with compute.")
+    optimizer: float = Field(ge=0, description="Optimizer step.")
+    comms: list[CommCost] = Field(default_factory=list)
+
+
+class MemoryBreakdown(_Strict):
+    """Peak memory of one device of one pipeline rank, bytes."""
+
+    parameters: float = Field(ge=0)
+    gradients: float = Field(ge=0)
+    optimizer_state: float = Field(ge=0)
+    activations: float = Field(ge=0)
+    comm_buffers: float = Field(ge=0)
+    total: float = Field(ge=0, description="Sum of the above.")
+    capacity: float = Field(gt=0, description="Device memory less the safety margin.")
+
+    @property
+    def headroom(self) -> float:
+        """Bytes left (negative when it does not fit)."""
+        return self.capacity - self.total
+
+
+class Prediction(_Strict):
+    """What the cost model predicts for a strategy."""
+
+    step_seconds: float = Field(gt=0)
+    time: TimeBreakdown
+    samples_per_second: float = Field(ge=0)
+    tokens_per_second: float = Field(ge=0)
+    model_flops_per_gpu: float = Field(ge=0, description="Model FLOP/s per device (no recompute counted).")
+    hardware_flops_per_gpu: float = Field(ge=0, description="Executed FLOP/s per device (recompute counted).")
+    mfu: float = Field(ge=0, description="Model FLOP/s over peak.")
+    memory: list[MemoryBreakdown] = Field(description="Per pipeline rank.")
+    fits: bool
+
+    @property
+    def peak_memory(self) -> float:
+        """Largest per-device total over pipeline ranks."""
+        return max(m.total for m in self.memory)
+
+
+class Alternative(_Strict):
+    """A candidate the search ranked below the chosen one, and why it lost."""
+
+    strategy: Strategy
+    prediction: Prediction
+    reason: str = Field(description="e.g. 'does not fit: 12.4 GB over on stage 0' or '9% slower: bubble 14%'.")
+
+
+class Provenance(_Strict):
+    """Where a plan came from."""
+
+    model_name: str
+    profile_hash: str
+    cluster: ClusterSpec
+    planner_version: str
+    search_seconds: float = Field(ge=0)
+    solver_status: str = Field(description="CP-SAT status of the chosen stage assignment (OPTIMAL, FEASIBLE, ...).")
+    candidates_evaluated: int = Field(ge=0)
+
+
+class Plan(_Strict):
+    """The planner's answer."""
+
+    schema_version: int = Field(default=PLAN_SCHEMA_VERSION)
+    kind: PlanKind
+    strategy: Strategy
+    prediction: Prediction
+    explanation: str = Field(description="Why this strategy, in a few sentences.")
+    alternatives: list[Alternative] = Field(default_factory=list)
+    provenance: Provenance
+
+    @model_validator(mode="after")
+    def _check(self) -> Plan:
+        if self.schema_version != PLAN_SCHEMA_VERSION:
+            raise ValueError(f"plan schema_version {self.schema_version} is not supported; re-run `autopar plan`")
+        if self.kind != self.strategy.kind:
+            raise ValueError(f"plan kind '{self.kind.value}' disagrees with its strategy ('{self.strategy.kind.value}')")
+        return self
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Serialise; also write atomically to `path` when given."""
+        text = self.model_dump_json(indent=1)
+        if path is not None:
+            write_text_atomic(Path(path), text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | Path) -> Plan:
+        """Load from a file path or a JSON string."""
+        s = str(path_or_text)
+        return cls.model_validate_json(s if s.lstrip().startswith("{") else Path(s).read_text())
