@@ -1,7 +1,134 @@
-"""`autopar plan` (being written)."""
+"""`autopar plan` and `autopar show`.
+
+    autopar plan gpt2-medium --cluster dgx-a100-80gb --nodes 2 --global-batch 512 --out plan.json
+    autopar plan my.profile.json --cluster cluster.yaml --global-batch 64 --top-k 3 --chart plan.png
+    autopar show plan.json --chart plan.png
+
+MODEL is a zoo name (profiled on the meta device on the spot) or a profile JSON written by `autopar profile`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from planner.cluster import load_cluster
+from planner.strategy import Plan
+
+console = Console()
+GB = 1e9
+
+
+def _make_plan(model: str, cluster_name: str, *, nodes: int | None, gpus_per_node: int | None, global_batch: int,
+               seq_len: int | None, dtype: str | None, profile_path: Path | None, top_k: int, time_limit: float,
+               objective: str) -> Plan:
+    """Plan in this process (the place a `--server URL` option would send the same request instead)."""
+    from planner import plan
+    from planner.model_profile import ModelProfile
+
+    cluster = load_cluster(cluster_name, nodes=nodes, gpus_per_node=gpus_per_node)
+    if profile_path is not None:
+        model_arg: object = ModelProfile.from_json(profile_path)
+    elif Path(model).suffix == ".json" or Path(model).exists():
+        model_arg = model
+    else:
+        import profiler  # torch is imported only when a zoo model must be profiled here
+
+        options = {"seq_len": seq_len, "max_positions": seq_len} if seq_len else {}
+        model_arg = profiler.profile_zoo(model, device="meta", dtype=dtype or "float16", **options)
+    return plan(model_arg, cluster, global_batch_size=global_batch, top_k=top_k, time_limit_s=time_limit,
+                objective=objective)
+
+
+def print_plan(plan: Plan) -> None:
+    """Format a plan with rich: the choice, its prediction, per-rank memory and the alternatives."""
+    s, p, prov = plan.strategy, plan.prediction, plan.provenance
+    console.print(f"[bold]{plan.kind.value} parallelism[/]: {s.describe()}")
+    console.print(plan.explanation)
+    t = Table(title="prediction", show_header=False)
+    t.add_row("step", f"{p.step_seconds:.4g} s")
+    t.add_row("throughput", f"{p.samples_per_second:,.1f} samples/s, {p.tokens_per_second:,.0f} tokens/s")
+    t.add_row("model FLOP/s per GPU", f"{p.model_flops_per_gpu / 1e12:.1f} TFLOP/s (MFU {p.mfu:.1%})")
+    t.add_row("hardware FLOP/s per GPU", f"{p.hardware_flops_per_gpu / 1e12:.1f} TFLOP/s")
+    tb = p.time
+    t.add_row("time breakdown", f"compute {tb.compute:.4g} s, recompute {tb.recompute:.4g} s, bubble "
+                                f"{tb.bubble:.4g} s, exposed comm {tb.exposed_comm:.4g} s, optimizer {tb.optimizer:.4g} s")
+    for c in tb.comms:
+        t.add_row(f"  {c.collective} ({c.axis.value})", f"{c.purpose}: {c.bytes / GB:.3g} GB, {c.seconds:.4g} s, "
+                                                        f"{c.exposed_seconds:.4g} s exposed")
+    console.print(t)
+    mt = Table(title="memory per device (GB)")
+    for col in ("rank", "layers", "params", "grads", "optimizer", "activations", "buffers", "total", "usable"):
+        mt.add_column(col, justify="right")
+    stages = s.stages
+    for r, mb in enumerate(p.memory):
+        held = [f"{st.start}-{st.stop - 1}" for i, st in enumerate(stages) if i % s.dims.pp == r]
+        mt.add_row(str(r), ",".join(held), *(f"{x / GB:.2f}" for x in (
+            mb.parameters, mb.gradients, mb.optimizer_state, mb.activations, mb.comm_buffers, mb.total, mb.capacity)))
+    console.print(mt)
+    if plan.alternatives:
+        at = Table(title="alternatives")
+        for col in ("strategy", "step (s)", "reason"):
+            at.add_column(col)
+        for a in plan.alternatives:
+            at.add_row(a.strategy.describe(), f"{a.prediction.step_seconds:.4g}", a.reason)
+        console.print(at)
+    console.print(f"[dim]{prov.model_name} (profile {prov.profile_hash}) on {prov.cluster.name} "
+                  f"{prov.cluster.nodes}x{prov.cluster.gpus_per_node}; planner {prov.planner_version}; "
+                  f"{prov.candidates_evaluated} candidates in {prov.search_seconds:.2f} s; CP-SAT {prov.solver_status}[/]")
 
 
 def register(app: typer.Typer) -> None:
-    """Add the command to the CLI."""
+    """Add `plan` and `show` to the CLI."""
+
+    @app.command("plan")
+    def plan_cmd(
+        model: str = typer.Argument(..., help="Zoo name (e.g. gpt2-medium) or a profile JSON path."),
+        cluster: str = typer.Option(..., "--cluster", help="Preset name or a YAML/JSON cluster file."),
+        global_batch: int = typer.Option(..., "--global-batch", help="Samples per optimizer step."),
+        nodes: int | None = typer.Option(None, "--nodes", help="Override the cluster's node count."),
+        gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", help="Override GPUs per node."),
+        seq_len: int | None = typer.Option(None, "--seq-len", help="Sequence length of a zoo model."),
+        dtype: str | None = typer.Option(None, "--dtype", help="Precision to profile a zoo model in (float16)."),
+        profile: Path | None = typer.Option(None, "--profile", help="Use this profile JSON for MODEL."),
+        top_k: int = typer.Option(5, "--top-k", help="Alternatives to list."),
+        time_limit: float = typer.Option(10.0, "--time-limit", help="Search time budget in seconds."),
+        objective: str = typer.Option("throughput", "--objective", help="throughput or memory."),
+        out: Path | None = typer.Option(None, "--out", help="Write the plan JSON here."),
+        chart: Path | None = typer.Option(None, "--chart", help="Draw the timeline and memory bars (PNG)."),
+    ) -> None:
+        """Find the fastest data / tensor / pipeline parallel strategy that fits."""
+        result = _make_plan(model, cluster, nodes=nodes, gpus_per_node=gpus_per_node, global_batch=global_batch,
+                            seq_len=seq_len, dtype=dtype, profile_path=profile, top_k=top_k,
+                            time_limit=time_limit, objective=objective)
+        print_plan(result)
+        if out is not None:
+            result.to_json(out)
+            console.print(f"plan written to {out}")
+        if chart is not None:
+            from planner.chart import draw_plan
+
+            console.print(f"chart written to {draw_plan(result, chart)}")
+
+    @app.command("show")
+    def show_cmd(
+        plan_file: Path = typer.Argument(..., help="A plan JSON written by `autopar plan --out`."),
+        chart: Path | None = typer.Option(None, "--chart", help="Draw the timeline and memory bars (PNG)."),
+    ) -> None:
+        """Print a saved plan again (and optionally draw it)."""
+        from planner.errors import AutoparError
+
+        if not plan_file.exists():
+            raise AutoparError(f"plan file {plan_file} does not exist")
+        try:
+            saved = Plan.from_json(plan_file)
+        except ValueError as exc:
+            raise AutoparError(f"{plan_file} is not a valid plan: {str(exc).splitlines()[0]}") from None
+        print_plan(saved)
+        if chart is not None:
+            from planner.chart import draw_plan
+
+            console.print(f"chart written to {draw_plan(saved, chart)}")

@@ -1,7 +1,140 @@
-"""`autopar profile` (being written)."""
+"""`autopar profile`: profile a zoo model or your own model per layer and print a table.
+
+    autopar profile gpt2-medium --batch-size 8 --out gpt2m.profile.json            # analytic (meta device)
+    autopar profile gpt-tiny --device cpu --batch-size 4                             # measured on the CPU
+    autopar profile llama-70b --seq-len 2048 --dtype bfloat16
+    autopar profile my_model.py:build --device cuda --layers embed,body,head
+    autopar profile mypkg.models:make_model --no-cache
+
+The cache lives in $AUTOPAR_CACHE_DIR (default ~/.cache/autopar).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from planner.model_profile import ModelProfile
+
+console = Console()
+
+
+def _si(value: float, unit: str = "") -> str:
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f} {prefix}{unit}"
+    return f"{value:.0f} {unit}".rstrip()
+
+
+def _bytes(value: float) -> str:
+    for factor, unit in ((2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if value >= factor:
+            return f"{value / factor:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def render_profile(profile: ModelProfile) -> Table:
+    """The per-layer table with a totals row; batch-dependent columns are for the whole profiled batch."""
+    b = profile.input.batch_size
+    measured = profile.layers[0].fwd_seconds is not None
+    table = Table(
+        title=f"{profile.name}: {profile.num_layers} layers, {profile.mode.value} on {profile.device}, "
+              f"{profile.dtype.value}",
+        caption=f"per batch of {b}" + (f" x {profile.input.seq_len} tokens" if profile.input.seq_len else "")
+        + f"; TP /d: tensor-parallel degree must divide d; pipeline cuts allowed before {len(profile.cut_points)} "
+        "of the layers",
+    )
+    table.add_column("#", justify="right", min_width=len(str(profile.num_layers)))
+    table.add_column("layer", no_wrap=True)
+    for col in ("params", "fwd FLOPs"):
+        table.add_column(col, justify="right", no_wrap=True)
+    if measured:
+        table.add_column("fwd+bwd ms", justify="right", no_wrap=True)
+    for col in ("saved act.", "output", "TP"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for layer in profile.layers:
+        row = [str(layer.index), layer.name or "(model)", _si(layer.param_count), _si(layer.fwd_flops * b)]
+        if measured:
+            row.append(_ms((layer.fwd_seconds + layer.bwd_seconds) * b))
+        row += [_bytes(layer.saved_activation_bytes * b), _bytes(layer.output_bytes * b),
+                f"/{layer.tp.divisor}" if layer.tp else "-"]
+        table.add_row(*row)
+    total = ["", "total", _si(profile.param_count), _si(profile.fwd_flops * b)]
+    if measured:
+        total.append(_ms(sum(l.fwd_seconds + l.bwd_seconds for l in profile.layers) * b))
+    total += [_bytes(profile.saved_activation_bytes * b), "", ""]
+    table.add_row(*total, style="bold")
+    return table
+
+
+def _split_layers(layers: str | None) -> list[str] | None:
+    if not layers:
+        return None
+    return [name.strip() for name in layers.split(",") if name.strip()]
+
+
+def profile_command(
+    model: Annotated[str, typer.Argument(help="Zoo name (see `autopar profile --list`), path/to/file.py:factory "
+                                              "or package.module:factory.")] = "",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")] = 1,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=1, help="Tokens per sample (zoo models).")] = None,
+    device: Annotated[str, typer.Option(help="meta (analytic, no timing), cpu or cuda (measured).")] = "meta",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the profile JSON here.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Profile again even if cached.")] = False,
+    layers: Annotated[str | None, typer.Option(help="Comma-separated layer module names (override).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per layer (measured mode).")] = 5,
+    list_models: Annotated[bool, typer.Option("--list", help="List the zoo models and exit.")] = False,
+) -> None:
+    """Profile a model per layer: parameters, FLOPs, activation memory, the layer graph (and times off meta)."""
+    from profiler import profile, profile_zoo
+    from profiler.factory import is_factory_spec, load_factory_model
+    from profiler.zoo import get_model
+    from profiler.zoo import list_models as zoo_names
+
+    if list_models or not model:
+        console.print("zoo models: " + ", ".join(zoo_names()))
+        if not model:
+            console.print("usage: autopar profile MODEL [options]; see --help")
+        return
+    with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("loading model", total=1)
+
+        def report(description: str, done: int, total: int) -> None:
+            bar.update(task, description=description, completed=done, total=total)
+
+        options = {"device": device, "dtype": dtype, "cache": not no_cache, "layers": _split_layers(layers),
+                       "repeats": repeats, "progress": report}
+        if is_factory_spec(model):
+            module, inputs = load_factory_model(model, batch_size=batch_size, seq_len=seq_len)
+            result = profile(module, inputs, name=model, seq_len=seq_len, **options)
+        else:
+            get_model(model)  # an unknown name fails here, listing the known ones
+            sizes = {"seq_len": seq_len} if seq_len is not None else {}
+            result = profile_zoo(model, batch_size=batch_size, **sizes, **options)
+    console.print(render_profile(result))
+    if result.step is not None:
+        layer_sum = sum(l.fwd_seconds + l.bwd_seconds for l in result.layers) * result.input.batch_size
+        console.print(f"whole step (fwd+bwd): {result.step.fwd_bwd_seconds * 1e3:.2f} ms measured, "
+                      f"{layer_sum * 1e3:.2f} ms as the sum of layers")
+        if result.step.peak_memory_bytes is not None:
+            console.print(f"peak memory: {_bytes(result.step.peak_memory_bytes)}")
+    console.print(f"profiled in {result.profile_seconds:.2f} s; structure hash {result.structure_hash}")
+    if out is not None:
+        result.to_json(out)
+        console.print(f"wrote {out}")
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to the CLI."""
+    app.command("profile")(profile_command)

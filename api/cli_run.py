@@ -1,7 +1,175 @@
-"""`autopar run` (being written)."""
+"""`autopar run`: launch a plan on this node's processes through torchrun, then report measured against predicted.
+
+    autopar run plan.json --model gpt-tiny --steps 20 --nproc-per-node 2
+    autopar run plan.json --model gpt-tiny --save-dir ckpt --save-every 10 --resume --report run.json
+    autopar run --plan-first gpt-tiny --cluster cpu --nodes 1 --global-batch 16 --nproc-per-node 4
+    autopar run plan.json --model gpt2-medium --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500   # each node
+    srun --ntasks-per-node=1 autopar run plan.json --model gpt2-medium   # Slurm: nodes and ranks from the job
+
+Before any rank starts it refuses a world size that differs from the plan's, a model whose profile hash differs
+from the plan's, and a device type this node does not have.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from planner.errors import AutoparError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _parse_options(items: list[str]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise AutoparError(f"--option '{item}' is not key=value (e.g. --option num_layers=4)")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+def _profile_for(model_name: str, model, dtype: str):
+    """Analytic (meta-device) profile of the model to run, at one sample per batch."""
+    import profiler
+
+    if ":" not in model_name:
+        options = dict(model.config)
+        return profiler.profile_zoo(model_name, device="meta", dtype=dtype, **options)
+    return profiler.profile(model.build("meta"), model.example_inputs(1, device="meta"), device="meta", dtype=dtype,
+                            name=model_name, seq_len=getattr(model, "seq_len", None))
+
+
+def _mib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**20:,.1f}"
+
+
+def _print_report(report) -> None:
+    table = Table(title=f"autopar run: {report.strategy}", show_lines=False)
+    table.add_column("quantity")
+    table.add_column("measured", justify="right")
+    table.add_column("predicted", justify="right")
+    table.add_column("ratio", justify="right")
+    pred = report.predicted_step_seconds
+    meas = report.measured_step_seconds
+    ratio = f"{meas / pred:.2f}x" if meas and pred else "-"
+    table.add_row("step time (ms)", f"{meas * 1e3:.1f}" if meas else "-", f"{pred * 1e3:.1f}" if pred else "-", ratio)
+    if report.steps:
+        table.add_row("final loss", f"{report.steps[-1].loss:.5f}", "-", "-")
+    kind = "peak RSS" if report.memory_kind == "cpu_peak_rss" else "peak allocated"
+    for m in report.memory:
+        r = f"{m.peak_bytes / m.predicted_bytes:.2f}x" if m.predicted_bytes else "-"
+        table.add_row(f"rank {m.rank} (pp {m.pp_rank}) {kind} MiB", _mib(m.peak_bytes), _mib(m.predicted_bytes), r)
+    console.print(table)
+
+
+def run_command(
+    plan_path: Annotated[Optional[Path], typer.Argument(help="Plan JSON from `autopar plan`.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Zoo name or package.module:attr of the model to train.")] = None,
+    option: Annotated[list[str], typer.Option(help="Model size option key=value (repeatable).")] = [],  # noqa: B006
+    steps: Annotated[int, typer.Option(min=1, help="Train until this many steps are done.")] = 10,
+    data: Annotated[str, typer.Option(help="'synthetic' or package.module:fn(step, global_batch).")] = "synthetic",
+    nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes on this node (default: plan / nnodes).")] = None,
+    nnodes: Annotated[Optional[int], typer.Option(help="Nodes (default: SLURM_NNODES or 1).")] = None,
+    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank (default: SLURM_NODEID).")] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT of node 0 for multi-node runs.")] = None,
+    save_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (torch.distributed.checkpoint).")] = None,
+    save_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: only at the end).")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --save-dir.")] = False,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the run report as JSON here.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initial weights and synthetic data.")] = 0,
+    optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-4,
+    dtype: Annotated[str, typer.Option(help="float32, or bfloat16/float16 autocast (must match the plan).")] = "float32",
+    plan_first: Annotated[Optional[str], typer.Option(help="Plan this model first (zoo name), then run it.")] = None,
+    cluster: Annotated[str, typer.Option(help="Cluster preset or file for --plan-first.")] = "cpu",
+    nodes: Annotated[Optional[int], typer.Option(help="Cluster nodes for --plan-first.")] = None,
+    gpus_per_node: Annotated[Optional[int], typer.Option(help="Devices per node for --plan-first.")] = None,
+    global_batch: Annotated[Optional[int], typer.Option(help="Global batch size for --plan-first.")] = None,
+) -> None:
+    """Run a plan: torchrun workers on this node, progress from rank 0, then measured vs predicted."""
+    import torch
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from executor.launch import RankFailed, RunSpec, check_launch, launch, read_report, slurm_launch
+    from executor.sources import OptimizerSpec, resolve_model
+    from planner.strategy import Plan
+
+    if (plan_path is None) == (plan_first is None):
+        raise AutoparError("give a plan file or --plan-first MODEL (exactly one)")
+    model_name = plan_first or model
+    if model_name is None:
+        raise AutoparError("which model does the plan train? add --model NAME (zoo name or package.module:attr)")
+    options = _parse_options(option)
+    zoo_model = resolve_model(model_name, options)
+    profile = _profile_for(model_name, zoo_model, dtype)
+    if plan_first is not None:
+        import planner
+        from planner.cluster import load_cluster
+
+        if global_batch is None:
+            raise AutoparError("--plan-first needs --global-batch N")
+        spec_cluster = load_cluster(cluster, nodes=nodes, gpus_per_node=gpus_per_node)
+        plan = planner.plan(profile, spec_cluster, global_batch_size=global_batch)
+        console.print(f"planned: {plan.strategy.describe()}")
+    else:
+        try:
+            plan = Plan.from_json(plan_path)
+        except (OSError, ValueError) as exc:
+            raise AutoparError(f"cannot read plan {plan_path}: {exc}") from None
+
+    slurm = slurm_launch(os.environ)
+    nnodes = nnodes or (slurm.nnodes if slurm else 1)
+    if node_rank is None and slurm is not None:
+        node_rank = slurm.node_rank
+    if rdzv_endpoint is None and slurm is not None and nnodes > 1:
+        rdzv_endpoint = slurm.master_host
+    world = plan.strategy.dims.world_size
+    nproc = nproc_per_node or max(1, world // nnodes)
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    check_launch(plan, profile, nnodes=nnodes, nproc_per_node=nproc, cuda_devices=cuda)
+
+    with tempfile.TemporaryDirectory(prefix="autopar-run-") as tmp:
+        report_path = report or Path(tmp) / "report.json"
+        spec = RunSpec(
+            plan=plan, profile=profile, model=model_name, model_options=options, data=data, steps=steps, seed=seed,
+            optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=dtype,
+            save_dir=str(save_dir) if save_dir else None, save_every=save_every, resume=resume,
+            report_path=str(report_path),
+        )
+        if resume and save_dir is None:
+            raise AutoparError("--resume needs --save-dir (where the checkpoints are)")
+        console.print(f"launching {nnodes} x {nproc} processes: {plan.strategy.describe()}")
+        try:
+            launch(spec, nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                   workdir=tmp)
+        except RankFailed as exc:
+            err_console.print(f"[bold red]error:[/] rank {exc.rank} failed (exit code {exc.exitcode}); the job was stopped")
+            sys.stderr.write(exc.message + "\n")
+            sys.exit(1)
+        except (KeyboardInterrupt, SignalException):
+            err_console.print("[bold red]interrupted:[/] all ranks stopped")
+            sys.exit(130)
+        if Path(report_path).exists():
+            _print_report(read_report(report_path))
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to the CLI."""
+    app.command("run")(run_command)

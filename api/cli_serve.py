@@ -1,7 +1,56 @@
-"""`autopar serve` (being written)."""
+"""`autopar serve`: run the HTTP planning service with uvicorn.
+
+    autopar serve                                   # http://127.0.0.1:8000, plans in ./autopar.db, docs at /docs
+    autopar serve --port 9000 --db /var/lib/autopar/plans.db --workers 4
+    autopar serve --host 0.0.0.0 --api-key "$AUTOPAR_KEY"   # every /v1 request then needs X-API-Key
+
+Other limits come from AUTOPAR_* environment variables (see `api.settings.Settings`), e.g.
+AUTOPAR_MAX_SOLVER_SECONDS=30 AUTOPAR_SEARCH_WORKERS=4 autopar serve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.console import Console
+
+from api.settings import ENV_PREFIX, Settings
+
+console = Console(stderr=True)
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    db: Annotated[Path | None, typer.Option(help="SQLite file for plans and profiles [default: ./autopar.db].")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="uvicorn worker processes (they share the db).")] = 1,
+    api_key: Annotated[
+        list[str] | None, typer.Option("--api-key", help="Require this key on /v1 requests (repeatable).")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve plans over HTTP: POST /v1/plans, GET /v1/plans, /v1/evaluate, /v1/profiles; docs at /docs."""
+    import uvicorn
+
+    settings = Settings.from_env(db_path=db, api_keys=tuple(api_key) if api_key else None)
+    keys = "required" if settings.api_keys else "off"
+    console.print(f"[bold]autopar serve[/] http://{host}:{port}  db={settings.db_path}  workers={workers}  "
+                  f"api keys {keys}  docs at /docs")
+    if workers == 1:
+        from api.app import create_app
+
+        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        return
+    # Worker processes build their own app from the environment, so hand them the validated settings that way.
+    for name, value in settings.model_dump(mode="json").items():
+        os.environ[ENV_PREFIX + name.upper()] = json.dumps(value) if isinstance(value, list) else str(value)
+    uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
 
 
 def register(app: typer.Typer) -> None:
     """Add the command to the CLI."""
+    app.command("serve")(serve)

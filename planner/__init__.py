@@ -30,6 +30,10 @@ from planner.strategy import (
     ZeroStage,
 )
 
+from planner.evaluate import PlanError, evaluate
+from planner.planning import PLANNER_VERSION, plan
+from planner.search import Objective
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -37,5 +41,5 @@ __all__ = [
     "DType", "InputSpec", "LayerEdge", "LayerProfile", "ModelProfile", "ProfileMode", "ShardStyle",
     "TensorParallelSpec", "TensorSpec", "TPShard",
     "MeshAxis", "ParallelDims", "Plan", "PlanKind", "Prediction", "Recompute", "Schedule", "StageSpec", "Strategy",
-    "ZeroStage",
+    "ZeroStage", "plan", "evaluate", "PlanError", "Objective", "PLANNER_VERSION",
 ]

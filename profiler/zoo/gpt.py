@@ -130,19 +130,25 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/sqrt(2 * layers)."""
-        std = 0.02
+        """GPT-2 initialisation (see `init_parameter`); parameters still on the meta device are left alone."""
         for name, p in self.named_parameters():
-            if p.device.type == "meta":
-                continue
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif ".ln_" in name or name.startswith("head.ln_f"):
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "fc_out.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.num_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            if p.device.type != "meta":
+                self.init_parameter(name, p)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Fill one whole parameter, chosen by its name: N(0, 0.02), residual projections scaled by
+        1/sqrt(2 * layers), LayerNorm weights 1, biases 0. The executor calls this per parameter with a generator
+        seeded from the name, so every sharded layout starts from the same weights as a single-process run."""
+        std = 0.02
+        if name.endswith("bias"):
+            nn.init.zeros_(tensor)
+        elif ".ln_" in name or name.startswith("head.ln_f"):
+            nn.init.ones_(tensor)
+        elif name.endswith(("o_proj.weight", "fc_out.weight")):
+            nn.init.normal_(tensor, 0.0, std / math.sqrt(2 * self.config.num_layers), generator=generator)
+        else:
+            nn.init.normal_(tensor, 0.0, std, generator=generator)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         h = self.embed(ids)

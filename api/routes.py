@@ -1,0 +1,120 @@
+"""HTTP routes: parse, call `api.service`, shape the answer. No planning logic lives here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query, Response, status
+from starlette.concurrency import run_in_threadpool
+
+import planner
+from api import service
+from api.deps import Context
+from api.errors import error_responses
+from api.schemas import (
+    ClusterList,
+    EvaluateRequest,
+    EvaluateResponse,
+    Health,
+    PlanPage,
+    PlanRequest,
+    PlanResponse,
+    ProfileCreated,
+    StoredProfile,
+)
+from api.storage import SCHEMA_VERSION
+from planner.cluster import load_cluster, preset_names
+from planner.model_profile import ModelProfile
+
+health = APIRouter(tags=["health"])
+# The API-key check is attached by the app factory, only when the server has keys, so /docs says when it is needed.
+v1 = APIRouter(prefix="/v1", responses=error_responses(400, 413, 422))
+
+PlanId = Annotated[str, Path(min_length=1, max_length=100, description="Plan id.")]
+ProfileId = Annotated[str, Path(min_length=1, max_length=100, description="Profile id.")]
+
+
+@health.get("/healthz", response_model=Health)
+def healthz() -> Health:
+    """Liveness: the process answers (even while searches run)."""
+    return Health(status="ok", version=planner.__version__)
+
+
+@health.get("/readyz", response_model=Health, responses={503: {"model": Health, "description": "Storage down"}})
+def readyz(ctx: Context, response: Response) -> Health:
+    """Readiness: the database answers and carries the current schema."""
+    ok = ctx.storage.ping()
+    if not ok:
+        response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    return Health(status="ready" if ok else "storage unavailable", version=planner.__version__,
+                  schema_version=SCHEMA_VERSION if ok else None)
+
+
+@v1.post(
+    "/plans", response_model=PlanResponse, status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": PlanResponse, "description": "Served from the store (cached)"},
+               **error_responses(503, 504)},
+)
+async def create_plan(body: PlanRequest, ctx: Context, response: Response) -> PlanResponse:
+    """Search the best plan for a model on a cluster (201), or answer the stored one for the same request (200)."""
+    result, created = await service.create_plan(body, ctx)
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return result
+
+
+@v1.get("/plans", response_model=PlanPage)
+def list_plans(
+    ctx: Context,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="Plans per page.")] = None,
+    offset: Annotated[int, Query(ge=0, le=2**62, description="Plans to skip (newest first).")] = 0,
+) -> PlanPage:
+    """Stored plans, newest first."""
+    limit = limit or ctx.settings.page_size
+    rows, total = ctx.storage.list_plans(limit=limit, offset=offset)
+    following = offset + len(rows)
+    return PlanPage(items=[service.plan_summary(r) for r in rows], total=total, limit=limit, offset=offset,
+                    next_offset=following if following < total else None)
+
+
+@v1.get("/plans/{plan_id}", response_model=PlanResponse, responses=error_responses(404))
+def get_plan(plan_id: PlanId, ctx: Context) -> PlanResponse:
+    """A stored plan."""
+    return service.get_plan(plan_id, ctx.storage)
+
+
+@v1.delete("/plans/{plan_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404))
+def delete_plan(plan_id: PlanId, ctx: Context) -> Response:
+    """Forget a stored plan (the next equal request searches again)."""
+    if not ctx.storage.delete_plan(plan_id):
+        service.get_plan(plan_id, ctx.storage)  # raises the 404
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@v1.post("/evaluate", response_model=EvaluateResponse, responses=error_responses(503, 504))
+async def evaluate(body: EvaluateRequest, ctx: Context) -> EvaluateResponse:
+    """Predict step time, throughput and memory of a strategy you choose (what-if); nothing is stored."""
+    (strategy, prediction), _ = await ctx.runner.run(None, service.evaluate_strategy, body, ctx)
+    return EvaluateResponse(strategy=strategy, prediction=prediction)
+
+
+@v1.post("/profiles", response_model=ProfileCreated, status_code=status.HTTP_201_CREATED,
+         responses={200: {"model": ProfileCreated, "description": "Already stored"}})
+async def upload_profile(body: ModelProfile, ctx: Context, response: Response) -> ProfileCreated:
+    """Store a model profile (`autopar profile` output); answers its content id."""
+    created = await run_in_threadpool(service.store_profile, body, ctx)
+    if not created.created:
+        response.status_code = status.HTTP_200_OK
+    return created
+
+
+@v1.get("/profiles/{profile_id}", response_model=StoredProfile, responses=error_responses(404))
+def get_profile(profile_id: ProfileId, ctx: Context) -> StoredProfile:
+    """A stored profile."""
+    return service.get_profile(profile_id, ctx.storage)
+
+
+@v1.get("/clusters", response_model=ClusterList)
+def list_clusters() -> ClusterList:
+    """The built-in cluster presets (use their names in plan requests)."""
+    return ClusterList(presets=[load_cluster(name) for name in preset_names()])

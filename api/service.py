@@ -1,0 +1,345 @@
+"""What the service does, as plain functions: resolve a request to a profile and a cluster, key it, search, store.
+
+Routes only translate HTTP to these calls. Safety rules live here: a model is a zoo name (built by the registry
+on the meta device, never an import path) or profile data; a cluster is a preset name (never a file path) or
+cluster data; sizes, world sizes and solver time are bounded by `Settings`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+import planner
+from api.errors import ApiError
+from api.runner import SearchRunner
+from api.schemas import (
+    ClusterRef,
+    EvaluateRequest,
+    ModelRef,
+    PlanRequest,
+    PlanResponse,
+    PlanSummary,
+    PresetClusterRef,
+    ProfileCreated,
+    ProfileModelRef,
+    StoredProfile,
+    StoredProfileRef,
+    ZooModelRef,
+)
+from api.settings import Settings
+from api.storage import PlanRow, Storage
+from planner.cluster import PRESETS, ClusterError, ClusterSpec, load_cluster, preset_names
+from planner.errors import AutoparError
+from planner.model_profile import ModelProfile
+from planner.strategy import Plan, Prediction, Strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceContext:
+    """Everything a request handler needs: settings, storage and the search pool."""
+
+    settings: Settings
+    storage: Storage
+    runner: SearchRunner
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model reference made concrete enough to key: either a profile, or a validated zoo config to profile."""
+
+    key: dict[str, Any]
+    name: str
+    profile: ModelProfile | None = None
+    zoo: ZooModelRef | None = None
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def profile_id(profile: ModelProfile) -> str:
+    """Content id of a profile: equal profiles get equal ids."""
+    return "prof-" + _digest(profile.model_dump(mode="json"))[:24]
+
+
+def _timestamp(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+# -- model and cluster ---------------------------------------------------------------------------------------------
+
+
+def _estimate_params(config: Any) -> float:
+    """Rough parameter count of a transformer-like config (blocks + embeddings); 0 for configs without a width."""
+    hidden = getattr(config, "hidden", 0)
+    layers = getattr(config, "num_layers", 0)
+    ffn = getattr(config, "ffn_hidden", None)
+    # Attention 4 h^2; MLP 2 h * (ratio h), or 3 h * ffn for a gated (SwiGLU) one.
+    mlp = 3 * hidden * ffn if ffn else 2 * getattr(config, "mlp_ratio", 4) * hidden * hidden
+    embed = getattr(config, "vocab_size", 0) + getattr(config, "max_positions", 0)
+    return layers * (4 * hidden * hidden + mlp) + embed * hidden
+
+
+def _zoo_config(ref: ZooModelRef, settings: Settings) -> dict[str, Any]:
+    """Validate a zoo reference against the registry and the size limits; its full config as plain data."""
+    from profiler.zoo import ZooError, get_model  # the zoo needs torch: import only when a zoo model is asked for
+
+    options = ref.options.model_dump(exclude_none=True)
+    try:
+        zoo_model = get_model(ref.name, **options)
+    except ZooError as exc:
+        field = "model.name" if ref.name not in _zoo_names() else "model.options"
+        raise ApiError(422, "unknown_model" if field == "model.name" else "invalid_model_options", str(exc), field)
+    config = zoo_model.config
+    layers = getattr(config, "num_layers", 0)
+    if layers + 2 > settings.max_profile_layers:
+        raise ApiError(422, "model_too_large", f"{layers} layers is over this server's limit of "
+                       f"{settings.max_profile_layers - 2}; ask for fewer layers", "model.options.num_layers")
+    params = _estimate_params(config)
+    if params > settings.max_zoo_params:
+        raise ApiError(422, "model_too_large", f"about {params:.3g} parameters is over this server's limit of "
+                       f"{settings.max_zoo_params:.3g}; ask for a smaller hidden size or fewer layers", "model.options")
+    heads, hidden = getattr(config, "heads", None), getattr(config, "hidden", None)
+    if heads and hidden and hidden % heads:
+        raise ApiError(422, "invalid_model_options", f"heads ({heads}) must divide hidden ({hidden})",
+                       "model.options.heads")
+    return {"family": zoo_model.family, **config.model_dump(mode="json")}
+
+
+@lru_cache(maxsize=1)
+def _zoo_names() -> frozenset[str]:
+    from profiler.zoo import list_models
+
+    return frozenset(list_models())
+
+
+def _check_profile(profile: ModelProfile, settings: Settings, field: str) -> None:
+    if profile.num_layers > settings.max_profile_layers:
+        raise ApiError(422, "model_too_large", f"the profile has {profile.num_layers} layers, over this server's "
+                       f"limit of {settings.max_profile_layers}", field)
+
+
+def resolve_model(ref: ModelRef, ctx: ServiceContext) -> ResolvedModel:
+    """Check a model reference and turn it into its cache-key part (zoo models are profiled later, in search)."""
+    if isinstance(ref, ZooModelRef):
+        config = _zoo_config(ref, ctx.settings)
+        key = {"zoo": ref.name, "config": config, "dtype": ref.dtype.value}
+        return ResolvedModel(key=key, name=ref.name, zoo=ref)
+    if isinstance(ref, ProfileModelRef):
+        _check_profile(ref.profile, ctx.settings, "model.profile.layers")
+        return ResolvedModel(key={"profile": profile_id(ref.profile)}, name=ref.profile.name, profile=ref.profile)
+    assert isinstance(ref, StoredProfileRef)
+    row = ctx.storage.get_profile(ref.profile_id)
+    if row is None:
+        raise ApiError(422, "unknown_profile", f"no stored profile has id '{ref.profile_id}'; upload it with "
+                       "POST /v1/profiles first", "model.profile_id")
+    profile = ModelProfile.model_validate_json(row.body)
+    return ResolvedModel(key={"profile": row.id}, name=profile.name, profile=profile)
+
+
+_PROFILE_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=32)
+def _profile_zoo_cached(name: str, options_json: str, dtype: str, cache_dir: str | None) -> ModelProfile:
+    import profiler
+
+    # torch dispatch modes (FLOP counting) are process state: profile one model at a time.
+    with _PROFILE_LOCK:
+        return profiler.profile_zoo(name, device="meta", dtype=dtype, cache=True, cache_dir=cache_dir,
+                                    **json.loads(options_json))
+
+
+def profile_for(model: ResolvedModel, settings: Settings) -> ModelProfile:
+    """The profile of a resolved model, profiling a zoo model on the meta device (memoised per process)."""
+    if model.profile is not None:
+        return model.profile
+    assert model.zoo is not None
+    options = json.dumps(model.zoo.options.model_dump(exclude_none=True), sort_keys=True)
+    cache_dir = str(settings.profile_cache_dir) if settings.profile_cache_dir else None
+    try:
+        return _profile_zoo_cached(model.zoo.name, options, model.zoo.dtype.value, cache_dir)
+    except (AutoparError, ValueError) as exc:
+        # A model constructor rejects option combinations the schema cannot express (e.g. kv_heads not dividing
+        # heads) with ValueError: still the caller's options at fault.
+        raise ApiError(422, "invalid_model_options", str(exc), "model.options") from None
+
+
+def resolve_cluster(ref: ClusterRef, settings: Settings) -> ClusterSpec:
+    """A preset (by name only: never a path on the server) or an inline spec, within the world-size limit."""
+    if isinstance(ref, PresetClusterRef):
+        if ref.name not in PRESETS:
+            raise ApiError(422, "unknown_cluster", f"unknown cluster preset '{ref.name}'; known presets: "
+                           f"{', '.join(preset_names())} (or send a full spec with kind 'spec')", "cluster.name")
+        try:
+            cluster = load_cluster(ref.name, nodes=ref.nodes, gpus_per_node=ref.gpus_per_node)
+        except ClusterError as exc:
+            raise ApiError(422, "invalid_cluster", str(exc), "cluster") from None
+        field = "cluster.nodes"
+    else:
+        cluster, field = ref.spec, "cluster.spec.nodes"
+    if cluster.world_size > settings.max_world_size:
+        raise ApiError(422, "cluster_too_large", f"{cluster.world_size} devices is over this server's limit of "
+                       f"{settings.max_world_size}", field)
+    return cluster
+
+
+# -- plans ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanJob:
+    """A validated plan request: what to search, and the content key it is stored under."""
+
+    key: str
+    normalised: dict[str, Any]
+    model: ResolvedModel
+    cluster: ClusterSpec
+    global_batch_size: int
+    objective: str
+    top_k: int
+    time_limit_s: float
+    seed: int
+
+
+def prepare_plan(request: PlanRequest, ctx: ServiceContext) -> PlanJob:
+    """Validate a plan request and compute its content key (equal requests after defaults get equal keys)."""
+    model = resolve_model(request.model, ctx)
+    cluster = resolve_cluster(request.cluster, ctx.settings)
+    opts = request.options
+    time_limit = min(opts.time_limit_s or ctx.settings.default_solver_seconds, ctx.settings.max_solver_seconds)
+    normalised = {
+        "planner_version": planner.PLANNER_VERSION,
+        "model": model.key,
+        "cluster": cluster.model_dump(mode="json"),
+        "global_batch_size": request.global_batch_size,
+        "objective": opts.objective.value,
+        "top_k": opts.top_k,
+        "time_limit_s": time_limit,
+        "seed": opts.seed,
+    }
+    return PlanJob(
+        key=_digest(normalised), normalised=normalised, model=model, cluster=cluster,
+        global_batch_size=request.global_batch_size, objective=opts.objective.value, top_k=opts.top_k,
+        time_limit_s=time_limit, seed=opts.seed,
+    )
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What a plan job did: the stored row, whether it searched, and whether its plan is the one stored."""
+
+    row: PlanRow
+    searched: bool
+    inserted: bool
+
+
+def search_and_store(job: PlanJob, ctx: ServiceContext) -> SearchOutcome:
+    """Profile (zoo models), search and store the plan; runs on the search pool."""
+    # Checked again here: an equal request may have stored its plan between our lookup and this job's start.
+    stored = ctx.storage.find_plan(job.key)
+    if stored is not None:
+        return SearchOutcome(stored, searched=False, inserted=False)
+    profile = profile_for(job.model, ctx.settings)
+    started = time.perf_counter()
+    # Looked up at call time (not imported by name) so the search function can be swapped, e.g. to count calls.
+    plan: Plan = planner.plan(
+        profile, job.cluster, global_batch_size=job.global_batch_size, top_k=job.top_k,
+        time_limit_s=job.time_limit_s, seed=job.seed, objective=job.objective,
+    )
+    log.info("searched %s on %s in %.2f s: %s", job.model.name, job.cluster.name, time.perf_counter() - started,
+             plan.strategy.describe())
+    request_text = json.dumps({k: v for k, v in job.normalised.items() if k != "cluster"} | {
+        "cluster": job.cluster.name, "world_size": job.cluster.world_size}, sort_keys=True)
+    row = PlanRow(
+        id=uuid.uuid4().hex, request_key=job.key, created_at=time.time(), model_name=job.model.name,
+        cluster_name=job.cluster.name, world_size=job.cluster.world_size, summary=plan.strategy.describe(),
+        step_seconds=plan.prediction.step_seconds, request=request_text, body=plan.model_dump_json(),
+    )
+    # Another process (uvicorn worker) may have stored the same key meanwhile: the first stored plan wins.
+    stored = ctx.storage.insert_plan(row)
+    return SearchOutcome(stored, searched=True, inserted=stored.id == row.id)
+
+
+def plan_response(row: PlanRow, *, cached: bool) -> PlanResponse:
+    """The API view of a stored plan."""
+    return PlanResponse(id=row.id, created_at=_timestamp(row.created_at), cached=cached,
+                        request_key=row.request_key, plan=Plan.model_validate_json(row.body))
+
+
+def plan_summary(row: PlanRow) -> PlanSummary:
+    """One line of the plan list."""
+    return PlanSummary(id=row.id, created_at=_timestamp(row.created_at), model_name=row.model_name,
+                       cluster_name=row.cluster_name, world_size=row.world_size, strategy=row.summary,
+                       step_seconds=row.step_seconds)
+
+
+async def create_plan(request: PlanRequest, ctx: ServiceContext) -> tuple[PlanResponse, bool]:
+    """The stored plan for this request, searching only when there is none; (response, newly created)."""
+    # Validation and the store lookup are quick: they use the general thread pool, so a cache hit never queues
+    # behind running searches.
+    job = await run_in_threadpool(prepare_plan, request, ctx)
+    stored = await run_in_threadpool(ctx.storage.find_plan, job.key)
+    if stored is not None:
+        return plan_response(stored, cached=True), False
+    outcome, started_here = await ctx.runner.run(job.key, search_and_store, job, ctx)
+    # A request that joined another's in-flight search did not search itself: for it the answer is cached.
+    searched_here = started_here and outcome.searched
+    return plan_response(outcome.row, cached=not searched_here), searched_here and outcome.inserted
+
+
+def get_plan(plan_id: str, storage: Storage) -> PlanResponse:
+    """A stored plan by id, or 404."""
+    row = storage.get_plan(plan_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no plan has id '{plan_id}'", "plan_id")
+    return plan_response(row, cached=True)
+
+
+# -- evaluate and profiles -----------------------------------------------------------------------------------------
+
+
+def evaluate_strategy(request: EvaluateRequest, ctx: ServiceContext) -> tuple[Strategy, Prediction]:
+    """The cost model's prediction for a caller-given strategy; nothing is searched or stored."""
+    model = resolve_model(request.model, ctx)
+    cluster = resolve_cluster(request.cluster, ctx.settings)
+    strategy = request.strategy
+    if strategy.dims.world_size != cluster.world_size:
+        raise ApiError(422, "strategy_mismatch", f"strategy.dims.world_size is {strategy.dims.world_size} but the "
+                       f"cluster has {cluster.world_size} devices", "strategy.dims.world_size")
+    profile = profile_for(model, ctx.settings)
+    if strategy.stages[-1].stop != profile.num_layers:
+        raise ApiError(422, "strategy_mismatch", f"the stages end at layer {strategy.stages[-1].stop} but the model "
+                       f"has {profile.num_layers} layers; the last stage must stop at {profile.num_layers}",
+                       "strategy.stages")
+    return strategy, planner.evaluate(profile, cluster, strategy)
+
+
+def store_profile(profile: ModelProfile, ctx: ServiceContext) -> ProfileCreated:
+    """Store an uploaded profile under its content id."""
+    _check_profile(profile, ctx.settings, "layers")
+    row, created = ctx.storage.insert_profile(profile_id(profile), profile.name, profile.model_dump_json())
+    return ProfileCreated(id=row.id, name=profile.name, num_layers=profile.num_layers,
+                          param_count=profile.param_count, created=created)
+
+
+def get_profile(pid: str, storage: Storage) -> StoredProfile:
+    """A stored profile by id, or 404."""
+    row = storage.get_profile(pid)
+    if row is None:
+        raise ApiError(404, "not_found", f"no profile has id '{pid}'", "profile_id")
+    return StoredProfile(id=row.id, created_at=_timestamp(row.created_at),
+                         profile=ModelProfile.model_validate_json(row.body))

@@ -1,0 +1,92 @@
+"""The one settings object of the planning service.
+
+`create_app(Settings(...))` takes it explicitly; only `Settings.from_env()` (used by `autopar serve`, whose uvicorn
+workers each build their own app) reads `AUTOPAR_*` environment variables, so no library code below the app
+factory looks at the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from planner.errors import AutoparError
+
+ENV_PREFIX = "AUTOPAR_"
+
+
+class SettingsError(AutoparError):
+    """A setting (or `AUTOPAR_*` environment variable) with an unusable value."""
+
+
+class Settings(BaseModel):
+    """Configuration of one service instance; every limit a request can run into lives here."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    db_path: Path = Field(default=Path("autopar.db"), description="SQLite file that stores plans and profiles.")
+    profile_cache_dir: Path | None = Field(
+        default=None, description="Where zoo-model profiles are cached on disk (None: the profiler's default)."
+    )
+    api_keys: tuple[str, ...] = Field(
+        default=(), description="Accepted API keys; empty means no authentication. Sent as 'X-API-Key' or Bearer."
+    )
+    max_body_bytes: int = Field(
+        default=8 * 1024 * 1024, ge=1024, description="Largest request body accepted; larger ones get 413."
+    )
+    max_solver_seconds: float = Field(
+        default=60.0, gt=0, description="Cap on a request's solver time limit (a larger request is clamped to it)."
+    )
+    default_solver_seconds: float = Field(
+        default=10.0, gt=0, description="Solver time limit used when a request does not give one."
+    )
+    request_timeout_s: float = Field(
+        default=180.0, gt=0,
+        description="Wall-clock guard on profiling + search per request, queueing included; past it the answer is 504.",
+    )
+    search_workers: int = Field(default=2, ge=1, le=64, description="Threads that run searches off the event loop.")
+    max_pending_searches: int = Field(
+        default=128, ge=1, description="Searches queued or running at once; more get 503 so memory stays bounded."
+    )
+    max_world_size: int = Field(default=4096, ge=1, description="Largest cluster (nodes x gpus_per_node) accepted.")
+    max_profile_layers: int = Field(default=1024, ge=1, description="Most layers a model (zoo or uploaded) may have.")
+    max_zoo_params: float = Field(
+        default=2e12, gt=0, description="Largest zoo model (parameters, estimated from its options) the server profiles."
+    )
+    page_size: int = Field(default=20, ge=1, le=1000, description="Plans per page when a list request gives no limit.")
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `AUTOPAR_<FIELD>` variables (JSON for lists, e.g. AUTOPAR_API_KEYS='["k1"]'), then overrides."""
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is None:
+                continue
+            if name == "api_keys":
+                data[name] = _parse_keys(raw)
+            else:
+                data[name] = raw
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise SettingsError(f"invalid service settings: {problems}") from None
+
+
+def _parse_keys(raw: str) -> tuple[str, ...]:
+    """A JSON list of keys, or a comma-separated string (empty pieces dropped)."""
+    raw = raw.strip()
+    if raw.startswith("["):
+        try:
+            keys = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(f"{ENV_PREFIX}API_KEYS is not a JSON list: {exc}") from None
+        return tuple(str(k) for k in keys if str(k))
+    return tuple(k.strip() for k in raw.split(",") if k.strip())

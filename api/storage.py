@@ -1,0 +1,211 @@
+"""SQLite storage for plans and uploaded profiles.
+
+One file, WAL mode (readers never block the writer, so several uvicorn workers can share it), schema versioned by
+`PRAGMA user_version` and upgraded by the numbered `MIGRATIONS`. Every write is a single transaction, so a crash
+mid-write leaves either the whole record or nothing. Each operation opens its own short-lived connection: sqlite3
+connections must not be shared between the threads FastAPI runs handlers on, and opening one costs microseconds.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.errors import AutoparError
+
+
+class StorageError(AutoparError):
+    """The database file cannot be used (e.g. it was written by a newer autopar)."""
+
+
+# Migration n (1-based) brings the schema from user_version n-1 to n. Never edit a released entry: append one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE profiles (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        body TEXT NOT NULL
+    );
+    CREATE TABLE plans (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        request_key TEXT NOT NULL UNIQUE,
+        created_at REAL NOT NULL,
+        model_name TEXT NOT NULL,
+        cluster_name TEXT NOT NULL,
+        world_size INTEGER NOT NULL,
+        summary TEXT NOT NULL,
+        step_seconds REAL NOT NULL,
+        request TEXT NOT NULL,
+        body TEXT NOT NULL
+    );
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """A stored plan: identifiers, list columns and the plan JSON as text."""
+
+    id: str
+    request_key: str
+    created_at: float
+    model_name: str
+    cluster_name: str
+    world_size: int
+    summary: str
+    step_seconds: float
+    request: str
+    body: str
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    """A stored profile: id, model name and the profile JSON as text."""
+
+    id: str
+    name: str
+    created_at: float
+    body: str
+
+
+_PLAN_COLUMNS = "id, request_key, created_at, model_name, cluster_name, world_size, summary, step_seconds, request, body"
+
+
+class Storage:
+    """Plans and profiles in one SQLite file; safe to use from many threads and processes."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
+        """Open (creating if needed) the database at `path` and bring its schema up to date."""
+        self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._migrate()
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")  # with WAL: durable at each checkpoint, never corrupt
+            yield conn
+        finally:
+            conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as conn:
+            # IMMEDIATE takes the write lock up front, so two writers queue instead of failing to upgrade a lock.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._connect() as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+        with self._transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StorageError(
+                    f"database {self.path} has schema version {version}, newer than this autopar's {SCHEMA_VERSION}; "
+                    "upgrade autopar or point --db at another file"
+                )
+            for number in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[number - 1].split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                # user_version is part of the transaction, so a failed migration leaves the old version.
+                conn.execute(f"PRAGMA user_version = {number}")
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the file."""
+        with self._connect() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def ping(self) -> bool:
+        """Whether the file answers a query and carries the current schema."""
+        try:
+            return self.schema_version() == SCHEMA_VERSION
+        except sqlite3.Error:
+            return False
+
+    # -- plans ---------------------------------------------------------------------------------------------------
+
+    def insert_plan(self, row: PlanRow) -> PlanRow:
+        """Store `row` unless a plan with the same request key exists; return whichever is stored."""
+        with self._transaction() as conn:
+            found = conn.execute(
+                f"SELECT {_PLAN_COLUMNS} FROM plans WHERE request_key = ?", (row.request_key,)
+            ).fetchone()
+            if found is not None:
+                return PlanRow(*found)
+            conn.execute(
+                f"INSERT INTO plans ({_PLAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (row.id, row.request_key, row.created_at, row.model_name, row.cluster_name, row.world_size,
+                 row.summary, row.step_seconds, row.request, row.body),
+            )
+        return row
+
+    def get_plan(self, plan_id: str) -> PlanRow | None:
+        """The plan with this id, or None."""
+        with self._connect() as conn:
+            found = conn.execute(f"SELECT {_PLAN_COLUMNS} FROM plans WHERE id = ?", (plan_id,)).fetchone()
+        return PlanRow(*found) if found else None
+
+    def find_plan(self, request_key: str) -> PlanRow | None:
+        """The plan stored for this request key, or None."""
+        with self._connect() as conn:
+            found = conn.execute(
+                f"SELECT {_PLAN_COLUMNS} FROM plans WHERE request_key = ?", (request_key,)
+            ).fetchone()
+        return PlanRow(*found) if found else None
+
+    def list_plans(self, *, limit: int, offset: int) -> tuple[list[PlanRow], int]:
+        """One page of plans, newest first, and the total count."""
+        with self._connect() as conn:
+            total = conn.execute("SELECT COUNT(*) FROM plans").fetchone()[0]
+            rows = conn.execute(
+                f"SELECT {_PLAN_COLUMNS} FROM plans ORDER BY seq DESC LIMIT ? OFFSET ?", (limit, offset)
+            ).fetchall()
+        return [PlanRow(*r) for r in rows], int(total)
+
+    def delete_plan(self, plan_id: str) -> bool:
+        """Remove a plan; False when there was none with this id."""
+        with self._transaction() as conn:
+            cursor = conn.execute("DELETE FROM plans WHERE id = ?", (plan_id,))
+            return cursor.rowcount > 0
+
+    # -- profiles ------------------------------------------------------------------------------------------------
+
+    def insert_profile(self, profile_id: str, name: str, body: str) -> tuple[ProfileRow, bool]:
+        """Store a profile under its content id; return the stored row and whether it was new."""
+        with self._transaction() as conn:
+            found = conn.execute(
+                "SELECT id, name, created_at, body FROM profiles WHERE id = ?", (profile_id,)
+            ).fetchone()
+            if found is not None:
+                return ProfileRow(*found), False
+            row = ProfileRow(profile_id, name, time.time(), body)
+            conn.execute(
+                "INSERT INTO profiles (id, name, created_at, body) VALUES (?, ?, ?, ?)",
+                (row.id, row.name, row.created_at, row.body),
+            )
+        return row, True
+
+    def get_profile(self, profile_id: str) -> ProfileRow | None:
+        """The profile with this id, or None."""
+        with self._connect() as conn:
+            found = conn.execute(
+                "SELECT id, name, created_at, body FROM profiles WHERE id = ?", (profile_id,)
+            ).fetchone()
+        return ProfileRow(*found) if found else None

@@ -1,0 +1,268 @@
+"""One candidate configuration (everything but the stage boundaries) and its cost tables.
+
+`CandidateCosts` turns (profile, cluster, degrees, ZeRO stage, micro-batch, schedule, recompute) into per-layer
+prefix sums and per-rank coefficients. Its step time and memory are *linear or max-of-linear* in the layers each
+pipeline rank holds, which lets CP-SAT (`planner.stages`) optimise stage boundaries exactly, and `evaluate_bounds`
+computes the same quantities in floating point for a given partition (used by `planner.evaluate` and by tests).
+
+Per pipeline rank r, per micro-batch:
+    C_r  = compute + recompute + TP all-reduces of its layers + the pipeline sends it makes
+    K_r  = ZeRO-2/3 collectives repeated every micro-batch (gradient reduce-scatter, ZeRO-3 parameter gathers)
+    R_r  = max(C_r, K_r) when DP communication overlaps compute, else C_r + K_r
+Once per step, after the pipeline drains:
+    X_r  = optimizer step + non-overlappable DP collectives + max(0, overlappable DP collectives - backward window)
+    step = m R_max + (sum_r R_r - R_max) / v + max_r X_r            (see planner.pipeline)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from planner.cluster import ClusterSpec
+from planner.cost import (
+    CommModel,
+    Group,
+    device_param_count,
+    estimate_layer_compute,
+    place_group,
+    uses_measured_times,
+)
+from planner.memory import (
+    estimate_comm_buffer_bytes,
+    estimate_layer_activation_bytes,
+    estimate_state_bytes,
+    estimate_working_set_bytes,
+    in_flight,
+    optimizer_bytes_touched,
+)
+from planner.model_profile import ModelProfile
+from planner.strategy import MeshAxis, ParallelDims, Recompute, Schedule, ZeroStage
+
+
+@dataclass(frozen=True)
+class Config:
+    """A strategy without its stage boundaries."""
+
+    dims: ParallelDims
+    zero: ZeroStage
+    micro_batch: int
+    num_micro_batches: int
+    schedule: Schedule
+    virtual_stages: int
+    recompute: Recompute
+    mesh_order: tuple[MeshAxis, ...] = (MeshAxis.PP, MeshAxis.DP, MeshAxis.TP)
+
+    @property
+    def num_stages(self) -> int:
+        """Model chunks in the pipeline (pp * virtual stages)."""
+        return self.dims.pp * self.virtual_stages
+
+
+@dataclass
+class RankCosts:
+    """What one pipeline rank costs under a partition (seconds, bytes)."""
+
+    compute: float = 0.0
+    recompute: float = 0.0
+    tp_comm: float = 0.0
+    p2p: float = 0.0
+    zero_per_mb: float = 0.0
+    per_mb: float = 0.0
+    window: float = 0.0
+    dp_overlap: float = 0.0
+    dp_exposed: float = 0.0
+    dp_blocking: float = 0.0
+    optimizer: float = 0.0
+    tail: float = 0.0
+    grad_bytes: float = 0.0
+    static_bytes: int = 0
+    param_bytes: float = 0.0
+    grad_state_bytes: float = 0.0
+    optimizer_bytes: float = 0.0
+    activation_bytes: float = 0.0
+    memory_v: int = 0  # v * memory, an integer, so fitting is decided exactly
+    layers: list[int] = field(default_factory=list)
+
+
+@dataclass
+class PartitionCosts:
+    """Result of `CandidateCosts.evaluate_bounds`."""
+
+    step: float
+    pipeline: float
+    bubble: float
+    ranks: list[RankCosts]
+    slowest: int
+    tail_rank: int
+    fits: bool
+
+
+def _prefix(values: list[float]) -> list[float]:
+    return [0.0, *accumulate(values)]
+
+
+_TABLES: dict[tuple, tuple] = {}
+
+
+def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batch: int, recompute: Recompute,
+                tp_group: Group) -> tuple[list, ...]:
+    """Per-layer (fwd, bwd, recompute, TP comm, backward window, device params, activation bytes), cached.
+
+    These depend only on tp, micro-batch and recompute, so every candidate sharing them reuses one table.
+    """
+    key = (id(profile), id(cluster), tp, micro_batch, recompute, tp_group)
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] is profile and hit[1] is cluster:
+        return hit[2]
+    comm, dtype = CommModel(cluster), profile.dtype
+    measured = uses_measured_times(profile, cluster)
+    cols: tuple[list, ...] = tuple([] for _ in range(7))
+    fwd, bwd, rc, tpc, window, elems, act = cols
+    passes = 3 if recompute == Recompute.FULL else 2  # forward, backward (+ the recomputed forward)
+    for layer in profile.layers:
+        c = estimate_layer_compute(layer, cluster, dtype, tp=tp, micro_batch=micro_batch, recompute=recompute.value,
+                                   measured=measured)
+        n_ar = layer.tp.allreduces_per_forward if (layer.tp is not None and tp > 1) else 0
+        ar = comm.all_reduce(micro_batch * layer.tp.allreduce_bytes, tp_group) if n_ar else 0.0
+        fwd.append(c.fwd), bwd.append(c.bwd), rc.append(c.recompute), tpc.append(n_ar * ar * passes)
+        window.append(c.bwd + c.recompute)
+        elems.append(device_param_count(layer, tp))
+        act.append(estimate_layer_activation_bytes(layer, tp=tp, micro_batch=micro_batch, recompute=recompute))
+    if len(_TABLES) > 4096:  # keep memory bounded across many plans in one process
+        _TABLES.clear()
+    _TABLES[key] = (profile, cluster, cols)
+    return cols
+
+
+class CandidateCosts:
+    """Cost tables of one `Config` on one cluster for one profile (see the module docstring for the model)."""
+
+    def __init__(self, profile: ModelProfile, cluster: ClusterSpec, cfg: Config, cut_bytes: list[float]) -> None:
+        self.profile, self.cluster, self.cfg = profile, cluster, cfg
+        d, b = cfg.dims, cfg.micro_batch
+        dtype, comm = profile.dtype, CommModel(cluster)
+        self.comm = comm
+        strides = _strides(cfg.mesh_order, d)
+        G = cluster.gpus_per_node
+        self.tp_group = place_group(d.tp, strides[MeshAxis.TP], G)
+        self.dp_group = place_group(d.dp, strides[MeshAxis.DP], G)
+        pp_stride = strides[MeshAxis.PP]
+        state = estimate_state_bytes(dtype, cfg.zero, d.dp)
+        self.state = state
+        fwd, bwd, rc, tpc, window, elems, act = layer_table(profile, cluster, d.tp, b, cfg.recompute, self.tp_group)
+        grad = [n * dtype.itemsize for n in elems]
+        static = [int(n * state.total + 0.999999) for n in elems]
+        self.fwd, self.bwd, self.rc, self.tpc = fwd, bwd, rc, tpc
+        self.elems = elems
+        self.P_compute = _prefix([f + g for f, g in zip(fwd, bwd)])
+        self.P_rc = _prefix(rc)
+        self.P_tp = _prefix(tpc)
+        self.P_time = _prefix([f + g + r + t for f, g, r, t in zip(fwd, bwd, rc, tpc)])
+        self.P_window = _prefix(window)
+        self.P_grad = _prefix(grad)
+        self.P_elems = _prefix(elems)
+        self.P_static = [0, *accumulate(static)]
+        self.P_act = [0, *accumulate(act)]
+        self.cut_bytes = [b * x for x in cut_bytes]
+
+        # Pipeline sends: chunk c sends its output to chunk c+1 (and gets the gradient back) over this link.
+        n = cfg.num_stages
+        self.p2p_link = [_spans(c % d.pp, (c + 1) % d.pp, pp_stride, G) for c in range(n - 1)]
+
+        # Data-parallel collectives, affine in the gradient bytes a rank holds.
+        zero_ = cfg.zero if d.dp > 1 else ZeroStage.NONE
+        none = (0.0, 0.0)
+        rs, ag, arr = (comm.affine(k, self.dp_group) if d.dp > 1 else none
+                       for k in ("reduce_scatter", "all_gather", "all_reduce"))
+        self.per_mb = {ZeroStage.GRADIENTS: rs, ZeroStage.FULL: (2 * ag[0] + rs[0], 2 * ag[1] + rs[1])}.get(zero_, none)
+        self.overlap_comm = {ZeroStage.NONE: arr, ZeroStage.OPTIMIZER: rs}.get(zero_, none)
+        self.blocking_comm = {ZeroStage.OPTIMIZER: ag, ZeroStage.GRADIENTS: ag}.get(zero_, none)
+        mem_bw = cluster.device.memory_bandwidth * cluster.memory_efficiency
+        self.opt_per_elem = optimizer_bytes_touched(dtype) / mem_bw / (d.dp if zero_ >= ZeroStage.OPTIMIZER else 1)
+        self.overlap = cluster.overlap_dp_comm
+
+        # Memory: v * memory_r = v * static_r + in_flight_r * act_r + v * const <= v * capacity (integers).
+        self.in_flight = [in_flight(cfg.schedule, pp=d.pp, rank=r, num_micro_batches=cfg.num_micro_batches,
+                                    virtual_stages=cfg.virtual_stages) for r in range(d.pp)]
+        self.const_bytes = estimate_comm_buffer_bytes(
+            profile.layers, cut_bytes, dtype=dtype, dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero, micro_batch=b
+        ) + estimate_working_set_bytes(profile.layers, tp=d.tp, micro_batch=b, recompute=cfg.recompute)
+        self.comm_buffer_bytes = self.const_bytes
+        self.capacity = int(cluster.device.memory_bytes * (1 - cluster.memory_margin))
+
+    def _affine(self, coef: tuple[float, float], nbytes: float) -> float:
+        return coef[0] + coef[1] * nbytes
+
+    def p2p_seconds(self, chunk: int, cut: int) -> float:
+        """Forward activation send (or backward gradient send) over the cut ending `chunk` at layer `cut`."""
+        return self.comm.p2p(self.cut_bytes[cut], self.p2p_link[chunk])
+
+    def evaluate_bounds(self, bounds: list[int]) -> PartitionCosts:
+        """Costs of the partition with stage c = layers [bounds[c], bounds[c+1])."""
+        cfg = self.cfg
+        pp, v, m = cfg.dims.pp, cfg.virtual_stages, cfg.num_micro_batches
+        ranks = [RankCosts() for _ in range(pp)]
+        for c in range(cfg.num_stages):
+            lo, hi = bounds[c], bounds[c + 1]
+            rk = ranks[c % pp]
+            rk.layers.extend(range(lo, hi))
+            rk.compute += self.P_compute[hi] - self.P_compute[lo]
+            rk.recompute += self.P_rc[hi] - self.P_rc[lo]
+            rk.tp_comm += self.P_tp[hi] - self.P_tp[lo]
+            rk.window += self.P_window[hi] - self.P_window[lo]
+            rk.grad_bytes += self.P_grad[hi] - self.P_grad[lo]
+            rk.static_bytes += self.P_static[hi] - self.P_static[lo]
+            rk.activation_bytes += self.P_act[hi] - self.P_act[lo]
+            if c < cfg.num_stages - 1:
+                t = self.p2p_seconds(c, hi)
+                rk.p2p += t  # forward send
+                ranks[(c + 1) % pp].p2p += t  # backward send of the gradient
+        for r, rk in enumerate(ranks):
+            elems = sum(self.P_elems[hi] - self.P_elems[lo] for lo, hi in _chunks_of(r, bounds, pp))
+            busy = rk.compute + rk.recompute + rk.tp_comm + rk.p2p
+            rk.zero_per_mb = self._affine(self.per_mb, rk.grad_bytes)
+            rk.per_mb = max(busy, rk.zero_per_mb) if self.overlap else busy + rk.zero_per_mb
+            rk.dp_overlap = self._affine(self.overlap_comm, rk.grad_bytes)
+            rk.dp_blocking = self._affine(self.blocking_comm, rk.grad_bytes)
+            rk.dp_exposed = max(0.0, rk.dp_overlap - rk.window) if self.overlap else rk.dp_overlap
+            rk.optimizer = self.opt_per_elem * elems
+            rk.tail = rk.optimizer + rk.dp_blocking + rk.dp_exposed
+            rk.param_bytes = elems * self.state.parameters
+            rk.grad_state_bytes = elems * self.state.gradients
+            rk.optimizer_bytes = elems * self.state.optimizer
+            act_v = self.in_flight[r] * int(rk.activation_bytes)
+            rk.activation_bytes = act_v / v
+            rk.memory_v = v * rk.static_bytes + act_v + v * self.const_bytes
+        per_mb = [rk.per_mb for rk in ranks]
+        slowest = max(range(pp), key=lambda r: per_mb[r])
+        tail_rank = max(range(pp), key=lambda r: ranks[r].tail)
+        bubble = (sum(per_mb) - per_mb[slowest]) / v
+        pipeline = m * per_mb[slowest] + bubble
+        fits = all(rk.memory_v <= v * self.capacity for rk in ranks)
+        return PartitionCosts(step=pipeline + ranks[tail_rank].tail, pipeline=pipeline, bubble=bubble, ranks=ranks,
+                              slowest=slowest, tail_rank=tail_rank, fits=fits)
+
+
+def _strides(order: tuple[MeshAxis, ...], dims: ParallelDims) -> dict[MeshAxis, int]:
+    """Rank distance between neighbours along each mesh axis (the last axis is innermost, stride 1)."""
+    strides, s = {}, 1
+    for axis in reversed(order):
+        strides[axis] = s
+        s *= dims.degree(axis)
+    return strides
+
+
+def _spans(rank_a: int, rank_b: int, stride: int, gpus_per_node: int) -> bool:
+    """Whether pipeline ranks a and b (stride devices apart per rank) sit on different nodes for some pair."""
+    lo, hi = min(rank_a, rank_b), max(rank_a, rank_b)
+    if hi == lo:
+        return False
+    if (hi - lo) * stride >= gpus_per_node:
+        return True
+    return any((lo * stride + x) // gpus_per_node != (hi * stride + x) // gpus_per_node for x in range(stride))
+
+
+def _chunks_of(rank: int, bounds: list[int], pp: int) -> list[tuple[int, int]]:
+    """Layer ranges of the chunks pipeline rank `rank` holds."""
+    return [(bounds[c], bounds[c + 1]) for c in range(rank, len(bounds) - 1, pp)]

@@ -1,0 +1,157 @@
+"""Time costs: communication (alpha-beta, hierarchical) and per-layer compute (measured or roofline).
+
+Every coefficient comes from the `ClusterSpec` (bandwidths, latencies, peak rates, efficiency factors) or from the
+`ModelProfile`; nothing is tuned here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from planner.cluster import ClusterSpec, LinkSpec
+from planner.model_profile import DType, LayerProfile, ModelProfile, ProfileMode
+
+
+@dataclass(frozen=True)
+class Group:
+    """Where the members of one communication group sit: `per_node` of them on each of `nodes` nodes."""
+
+    size: int
+    per_node: int
+    nodes: int
+
+    @property
+    def spans_nodes(self) -> bool:
+        """Whether the group leaves a node (and is then limited by the inter-node link)."""
+        return self.nodes > 1
+
+
+@lru_cache(maxsize=4096)
+def place_group(size: int, stride: int, gpus_per_node: int) -> Group:
+    """Placement of the group {0, stride, 2*stride, ...} of `size` ranks on nodes of `gpus_per_node` devices."""
+    counts: dict[int, int] = {}
+    for i in range(size):
+        node = (i * stride) // gpus_per_node
+        counts[node] = counts.get(node, 0) + 1
+    return Group(size=size, per_node=max(counts.values()), nodes=len(counts))
+
+
+class CommModel:
+    """Alpha-beta cost of each collective on a cluster, one method per collective.
+
+    A group inside one node runs a ring over the intra-node link. A group spanning q nodes with k members per node
+    runs hierarchically: a reduce-scatter among the k local members, the inter-node collective on 1/k of the data
+    (each member uses its own network adapter), then an all-gather among the k local members. Bandwidths are scaled
+    by `cluster.comm_efficiency` (what NCCL achieves of the link rate).
+    """
+
+    def __init__(self, cluster: ClusterSpec) -> None:
+        self.cluster = cluster
+        self._eff = cluster.comm_efficiency
+
+    def _ring_half(self, n: int, nbytes: float, link: LinkSpec) -> float:
+        # One reduce-scatter or all-gather ring pass over n members: n-1 steps of nbytes/n each.
+        if n <= 1:
+            return 0.0
+        return (n - 1) * link.latency + (n - 1) / n * nbytes / (link.bandwidth * self._eff)
+
+    def reduce_scatter(self, nbytes: float, group: Group) -> float:
+        """Seconds to reduce-scatter `nbytes` (each member's full buffer) over `group`."""
+        if group.size <= 1:
+            return 0.0
+        intra, inter = self.cluster.intra_node, self.cluster.inter_node
+        local = self._ring_half(group.per_node, nbytes, intra)
+        return local + self._ring_half(group.nodes, nbytes / group.per_node, inter)
+
+    def all_gather(self, nbytes: float, group: Group) -> float:
+        """Seconds to all-gather buffers that total `nbytes` per member after the gather."""
+        return self.reduce_scatter(nbytes, group)  # the mirror-image ring passes
+
+    def all_reduce(self, nbytes: float, group: Group) -> float:
+        """Seconds to all-reduce `nbytes` over `group` (reduce-scatter followed by all-gather)."""
+        return self.reduce_scatter(nbytes, group) + self.all_gather(nbytes, group)
+
+    def p2p(self, nbytes: float, spans_nodes: bool) -> float:
+        """Seconds to send `nbytes` from one device to another (inside a node or across nodes)."""
+        if nbytes <= 0:
+            return 0.0
+        link = self.cluster.inter_node if spans_nodes else self.cluster.intra_node
+        return link.latency + nbytes / (link.bandwidth * self._eff)
+
+    def affine(self, collective: str, group: Group) -> tuple[float, float]:
+        """(alpha, beta) with time(nbytes) = alpha + beta * nbytes for nbytes > 0 (the search needs linear costs)."""
+        fn = getattr(self, collective)
+        a = fn(1.0, group)
+        return a - (fn(2.0, group) - a), fn(2.0, group) - a
+
+
+def uses_measured_times(profile: ModelProfile, cluster: ClusterSpec) -> bool:
+    """Measured layer times apply only when they were taken on the cluster's device type."""
+    return profile.mode == ProfileMode.MEASURED and profile.device == cluster.device.type
+
+
+@dataclass(frozen=True)
+class LayerCompute:
+    """Compute seconds of one layer for one micro-batch on one device (TP-sharded where the layer allows)."""
+
+    fwd: float
+    bwd: float
+    recompute: float
+
+
+def _roofline(flops: float, act_bytes: float, weight_bytes: float, peak: float, cluster: ClusterSpec) -> float:
+    mem_bw = cluster.device.memory_bandwidth * cluster.memory_efficiency
+    return max(flops / (peak * cluster.compute_efficiency), act_bytes / mem_bw) + weight_bytes / mem_bw
+
+
+def _activation_split(layer: LayerProfile, nbytes: float, tp: int) -> float:
+    # Inputs and outputs of a TP block (LayerNorm, residual) stay whole on every rank; the rest is split.
+    if layer.tp is None or tp == 1:
+        return nbytes
+    whole = min(nbytes, 2 * (layer.input_bytes + layer.output_bytes))
+    return whole + (nbytes - whole) / tp
+
+
+def estimate_layer_compute(
+    layer: LayerProfile, cluster: ClusterSpec, dtype: DType, *, tp: int, micro_batch: int, recompute: str,
+    measured: bool,
+) -> LayerCompute:
+    """Forward, backward and recompute seconds of `layer` for one micro-batch.
+
+    Roofline: max(FLOPs / (peak * compute_efficiency), bytes / (bandwidth * memory_efficiency)) plus one read of the
+    weights in forward and a read and a gradient write in backward. TP divides the FLOPs of a TP-able layer (the
+    GEMMs and the per-head attention) by `tp`. Measured times are scaled by the same TP ratio.
+    """
+    peak = cluster.peak_flops_for(dtype)
+    shard = tp if layer.tp is not None else 1
+    b = micro_batch
+    w_dev = device_param_count(layer, tp) * dtype.itemsize
+
+    def roof(flops: float, act: float, weights: float, t: int) -> float:
+        return _roofline(b * flops / t, b * _activation_split(layer, act, t), weights, peak, cluster)
+
+    fwd = roof(layer.fwd_flops, layer.fwd_bytes, w_dev, shard)
+    bwd = roof(layer.bwd_flops, layer.bwd_bytes, 2 * w_dev, shard)
+    if measured and layer.fwd_seconds is not None and layer.bwd_seconds is not None:
+        w_full = layer.param_count * dtype.itemsize
+        f1 = roof(layer.fwd_flops, layer.fwd_bytes, w_full, 1)
+        b1 = roof(layer.bwd_flops, layer.bwd_bytes, 2 * w_full, 1)
+        fwd = b * layer.fwd_seconds * (fwd / f1 if f1 > 0 else 1.0)
+        bwd = b * layer.bwd_seconds * (bwd / b1 if b1 > 0 else 1.0)
+    if recompute == "full":
+        rc = fwd
+    elif recompute == "selective" and layer.selective_fwd_flops > 0:
+        rc = b * layer.selective_fwd_flops / shard / (peak * cluster.compute_efficiency)
+    else:
+        rc = 0.0
+    return LayerCompute(fwd=fwd, bwd=bwd, recompute=rc)
+
+
+def device_param_count(layer: LayerProfile, tp: int) -> float:
+    """Parameters of `layer` held by one device of a TP group."""
+    if layer.tp is None or tp == 1:
+        return float(layer.param_count)
+    sharded = min(layer.tp.sharded_param_count, layer.param_count)
+    return sharded / tp + (layer.param_count - sharded)
+

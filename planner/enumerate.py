@@ -1,0 +1,168 @@
+"""The search space: candidate configurations, and cheap lower bounds on their step time and memory.
+
+A bound must never exceed what `CandidateCosts` predicts for any stage partition of the configuration, so that
+pruning by bound never discards the optimum. Per-layer sums are cached per (tp, micro-batch, recompute).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from planner.candidate import Config, _strides, layer_table
+from planner.cluster import ClusterSpec
+from planner.cost import CommModel, place_group, uses_measured_times
+from planner.evaluate import ModelView
+from planner.memory import (
+    estimate_comm_buffer_bytes,
+    estimate_state_bytes,
+    estimate_working_set_bytes,
+    in_flight,
+    optimizer_bytes_touched,
+)
+from planner.strategy import MeshAxis, ParallelDims, Recompute, Schedule, ZeroStage
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which options the search may combine (keyword arguments of `planner.plan`)."""
+
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)  #: ZeRO stages to try
+    schedules: tuple[Schedule, ...] = (Schedule.ONE_F_ONE_B, Schedule.INTERLEAVED_1F1B)  #: GPipe never beats 1F1B
+    virtual_stages: tuple[int, ...] = (2, 3)  #: chunks per rank for the interleaved schedule
+    recompute: tuple[Recompute, ...] = (Recompute.NONE, Recompute.SELECTIVE, Recompute.FULL)  #: recompute modes
+    micro_batch_sizes: tuple[int, ...] | None = None  #: None = every divisor of the per-replica batch
+    tp_degrees: tuple[int, ...] | None = None  #: None = every legal degree
+    pp_degrees: tuple[int, ...] | None = None  #: None = every legal degree
+    mesh_order: tuple[MeshAxis, ...] = (MeshAxis.PP, MeshAxis.DP, MeshAxis.TP)  #: tp innermost (inside a node)
+
+
+def divisors(n: int) -> list[int]:
+    """Positive divisors of n in increasing order."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def legal_degrees(view: ModelView, cluster: ClusterSpec, space: SearchSpace) -> list[tuple[int, int, int]]:
+    """(dp, tp, pp) triples with dp*tp*pp == world: tp inside a node and dividing every TP-able layer's divisor."""
+    world, profile = cluster.world_size, view.profile
+    divs = [x.tp.divisor for x in profile.layers if x.tp is not None]
+    out = []
+    for tp in divisors(world):
+        if tp > cluster.gpus_per_node or any(d % tp for d in divs) or (tp > 1 and not divs):
+            continue
+        if space.tp_degrees is not None and tp not in space.tp_degrees:
+            continue
+        for pp in divisors(world // tp):
+            if pp > len(view.cuts) + 1 or (space.pp_degrees is not None and pp not in space.pp_degrees):
+                continue
+            out.append((world // (tp * pp), tp, pp))
+    return out
+
+
+def enumerate_configs(view: ModelView, cluster: ClusterSpec, global_batch: int, space: SearchSpace) -> list[Config]:
+    """Every configuration of the search space whose dp divides the global batch."""
+    configs = []
+    max_stages = len(view.cuts) + 1
+    for dp, tp, pp in legal_degrees(view, cluster, space):
+        if global_batch % dp:
+            continue
+        dims = ParallelDims(dp=dp, tp=tp, pp=pp, world_size=cluster.world_size)
+        per_replica = global_batch // dp
+        sizes = divisors(per_replica)
+        if space.micro_batch_sizes is not None:
+            sizes = [b for b in sizes if b in space.micro_batch_sizes]
+        zeros = [ZeroStage(z) for z in space.zero_stages] if dp > 1 else [ZeroStage.NONE]
+        for b in sizes:
+            m = per_replica // b
+            scheds = [(Schedule.ONE_F_ONE_B, 1)] if pp == 1 else []
+            if pp > 1:
+                for s in space.schedules:
+                    if s == Schedule.INTERLEAVED_1F1B:
+                        scheds += [(s, v) for v in space.virtual_stages if m % pp == 0 and pp * v <= max_stages]
+                    else:
+                        scheds.append((s, 1))
+            for zero in zeros:
+                for sched, v in scheds:
+                    for rc in space.recompute:
+                        configs.append(Config(dims=dims, zero=zero, micro_batch=b, num_micro_batches=m,
+                                              schedule=sched, virtual_stages=v, recompute=rc,
+                                              mesh_order=space.mesh_order))
+    return configs
+
+
+@dataclass
+class LayerTotals:
+    """Sums over all layers for one (tp, micro-batch, recompute), the inputs of the bounds."""
+
+    time: float
+    max_time: float
+    window: float
+    grad: float
+    elems: float
+    act: int
+    working: int
+    max_static_elems: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class Bounder:
+    """Lower bounds on step time and peak memory of a configuration over all its stage partitions."""
+
+    def __init__(self, view: ModelView, cluster: ClusterSpec) -> None:
+        self.view, self.cluster = view, cluster
+        self.profile = view.profile
+        self.comm = CommModel(cluster)
+        self.measured = uses_measured_times(self.profile, cluster)
+        self._totals = lru_cache(maxsize=None)(self._layer_totals)
+        self._buffers = lru_cache(maxsize=None)(self._comm_buffers)
+
+    def _layer_totals(self, tp: int, b: int, rc: Recompute, tp_group_key: tuple[int, int]) -> LayerTotals:
+        p = self.profile
+        group = place_group(tp, tp_group_key[0], tp_group_key[1])
+        fwd, bwd, rcs, tpc, window, elems, act = layer_table(p, self.cluster, tp, b, rc, group)
+        times = [f + g + r + t for f, g, r, t in zip(fwd, bwd, rcs, tpc)]
+        return LayerTotals(time=sum(times), max_time=max(times), window=sum(window),
+                           grad=sum(elems) * p.dtype.itemsize, elems=sum(elems), act=sum(act),
+                           working=estimate_working_set_bytes(p.layers, tp=tp, micro_batch=b, recompute=rc),
+                           max_static_elems=max(elems))
+
+    def _comm_buffers(self, dp: int, tp: int, pp: int, zero: ZeroStage, b: int) -> int:
+        return estimate_comm_buffer_bytes(self.profile.layers, self.view.cut_bytes, dtype=self.profile.dtype, dp=dp,
+                                          tp=tp, pp=pp, zero=zero, micro_batch=b)
+
+    @lru_cache(maxsize=None)  # noqa: B019 - one Bounder lives for one search
+    def _dp_coefficients(self, dp: int, stride: int, gpus_per_node: int) -> tuple[tuple[float, float], ...]:
+        if dp == 1:
+            return ((0.0, 0.0),) * 3
+        group = place_group(dp, stride, gpus_per_node)
+        return tuple(self.comm.affine(k, group) for k in ("reduce_scatter", "all_gather", "all_reduce"))
+
+    def bounds(self, cfg: Config) -> tuple[float, float, float]:
+        """(step-time bound in seconds, peak-memory bound in bytes, the slowest-rank time the first one assumed)."""
+        d, b, m, v = cfg.dims, cfg.micro_batch, cfg.num_micro_batches, cfg.virtual_stages
+        G = self.cluster.gpus_per_node
+        strides = _strides(cfg.mesh_order, d)
+        t = self._totals(d.tp, b, cfg.recompute, (strides[MeshAxis.TP], G))
+        dtype = self.profile.dtype
+        zero = cfg.zero if d.dp > 1 else ZeroStage.NONE
+        overlap = self.cluster.overlap_dp_comm
+        rs, ag, ar = self._dp_coefficients(d.dp, strides[MeshAxis.DP], G)
+        per_mb = {ZeroStage.GRADIENTS: rs, ZeroStage.FULL: (2 * ag[0] + rs[0], 2 * ag[1] + rs[1])}.get(zero, (0, 0))
+        ov = {ZeroStage.NONE: ar, ZeroStage.OPTIMIZER: rs}.get(zero, (0.0, 0.0))
+        bl = {ZeroStage.OPTIMIZER: ag, ZeroStage.GRADIENTS: ag}.get(zero, (0.0, 0.0))
+        pp = d.pp
+        k_sum = pp * per_mb[0] + per_mb[1] * t.grad
+        s_lb = max(t.time, k_sum) if overlap else t.time + k_sum
+        r_lb = max(s_lb / pp, t.max_time)
+        pipe = (m - 1 / v) * r_lb + s_lb / v
+        mem_bw = self.cluster.device.memory_bandwidth * self.cluster.memory_efficiency
+        opt = optimizer_bytes_touched(dtype) / mem_bw / (d.dp if zero >= ZeroStage.OPTIMIZER else 1) * t.elems
+        dp_avg = ov[0] + ov[1] * t.grad / pp
+        exposed = max(0.0, dp_avg - t.window / pp) if overlap else dp_avg
+        tail = opt / pp + bl[0] + bl[1] * t.grad / pp + exposed
+        state = estimate_state_bytes(dtype, cfg.zero, d.dp)
+        fl = in_flight(cfg.schedule, pp=pp, rank=pp - 1, num_micro_batches=m, virtual_stages=v)  # the fewest
+        const = self._buffers(d.dp, d.tp, pp, cfg.zero, b) + t.working
+        mem = max(t.elems * state.total / pp + fl * t.act / v / pp, t.max_static_elems * state.total) + const
+        return pipe + tail, mem, r_lb

@@ -1,0 +1,158 @@
+"""Score one strategy: `evaluate(profile, cluster, strategy) -> Prediction`, and the Prediction builder the search shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planner.candidate import CandidateCosts, Config, PartitionCosts
+from planner.cluster import ClusterError, ClusterSpec
+from planner.errors import AutoparError
+from planner.graph import build_layer_graph, cut_bytes, layer_order, legal_cuts
+from planner.model_profile import ModelProfile
+from planner.strategy import (
+    CommCost,
+    MemoryBreakdown,
+    MeshAxis,
+    Prediction,
+    Recompute,
+    StageSpec,
+    Strategy,
+    TimeBreakdown,
+    ZeroStage,
+)
+
+
+class PlanError(AutoparError):
+    """No strategy can be planned or scored for this input; the message says why and what to change."""
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """What the planner derives once per profile: legal pipeline cuts and the bytes each cut sends per sample."""
+
+    profile: ModelProfile
+    cuts: list[int]
+    cut_bytes: list[float]
+
+
+def prepare(profile: ModelProfile, cluster: ClusterSpec) -> ModelView:
+    """Check that profile and cluster can be combined and derive the layer-graph facts the cost model needs."""
+    try:
+        cluster.peak_flops_for(profile.dtype)
+    except ClusterError as exc:
+        raise PlanError(f"precision mismatch: the profile is in {profile.dtype.value} but {exc}") from None
+    graph = build_layer_graph(profile)
+    layer_order(graph)
+    return ModelView(profile=profile, cuts=legal_cuts(profile, graph), cut_bytes=cut_bytes(profile, graph))
+
+
+def config_of(strategy: Strategy) -> Config:
+    """The strategy without its stage boundaries."""
+    return Config(dims=strategy.dims, zero=strategy.zero_stage, micro_batch=strategy.micro_batch_size,
+                  num_micro_batches=strategy.num_micro_batches, schedule=strategy.schedule,
+                  virtual_stages=strategy.virtual_stages, recompute=strategy.recompute,
+                  mesh_order=tuple(strategy.mesh_order))
+
+
+def strategy_of(cfg: Config, bounds: tuple[int, ...] | list[int]) -> Strategy:
+    """A full strategy from a config and stage boundaries."""
+    return Strategy(dims=cfg.dims, mesh_order=cfg.mesh_order, zero_stage=cfg.zero, micro_batch_size=cfg.micro_batch,
+                    num_micro_batches=cfg.num_micro_batches, schedule=cfg.schedule,
+                    virtual_stages=cfg.virtual_stages, recompute=cfg.recompute,
+                    stages=[StageSpec(start=a, stop=b) for a, b in zip(bounds, bounds[1:])])
+
+
+def evaluate(profile: ModelProfile, cluster: ClusterSpec, strategy: Strategy) -> Prediction:
+    """Predicted step time, throughput and per-rank memory of a strategy the caller chose."""
+    view = prepare(profile, cluster)
+    d = strategy.dims
+    if d.world_size != cluster.world_size:
+        raise PlanError(f"the strategy uses {d.world_size} devices but cluster '{cluster.name}' has "
+                        f"{cluster.world_size} ({cluster.nodes} x {cluster.gpus_per_node}); change dp, tp or pp")
+    bad_tp = [x.name for x in profile.layers if x.tp is not None and x.tp.divisor % d.tp]
+    if bad_tp:
+        raise PlanError(f"tp={d.tp} does not divide the TP divisor of layer {bad_tp[0]}; pick a tp that divides it")
+    bounds = [s.start for s in strategy.stages] + [strategy.stages[-1].stop]
+    if bounds[-1] != profile.num_layers:
+        raise PlanError(f"the stages end at layer {bounds[-1]} but the model has {profile.num_layers} layers")
+    illegal = [k for k in bounds[1:-1] if k not in view.cuts]
+    if illegal:
+        raise PlanError(f"a stage starts at layer {illegal[0]}, which is not a legal pipeline cut of this model")
+    costs = CandidateCosts(profile, cluster, config_of(strategy), view.cut_bytes)
+    return build_prediction(costs, costs.evaluate_bounds(bounds))
+
+
+def build_prediction(costs: CandidateCosts, pc: PartitionCosts) -> Prediction:
+    """Turn the cost model's per-rank numbers into a `Prediction`."""
+    cfg, profile, cluster = costs.cfg, costs.profile, costs.cluster
+    m, v, d = cfg.num_micro_batches, cfg.virtual_stages, cfg.dims
+    slow, tail = pc.ranks[pc.slowest], pc.ranks[pc.tail_rank]
+    busy = slow.compute + slow.recompute + slow.tp_comm + slow.p2p
+    zero_exposed = slow.per_mb - busy
+    dp_exposed = tail.dp_exposed + tail.dp_blocking
+    breakdown = TimeBreakdown(
+        compute=m * slow.compute, recompute=m * slow.recompute, bubble=pc.bubble,
+        exposed_comm=m * (slow.tp_comm + slow.p2p + zero_exposed) + dp_exposed, optimizer=tail.optimizer,
+        comms=_comm_list(costs, pc, zero_exposed),
+    )
+    batch = cfg.micro_batch * m * d.dp
+    model_flops = batch * (profile.fwd_flops + profile.bwd_flops)
+    if cfg.recompute == Recompute.FULL:
+        extra = profile.fwd_flops
+    elif cfg.recompute == Recompute.SELECTIVE:
+        extra = sum(x.selective_fwd_flops for x in profile.layers)
+    else:
+        extra = 0.0
+    world = d.world_size
+    working = costs.const_bytes - costs.comm_buffer_bytes
+    memory = []
+    for rk in pc.ranks:
+        parts = dict(parameters=rk.param_bytes, gradients=rk.grad_state_bytes, optimizer_state=rk.optimizer_bytes,
+                     activations=rk.activation_bytes + working, comm_buffers=float(costs.comm_buffer_bytes))
+        memory.append(MemoryBreakdown(**parts, total=max(sum(parts.values()), rk.memory_v / v),
+                                      capacity=float(costs.capacity)))
+    peak = cluster.peak_flops_for(profile.dtype)
+    return Prediction(
+        step_seconds=pc.step, time=breakdown, samples_per_second=batch / pc.step,
+        tokens_per_second=batch * profile.tokens_per_sample / pc.step,
+        model_flops_per_gpu=model_flops / pc.step / world,
+        hardware_flops_per_gpu=(model_flops + batch * extra) / pc.step / world,
+        mfu=model_flops / pc.step / world / peak, memory=memory, fits=pc.fits,
+    )
+
+
+def _comm_list(costs: CandidateCosts, pc: PartitionCosts, zero_exposed: float) -> list[CommCost]:
+    cfg, m = costs.cfg, costs.cfg.num_micro_batches
+    slow, tail = pc.ranks[pc.slowest], pc.ranks[pc.tail_rank]
+    out = []
+    if cfg.dims.tp > 1 and slow.tp_comm > 0:
+        passes = 3 if cfg.recompute == Recompute.FULL else 2
+        layers = [costs.profile.layers[i] for i in slow.layers]
+        nbytes = m * passes * sum(cfg.micro_batch * x.tp.allreduces_per_forward * x.tp.allreduce_bytes
+                                  for x in layers if x.tp is not None)
+        out.append(CommCost(collective="all_reduce", axis=MeshAxis.TP, purpose="tp block outputs", bytes=nbytes,
+                            seconds=m * slow.tp_comm, exposed_seconds=m * slow.tp_comm))
+    if cfg.num_stages > 1:
+        nbytes = m * 2 * sum(costs.cut_bytes[k] for k in _send_cuts(slow.layers, costs.profile.num_layers))
+        out.append(CommCost(collective="p2p", axis=MeshAxis.PP, purpose="stage activations and gradients",
+                            bytes=nbytes, seconds=m * slow.p2p, exposed_seconds=m * slow.p2p))
+    if cfg.dims.dp > 1:
+        g = tail.grad_bytes
+        if cfg.zero >= ZeroStage.GRADIENTS:
+            out.append(CommCost(collective="reduce_scatter" if cfg.zero == ZeroStage.GRADIENTS else "all_gather",
+                                axis=MeshAxis.DP, purpose="ZeRO every micro-batch", bytes=m * g,
+                                seconds=m * slow.zero_per_mb, exposed_seconds=m * zero_exposed))
+        if tail.dp_overlap > 0:
+            coll = "all_reduce" if cfg.zero == ZeroStage.NONE else "reduce_scatter"
+            out.append(CommCost(collective=coll, axis=MeshAxis.DP, purpose="gradient sync", bytes=g,
+                                seconds=tail.dp_overlap, exposed_seconds=tail.dp_exposed))
+        if tail.dp_blocking > 0:
+            out.append(CommCost(collective="all_gather", axis=MeshAxis.DP, purpose="updated parameters", bytes=g,
+                                seconds=tail.dp_blocking, exposed_seconds=tail.dp_blocking))
+    return out
+
+
+def _send_cuts(layers: list[int], num_layers: int) -> list[int]:
+    """Cuts at which a rank holding `layers` sends its output onward (ends of its chunks, not the model's end)."""
+    held = set(layers)
+    return [i + 1 for i in sorted(held) if i + 1 not in held and i + 1 < num_layers]

@@ -1,0 +1,164 @@
+"""`planner.plan(model, cluster, ...) -> Plan`: load inputs, search, and explain the choice in words and numbers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from planner.cluster import ClusterSpec, load_cluster
+from planner.enumerate import SearchSpace
+from planner.evaluate import PlanError, prepare
+from planner.model_profile import ModelProfile
+from planner.search import Objective, Scored, SearchResult, search
+from planner.strategy import Alternative, Plan, Provenance, Recompute, Schedule
+
+log = logging.getLogger(__name__)
+
+PLANNER_VERSION = "0.1.0"
+GB = 1e9
+
+
+def load_profile(model: Any, *, example_inputs: Any = None, global_batch_size: int | None = None) -> ModelProfile:
+    """A ModelProfile from a profile, a profile JSON path, a zoo name, or an nn.Module with example inputs."""
+    if isinstance(model, ModelProfile):
+        return model
+    if isinstance(model, (str, Path)):
+        path = Path(model)
+        if path.suffix == ".json" or path.exists():
+            if not path.exists():
+                raise PlanError(f"profile file {path} does not exist; create it with `autopar profile`")
+            return ModelProfile.from_json(path)
+        import profiler  # torch is needed only here, to profile a zoo model on the spot
+
+        return profiler.profile_zoo(str(model))
+    if hasattr(model, "named_modules"):  # an nn.Module; importing torch is the caller's business
+        if example_inputs is None:
+            raise PlanError("planning an nn.Module needs example_inputs (one micro-batch of inputs)")
+        import profiler
+
+        return profiler.profile(model, example_inputs)
+    raise PlanError(f"cannot plan for a {type(model).__name__}: give a ModelProfile, a profile JSON path, "
+                    "a zoo name or an nn.Module with example_inputs")
+
+
+def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: int, example_inputs: Any = None,
+         top_k: int = 5, time_limit_s: float = 10.0, seed: int = 0, objective: str = "throughput",
+         workers: int = 1, **search_options: Any) -> Plan:
+    """The best parallel strategy for training `model` on `cluster` with `global_batch_size` samples per step.
+
+    `search_options` restrict the search space (see `planner.enumerate.SearchSpace`: zero_stages, schedules,
+    virtual_stages, recompute, micro_batch_sizes, tp_degrees, pp_degrees).
+    """
+    if global_batch_size < 1:
+        raise PlanError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    try:
+        obj = Objective(objective)
+    except ValueError:
+        raise PlanError(f"unknown objective '{objective}'; use 'throughput' or 'memory'") from None
+    spec = cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
+    profile = load_profile(model, example_inputs=example_inputs)
+    unknown = set(search_options) - set(SearchSpace.__dataclass_fields__)
+    if unknown:
+        raise PlanError(f"unknown search option(s) {sorted(unknown)}; known: {sorted(SearchSpace.__dataclass_fields__)}")
+    space = SearchSpace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in search_options.items()})
+    view = prepare(profile, spec)
+    result = search(view, spec, global_batch_size=global_batch_size, top_k=top_k, time_limit_s=time_limit_s,
+                    seed=seed, workers=workers, objective=obj, space=space)
+    best = result.best
+    log.info("planned %s on %s in %.2fs (%d candidates solved)", profile.name, spec.name, result.seconds,
+             result.evaluated)
+    return Plan(
+        kind=best.strategy.kind, strategy=best.strategy, prediction=best.prediction,
+        explanation=explain(result, spec, profile, obj),
+        alternatives=alternatives(result, top_k),
+        provenance=Provenance(model_name=profile.name, profile_hash=profile.profile_hash, cluster=spec,
+                              planner_version=PLANNER_VERSION, search_seconds=result.seconds,
+                              solver_status=result.status, candidates_evaluated=result.evaluated),
+    )
+
+
+def _dominant_loss(alt: Scored, best: Scored) -> str:
+    """The part of the alternative's step time that grew the most, in words."""
+    a, b = alt.prediction, best.prediction
+    step = a.step_seconds
+    parts = {
+        "pipeline bubble": (a.time.bubble - b.time.bubble, f"pipeline bubble {a.time.bubble / step:.0%}"),
+        "comm": (a.time.exposed_comm - b.time.exposed_comm,
+                 f"exposed communication {a.time.exposed_comm / step:.0%}"
+                 + (f" ({max(a.time.comms, key=lambda c: c.exposed_seconds).collective} on "
+                    f"{max(a.time.comms, key=lambda c: c.exposed_seconds).axis.value})" if a.time.comms else "")),
+        "compute": (a.time.compute - b.time.compute, f"compute {a.time.compute:.3g} s per step on its slowest rank"),
+        "recompute": (a.time.recompute - b.time.recompute, f"recomputation {a.time.recompute / step:.0%}"),
+        "optimizer": (a.time.optimizer - b.time.optimizer, f"optimizer step {a.time.optimizer:.3g} s"),
+    }
+    return max(parts.values(), key=lambda x: x[0])[1]
+
+
+def reason(alt: Scored, best: Scored) -> str:
+    """Why `alt` lost to `best`, e.g. 'does not fit: 12.4 GB over on stage 0' or '9% slower: pipeline bubble 14%'."""
+    if not alt.fits:
+        return f"does not fit: {alt.over_bytes / GB:.1f} GB over on stage {alt.over_rank}"
+    slower = alt.prediction.step_seconds / best.prediction.step_seconds - 1
+    if slower < 0.0005:
+        return (f"same predicted time; needs {alt.prediction.peak_memory / GB:.1f} GB per device vs "
+                f"{best.prediction.peak_memory / GB:.1f} GB, ranked lower")
+    return f"{slower:.0%} slower: {_dominant_loss(alt, best)}"
+
+
+def alternatives(result: SearchResult, top_k: int) -> list[Alternative]:
+    """The best strategy of other degree groups (and faster groups that do not fit), each with its reason."""
+    best = result.best
+    pool = [s for s in result.ranked[1:]]
+    pool += [s for s in result.misfits if s.prediction.step_seconds < best.prediction.step_seconds][:2]
+    pool.sort(key=lambda s: (s.fits, s.prediction.step_seconds))
+    pool = sorted(pool[: top_k], key=lambda s: s.prediction.step_seconds)
+    return [Alternative(strategy=s.strategy, prediction=s.prediction, reason=reason(s, best)) for s in pool]
+
+
+def explain(result: SearchResult, cluster: ClusterSpec, profile: ModelProfile, objective: Objective) -> str:
+    """Why this strategy, in a few sentences with numbers."""
+    b = result.best
+    p, s, d = b.prediction, b.strategy, b.strategy.dims
+    peak = max(range(len(p.memory)), key=lambda r: p.memory[r].total)
+    out = [
+        f"{s.kind.value} parallelism ({s.describe()}) on {cluster.world_size} x {cluster.device.name}: "
+        f"{p.step_seconds:.3g} s per step, {p.tokens_per_second:,.0f} tokens/s, MFU {p.mfu:.0%}, peak memory "
+        f"{p.memory[peak].total / GB:.1f} of {p.memory[peak].capacity / GB:.1f} GB usable (pipeline rank {peak})."
+    ]
+    state = profile.param_count * 16 / GB
+    if d.dp == cluster.world_size and int(s.zero_stage) == 0:
+        out.append(f"The model's training state ({state:.1f} GB at 16 bytes per parameter) fits one device, so "
+                   "every device holds a replica and only gradients are exchanged.")
+    elif d.dp == cluster.world_size:
+        out.append(f"The model's training state ({state:.1f} GB at 16 bytes per parameter) is sharded by ZeRO "
+                   f"stage {int(s.zero_stage)} over all {d.dp} devices, so no layer needs splitting.")
+    else:
+        pure = result.pure_dp
+        if pure is None:
+            miss = next((m for m in result.misfits if m.cfg.dims.tp == 1 and m.cfg.dims.pp == 1), None)
+            why = (f"does not fit ({miss.over_bytes / GB:.1f} GB over)" if miss is not None
+                   else "does not fit one device or cannot split this batch")
+            out.append(f"Pure data parallelism {why}: the training state alone is {state:.1f} GB.")
+        else:
+            slower = pure.prediction.step_seconds / p.step_seconds - 1
+            out.append(f"Pure data parallelism would fit but is {slower:.0%} slower "
+                       f"({_dominant_loss(pure, b)}).")
+    if d.tp > 1:
+        out.append(f"Tensor parallelism of {d.tp} stays inside a node ({cluster.gpus_per_node} GPUs on "
+                   f"{cluster.intra_node.bandwidth / GB:.0f} GB/s links) and splits each layer's weights and "
+                   "FLOPs.")
+    if d.pp > 1:
+        sched = s.schedule.value + (f" with {s.virtual_stages} chunks per rank" if s.virtual_stages > 1 else "")
+        out.append(f"{d.pp} pipeline stages ({sched}) run {s.num_micro_batches} micro-batches of "
+                   f"{s.micro_batch_size}; the bubble costs {p.time.bubble / p.step_seconds:.0%} of the step.")
+    if s.recompute != Recompute.NONE:
+        out.append(f"{s.recompute.value.capitalize()} recomputation trades {p.time.recompute / p.step_seconds:.0%} "
+                   "extra compute for activation memory.")
+    if int(s.zero_stage) and d.dp < cluster.world_size:
+        out.append(f"ZeRO stage {int(s.zero_stage)} shards training state over the {d.dp} data-parallel ranks.")
+    if objective == Objective.MEMORY:
+        out.append("Objective: least peak memory among strategies that fit, then step time.")
+    if s.schedule == Schedule.GPIPE:
+        out.append("GPipe keeps every micro-batch's activations until the backward pass.")
+    return " ".join(out)

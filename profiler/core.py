@@ -1,0 +1,274 @@
+"""`profile(model, example_inputs)`: one call from any nn.Module to a `ModelProfile`.
+
+Counting (FLOPs, bytes, memory, layer graph, tensor parallelism) always happens on a meta copy of the model, so it
+allocates no weights and works for models far larger than the machine; on device "cpu" / "cuda" the layers and a
+whole step are also timed. Layers with the same structure and inputs (the blocks of a transformer) are counted and
+timed once and the result copied, which keeps a 70B model under a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from planner.model_profile import (
+    DType,
+    InputSpec,
+    LayerProfile,
+    ModelProfile,
+    ProfileMode,
+    StepMeasurement,
+    TensorSpec,
+)
+from profiler import cache as profile_cache
+from profiler.counting import LayerCost, estimate_layer_cost
+from profiler.errors import ProfileError
+from profiler.graph import build_layer_graph, legal_cut_points
+from profiler.hashing import layer_signature, structure_hash
+from profiler.layers import call_order, find_layers
+from profiler.measure import estimate_times
+from profiler.recording import cast_inputs, device_copy, meta_copy, record_calls, tensors_of
+from profiler.tensor_parallel import detect_tensor_parallel
+
+logger = logging.getLogger(__name__)
+
+#: progress(description, steps done, steps in total)
+ProgressFn = Callable[[str, int, int], None]
+
+_DTYPE_NAMES = {
+    "float32": DType.FP32, "fp32": DType.FP32, "float": DType.FP32, "tf32": DType.TF32,
+    "bfloat16": DType.BF16, "bf16": DType.BF16, "float16": DType.FP16, "fp16": DType.FP16, "half": DType.FP16,
+}
+_TORCH_DTYPES = {DType.FP32: torch.float32, DType.TF32: torch.float32, DType.BF16: torch.bfloat16,
+                 DType.FP16: torch.float16}
+
+
+def _resolve_dtype(model: nn.Module, dtype: Any) -> DType:
+    if dtype is None:
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        dtype = floats[0] if floats else torch.float32
+    if isinstance(dtype, DType):
+        return dtype
+    if isinstance(dtype, torch.dtype):
+        for d, t in _TORCH_DTYPES.items():
+            if t == dtype and d != DType.TF32:
+                return d
+        raise ProfileError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPE_NAMES:
+        raise ProfileError(f"unknown dtype '{dtype}'; use one of {', '.join(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[key]
+
+
+def _check_device(device: str) -> str:
+    device = str(device)
+    if device == "meta" or device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ProfileError(f"device '{device}' asked for, but CUDA is not available; use 'cpu' or 'meta'")
+        return device
+    raise ProfileError(f"unknown device '{device}'; use 'meta' (analytic), 'cpu' or 'cuda'")
+
+
+def _input_spec(inputs: tuple, seq_len: int | None) -> InputSpec:
+    tensors = tensors_of(inputs)
+    if not tensors or tensors[0].dim() == 0:
+        raise ProfileError("example inputs must contain at least one tensor with a batch dimension first")
+    first = tensors[0]
+    if seq_len is None and first.dim() >= 2 and (not first.is_floating_point() or first.dim() == 3):
+        seq_len = int(first.shape[1])  # token ids (B, S) or hidden states (B, S, H)
+    return InputSpec(
+        batch_size=int(first.shape[0]),
+        seq_len=seq_len,
+        tensors=[TensorSpec(shape=list(t.shape), dtype=str(t.dtype).removeprefix("torch.")) for t in tensors],
+    )
+
+
+def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """The cache directory: the argument, else $AUTOPAR_CACHE_DIR, else ~/.cache/autopar."""
+    return Path(cache_dir or os.environ.get("AUTOPAR_CACHE_DIR") or Path.home() / ".cache" / "autopar")
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    device: str = "meta",
+    dtype: Any = None,
+    layers: list[str] | None = None,
+    name: str | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    seq_len: int | None = None,
+) -> ModelProfile:
+    """Profile `model` called as `model(*example_inputs)`, per layer (see `ModelProfile` for every field).
+
+    device: "meta" counts only (analytic); "cpu" / "cuda" also times each layer and a whole step.
+    dtype: precision to profile in (default: the model's); layers: explicit layer module names (default: found
+    automatically); cache / cache_dir: reuse profiles on disk (default dir $AUTOPAR_CACHE_DIR or ~/.cache/autopar);
+    progress: called as progress(description, done, total); seq_len: tokens per sample if not dim 1 of the input.
+    """
+    return _profile(model, example_inputs, device=device, dtype=dtype, layers=layers, name=name, warmup=warmup,
+                    repeats=repeats, cache=cache, cache_dir=cache_dir, progress=progress, seq_len=seq_len,
+                    owned=False)
+
+
+def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repeats, cache, cache_dir, progress,
+             seq_len, owned) -> ModelProfile:
+    started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise ProfileError(f"expected an nn.Module to profile, got {type(model).__name__}")
+    if warmup < 0 or repeats < 1:
+        raise ProfileError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
+    device = _check_device(device)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    dt = _resolve_dtype(model, dtype)
+    spec = _input_spec(inputs, seq_len)
+    batch = spec.batch_size
+    name = name or type(model).__name__
+    shash = structure_hash(model)
+    key = profile_cache.cache_key(shash, spec, dt.value, device, layers, (warmup, repeats))
+    directory = default_cache_dir(cache_dir)
+    if cache and (hit := profile_cache.load(directory, key)) is not None:
+        logger.info("profile of %s loaded from the cache (%s)", name, directory)
+        return hit.model_copy(update={"name": name})
+    report = progress or (lambda _d, _i, _n: None)
+
+    report("tracing", 0, 1)
+    torch_dtype = _TORCH_DTYPES[dt]
+    meta_model = meta_copy(model, torch_dtype)
+    meta_inputs = cast_inputs(inputs, "meta", torch_dtype)
+    names = find_layers(meta_model, call_order(meta_model, meta_inputs), layers)
+    records = record_calls(meta_model, meta_inputs, names, clone=False)
+    graph = build_layer_graph(meta_model, names, records, meta_inputs, batch)
+
+    signature = {
+        n: layer_signature(meta_model.get_submodule(n), records[n].args, records[n].kwargs, records[n].from_input)
+        for n in names
+    }
+    unique: dict[str, str] = {}
+    for n in names:
+        unique.setdefault(signature[n], n)
+    measured = device != "meta"
+    total = len(unique) + (warmup + repeats if measured else 0)
+    costs: dict[str, LayerCost] = {}
+    tp = {}
+    for i, (sig, n) in enumerate(unique.items()):
+        report(f"counting {n}", i, total)
+        module = meta_model.get_submodule(n)
+        costs[sig] = estimate_layer_cost(module, records[n])
+        tp[sig] = detect_tensor_parallel(module, records[n], batch)
+
+    times: dict[str, tuple[float, float]] = {}
+    step = None
+    device_name = None
+    if measured:
+        real_model = device_copy(model, device, torch_dtype, owned=owned)
+        real_inputs = cast_inputs(inputs, device, torch_dtype)
+        real_records = record_calls(real_model, real_inputs, names, clone=True)
+        timings = estimate_times(
+            real_model, real_inputs, {sig: (real_model.get_submodule(n), real_records[n]) for sig, n in unique.items()},
+            device=device, warmup=warmup, repeats=repeats,
+            progress=lambda i, rounds: report(f"timing round {i + 1}/{rounds}", len(unique) + i, total),
+        )
+        del real_records
+        times = timings.layers
+        step = StepMeasurement(fwd_bwd_seconds=timings.step_seconds, peak_memory_bytes=timings.peak_memory_bytes)
+        if device.startswith("cuda"):
+            device_name = torch.cuda.get_device_name(torch.device(device))
+    report("done", total, total)
+
+    layer_profiles = _layer_profiles(meta_model, names, signature, costs, tp, times, batch)
+    result = ModelProfile(
+        name=name,
+        structure_hash=shash,
+        input=spec,
+        dtype=dt,
+        device=device,
+        device_name=device_name,
+        mode=ProfileMode.MEASURED if measured else ProfileMode.ANALYTIC,
+        layers=layer_profiles,
+        edges=graph.edges,
+        cut_points=legal_cut_points(names, graph.edges, graph.direct),
+        step=step,
+        profile_seconds=time.perf_counter() - started,
+        torch_version=torch.__version__,
+    )
+    logger.info("profiled %s: %d layers (%d distinct), graph from %s, %.2f s", name, len(names), len(unique),
+                graph.method, result.profile_seconds)
+    if cache:
+        profile_cache.store(directory, key, result)
+    return result
+
+
+def _layer_profiles(meta_model, names, signature, costs, tp, times, batch) -> list[LayerProfile]:
+    seen: set[int] = set()
+    out = []
+    for index, n in enumerate(names):
+        module = meta_model.get_submodule(n)
+        params = [p for p in module.parameters() if id(p) not in seen]
+        buffers = [b for b in module.buffers() if id(b) not in seen]
+        seen.update(id(t) for t in params + buffers)
+        cost = costs[signature[n]]
+        fwd_s, bwd_s = times.get(signature[n], (None, None))
+        out.append(LayerProfile(
+            index=index,
+            name=n,
+            module_type=type(module).__name__,
+            param_count=sum(p.numel() for p in params),
+            param_bytes=sum(p.numel() * p.element_size() for p in params),
+            buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
+            fwd_flops=cost.fwd_flops / batch,
+            bwd_flops=cost.bwd_flops / batch,
+            fwd_bytes=cost.fwd_bytes / batch,
+            bwd_bytes=cost.bwd_bytes / batch,
+            saved_activation_bytes=cost.saved_bytes / batch,
+            input_bytes=cost.input_bytes / batch,
+            output_bytes=cost.output_bytes / batch,
+            selective_saved_bytes=cost.selective_saved_bytes / batch,
+            selective_fwd_flops=cost.selective_fwd_flops / batch,
+            fwd_seconds=None if fwd_s is None else fwd_s / batch,
+            bwd_seconds=None if bwd_s is None else bwd_s / batch,
+            tp=tp[signature[n]],
+        ))
+    return out
+
+
+def profile_zoo(
+    name: str,
+    *,
+    batch_size: int = 1,
+    device: str = "meta",
+    dtype: str = "float32",
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    layers: list[str] | None = None,
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: ProgressFn | None = None,
+    **size_options: Any,
+) -> ModelProfile:
+    """Profile a zoo model by name (`autopar profile gpt2-medium`); size_options override its config fields."""
+    from profiler.zoo import get_model
+
+    if batch_size < 1:
+        raise ProfileError(f"batch_size must be at least 1, got {batch_size}")
+    zoo_model = get_model(name, **size_options)
+    device = _check_device(device)
+    # Built in float32 (the structure hash does not depend on the profiled dtype); profile() converts its copies.
+    model = zoo_model.build(device=device)
+    inputs = zoo_model.example_inputs(batch_size, device=device)
+    return _profile(model, inputs, device=device, dtype=dtype, layers=layers, name=name, warmup=warmup,
+                    repeats=repeats, cache=cache, cache_dir=cache_dir, progress=progress, seq_len=zoo_model.seq_len,
+                    owned=True)

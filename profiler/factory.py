@@ -1,0 +1,89 @@
+"""Models named on the command line: `path/to/file.py:factory` or `package.module:factory`.
+
+The factory is called with no arguments, except `batch_size` / `seq_len` when its signature has them, and returns
+either a module or `(module, example_inputs)`. A module alone works when it has an `example_inputs(batch_size)`
+method. Each failure says which part (file, import, attribute, call, return value) went wrong.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from profiler.errors import ProfileError
+
+
+def is_factory_spec(spec: str) -> bool:
+    """True for 'file.py:name' / 'package.module:name' (zoo names never contain ':')."""
+    return ":" in spec
+
+
+def _import(module_part: str) -> Any:
+    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise ProfileError(f"model file '{module_part}' does not exist")
+        name = f"_autopar_user_{path.stem}"
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            raise ProfileError(f"'{module_part}' cannot be imported as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - user code may raise anything; report it as one line
+            sys.modules.pop(name, None)
+            raise ProfileError(f"importing '{module_part}' failed: {type(exc).__name__}: {exc}") from None
+        return module
+    try:
+        return importlib.import_module(module_part)
+    except ModuleNotFoundError as exc:
+        raise ProfileError(f"module '{module_part}' cannot be imported ({exc}); check the name and PYTHONPATH") from None
+    except Exception as exc:  # noqa: BLE001
+        raise ProfileError(f"importing '{module_part}' failed: {type(exc).__name__}: {exc}") from None
+
+
+def load_factory_model(spec: str, *, batch_size: int, seq_len: int | None = None) -> tuple[nn.Module, tuple]:
+    """Import and call the factory named by `spec`; returns (module, example_inputs)."""
+    module_part, _, attr = spec.rpartition(":")
+    if not module_part or not attr:
+        raise ProfileError(f"'{spec}' is not 'path/to/file.py:factory' or 'package.module:factory'")
+    source = _import(module_part)
+    factory = getattr(source, attr, None)
+    if factory is None:
+        public = [n for n in dir(source) if not n.startswith("_") and callable(getattr(source, n))]
+        raise ProfileError(f"'{module_part}' has no attribute '{attr}'; callables there: {', '.join(public[:12])}")
+    if not callable(factory):
+        raise ProfileError(f"'{spec}' is not callable")
+    kwargs: dict[str, Any] = {}
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "batch_size" in params:
+        kwargs["batch_size"] = batch_size
+    if "seq_len" in params and seq_len is not None:
+        kwargs["seq_len"] = seq_len
+    try:
+        result = factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise ProfileError(f"calling '{spec}' failed: {type(exc).__name__}: {exc}") from None
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
+        model, inputs = result
+        return model, inputs if isinstance(inputs, tuple) else (inputs,)
+    if isinstance(result, nn.Module):
+        if callable(getattr(result, "example_inputs", None)):
+            inputs = result.example_inputs(batch_size)
+            return result, inputs if isinstance(inputs, tuple) else (inputs,)
+        raise ProfileError(
+            f"'{spec}' returned a module but no example inputs; return (module, example_inputs) so autopar knows "
+            "the input shapes"
+        )
+    raise ProfileError(f"'{spec}' returned {type(result).__name__}; it must return an nn.Module or "
+                       "(module, example_inputs)")

@@ -1,0 +1,178 @@
+"""The layer graph: which layer's output feeds which layer, with the bytes per sample on each edge.
+
+Built from a torch.fx trace in which the layers are leaf modules, so edges follow real dataflow (a skip connection
+across layers shows up as an edge that jumps over them). When the model cannot be traced, forward hooks recover the
+edges from tensor identity instead, assuming a tensor of unknown origin comes from the previous layer; a warning says
+why tracing failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+from torch import fx, nn
+
+from planner.model_profile import INPUT_NODE, OUTPUT_NODE, LayerEdge, ModelProfile
+from profiler.recording import LayerCall, tensor_bytes, tensors_of
+
+logger = logging.getLogger(__name__)
+
+
+class _LayerTracer(fx.Tracer):
+    """Traces the model with every layer as one opaque call."""
+
+    def __init__(self, layer_names: set[str]) -> None:
+        super().__init__()
+        self.layer_names = layer_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.layer_names or super().is_leaf_module(m, module_qualified_name)
+
+
+@dataclass(frozen=True)
+class LayerGraph:
+    """Edges between layers, which of them pass a tensor unchanged (no computation between), and the method."""
+
+    edges: list[LayerEdge]
+    direct: set[tuple[str, str]]
+    method: str
+
+
+def build_layer_graph(
+    model: nn.Module, layer_names: list[str], records: dict[str, LayerCall], inputs: tuple, batch: int
+) -> LayerGraph:
+    """The layer graph from an fx trace ('fx'), or from forward hooks when tracing fails ('hooks')."""
+    if layer_names == [""]:
+        out = tensor_bytes(records[""].output) / batch
+        inp = tensor_bytes(inputs) / batch
+        edges = [LayerEdge(src=INPUT_NODE, dst="", bytes=inp), LayerEdge(src="", dst=OUTPUT_NODE, bytes=out)]
+        return LayerGraph(edges, {(e.src, e.dst) for e in edges}, "single")
+    try:
+        graph = _LayerTracer(set(layer_names)).trace(model)
+        return LayerGraph(*_edges_from_fx(graph, layer_names, records, inputs, batch), "fx")
+    except Exception as exc:  # noqa: BLE001 - fx raises many types; every one means "use the fallback"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning(
+            "torch.fx could not trace %s (%s: %s); building the layer graph from forward hooks instead, which "
+            "assumes a tensor of unknown origin comes from the previous layer", type(model).__name__,
+            type(exc).__name__, reason,
+        )
+        return LayerGraph(*_edges_from_hooks(layer_names, records, inputs, batch), "hooks")
+
+
+def _edges_from_fx(
+    graph: fx.Graph, layer_names: list[str], records: dict[str, LayerCall], inputs: tuple, batch: int
+) -> tuple[list[LayerEdge], set[tuple[str, str]]]:
+    layer_set = set(layer_names)
+    seen = [n.target for n in graph.nodes if n.op == "call_module" and n.target in layer_set]
+    if sorted(seen) != sorted(layer_names):
+        missing = sorted(layer_set - set(seen)) or sorted({s for s in seen if seen.count(s) > 1})
+        raise ValueError(f"the trace does not call each layer exactly once ({missing[:3]})")
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    # node -> {producer node: (layer name or <input>, bytes per sample)}
+    producers: dict[fx.Node, dict[fx.Node, tuple[str, float]]] = {}
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            i = placeholders.index(node)
+            producers[node] = {node: (INPUT_NODE, tensor_bytes(inputs[i]) / batch)} if i < len(inputs) else {}
+        elif node.op == "call_module" and node.target in layer_set:
+            producers[node] = {node: (node.target, tensor_bytes(records[node.target].output) / batch)}
+        elif (
+            node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module"
+            and node.args[0].target in layer_set
+        ):
+            src = node.args[0].target
+            try:
+                part = records[src].output[node.args[1]]
+            except (TypeError, IndexError, KeyError):
+                part = records[src].output
+            producers[node] = {node: (src, tensor_bytes(part) / batch)}
+        else:
+            merged: dict[fx.Node, tuple[str, float]] = {}
+            for arg in node.all_input_nodes:
+                merged.update(producers.get(arg, {}))
+            producers[node] = merged
+    totals: dict[tuple[str, str], float] = {}
+    through_glue: set[tuple[str, str]] = set()
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in layer_set:
+            dst = node.target
+        elif node.op == "output":
+            dst = OUTPUT_NODE
+        else:
+            continue
+        incoming: dict[fx.Node, tuple[str, float]] = {}
+        for arg in node.all_input_nodes:
+            incoming.update(producers.get(arg, {}))
+            if arg not in producers.get(arg, {}):  # the value was computed outside any layer
+                through_glue.update((src, dst) for src, _ in producers.get(arg, {}).values())
+        for src, nbytes in incoming.values():
+            totals[(src, dst)] = totals.get((src, dst), 0.0) + nbytes
+    edges = [LayerEdge(src=s, dst=d, bytes=b) for (s, d), b in totals.items()]
+    return edges, set(totals) - through_glue
+
+
+def _edges_from_hooks(
+    layer_names: list[str], records: dict[str, LayerCall], inputs: tuple, batch: int
+) -> tuple[list[LayerEdge], set[tuple[str, str]]]:
+    origin: dict[int, tuple[str, float]] = {id(t): (INPUT_NODE, tensor_bytes(t) / batch) for t in tensors_of(inputs)}
+    totals: dict[tuple[str, str], float] = {}
+    guessed: set[tuple[str, str]] = set()
+
+    def connect(dst: str, values: object, previous: str) -> None:
+        for t in tensors_of(values):
+            if id(t) not in origin:
+                guessed.add((previous, dst))
+            src, nbytes = origin.get(id(t), (previous, tensor_bytes(t) / batch))
+            totals[(src, dst)] = totals.get((src, dst), 0.0) + nbytes
+
+    previous = INPUT_NODE
+    for name in layer_names:
+        call = records[name]
+        connect(name, (call.args, call.kwargs), previous)
+        for t in tensors_of(call.output):
+            origin[id(t)] = (name, tensor_bytes(t) / batch)
+        previous = name
+    connect(OUTPUT_NODE, records[OUTPUT_NODE].output, previous)
+    edges = [LayerEdge(src=s, dst=d, bytes=b) for (s, d), b in totals.items()]
+    return edges, set(totals) - guessed
+
+
+def legal_cut_points(
+    layer_names: list[str], edges: list[LayerEdge], direct: set[tuple[str, str]] | None = None
+) -> list[int]:
+    """Stage boundaries k (between layer k-1 and k) where exactly one edge crosses, from layer k-1 to layer k.
+
+    A skip connection that jumps over the boundary, or a second tensor crossing it, rules the boundary out: a
+    pipeline stage receives one activation from the stage before it. With `direct` given, the crossing edge must
+    also be in it: computation outside the layers between k-1 and k (an add in the model's own forward) would be
+    lost by a stage that only runs layers.
+    """
+    position = {name: i for i, name in enumerate(layer_names)}
+    position[INPUT_NODE] = -1
+    position[OUTPUT_NODE] = len(layer_names)
+    cuts = []
+    for k in range(1, len(layer_names)):
+        crossing = [e for e in edges if position[e.src] < k <= position[e.dst]]
+        if len(crossing) != 1 or (crossing[0].src, crossing[0].dst) != (layer_names[k - 1], layer_names[k]):
+            continue
+        if direct is None or (layer_names[k - 1], layer_names[k]) in direct:
+            cuts.append(k)
+    return cuts
+
+
+def layer_graph(profile: ModelProfile) -> nx.DiGraph:
+    """The profile's layer graph as a networkx DiGraph: nodes carry the LayerProfile, edges carry `bytes`."""
+    g = nx.DiGraph()
+    g.add_node(INPUT_NODE)
+    for layer in profile.layers:
+        g.add_node(layer.name, layer=layer)
+    g.add_node(OUTPUT_NODE)
+    for e in profile.edges:
+        g.add_edge(e.src, e.dst, bytes=e.bytes)
+    return g
+

@@ -1,0 +1,292 @@
+"""Where a layer can be split Megatron-style: colwise Linears whose outputs reach rowwise Linears.
+
+Detection follows the layer's traced dataflow (torch.fx, shapes propagated on meta). A Linear fed by the replicated
+activation starts a sharded region; the region may pass only through ops that act per feature or per attention
+head (elementwise ops, activations, dropout, reshapes, RoPE, softmax, attention, activation-by-activation matmuls)
+and must end in Linears, which become rowwise; each rowwise output must then feed a residual add (or the layer
+output). Anything else touching the region (a norm, a reduction, mixing with the replicated stream, leaving the
+layer) leaves the whole group replicated. Splitting a fused projection (one Linear then `split` on its features) is
+never proposed: the shards would not line up with the split.
+
+User override: a layer module (or its class) may set `autopar_tp_plan = {"attn.q_proj": "colwise", ...}` with
+paths relative to the layer (or `None` to forbid TP) and `autopar_tp_divisor = <int>` (attention heads, or KV heads
+with grouped-query attention; default: gcd of the colwise output widths).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from planner.model_profile import ShardStyle, TensorParallelSpec, TPShard
+from profiler.errors import ProfileError
+from profiler.recording import LayerCall
+
+logger = logging.getLogger(__name__)
+
+_MISSING = object()
+_TRANSPARENT_CALLS = {
+    "add", "sub", "mul", "truediv", "div", "neg", "pow", "exp", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu",
+    "silu", "softplus", "mish", "elu", "leaky_relu", "hardswish", "dropout", "masked_fill", "where", "clamp", "clip",
+    "abs", "sin", "cos", "float", "half", "bfloat16", "to", "type_as", "type", "contiguous", "clone", "detach",
+    "softmax", "scaled_dot_product_attention", "matmul", "bmm", "view", "reshape", "transpose", "permute",
+    "flatten", "unflatten", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "repeat_interleave", "getitem",
+    "split", "chunk", "cat", "stack", "narrow", "add_", "mul_", "iadd", "imul", "masked_fill_", "view_as",
+}
+_SPLITS = {"split", "chunk", "narrow", "getitem"}
+_TRANSPARENT_MODULES = (
+    nn.Dropout, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Softmax, nn.LeakyReLU, nn.Mish,
+    nn.ELU, nn.Hardswish, nn.SELU,
+)
+_ADDS = {"add", "iadd", "add_"}
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op in ("call_method", "call_module"):
+        return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _has_shape(meta: Any) -> bool:
+    return hasattr(meta, "shape") or isinstance(meta, (tuple, list)) and any(_has_shape(m) for m in meta)
+
+
+def _is_tensor(node: Any) -> bool:
+    """True when the node produces a tensor or a tuple of tensors (split, chunk)."""
+    return isinstance(node, fx.Node) and _has_shape(node.meta.get("tensor_meta"))
+
+
+class _Groups:
+    """Union-find over colwise Linears, with rowwise Linears and an 'invalid' mark per group."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+        self.rowwise: dict[str, set[str]] = {}
+        self.invalid: set[str] = set()
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            x = self.parent[x]
+        return x
+
+    def union(self, members: set[str]) -> str:
+        roots = {self.find(m) for m in members}
+        root = min(roots)
+        for r in roots:
+            self.parent[r] = root
+            if r != root:
+                self.rowwise.setdefault(root, set()).update(self.rowwise.pop(r, set()))
+                if r in self.invalid:
+                    self.invalid.add(root)
+        return root
+
+    def poison(self, members: set[str]) -> None:
+        self.invalid.add(self.union(members))
+
+
+def _split_cuts_features(node: fx.Node, widths: dict[str, int], members: set[str]) -> bool:
+    """True when a split/slice acts on the last dim while that dim is still a whole projection's output width."""
+    src = node.args[0]
+    if not isinstance(src, fx.Node) or not hasattr(src.meta.get("tensor_meta"), "shape"):
+        return False
+    last = src.meta["tensor_meta"].shape[-1]
+    if last not in {widths[m] for m in members}:
+        return False
+    name = _op_name(node)
+    if name == "getitem":
+        index = node.args[1]
+        return isinstance(index, tuple) and any(isinstance(i, slice) and i != slice(None) for i in index[-1:])
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+    ndim = len(src.meta["tensor_meta"].shape)
+    return isinstance(dim, int) and dim % ndim == ndim - 1
+
+
+def _detect_groups(gm: fx.GraphModule) -> tuple[_Groups, dict[str, fx.Node], list[tuple[fx.Node, frozenset]]]:
+    modules = dict(gm.named_modules())
+    groups = _Groups()
+    widths: dict[str, int] = {}
+    linear_nodes: dict[str, fx.Node] = {}
+    attention_nodes: list[tuple[fx.Node, frozenset]] = []  # (attention op, colwise Linears feeding it)
+    # state per node: "const", "repl", or frozenset of colwise Linear names the value is sharded by
+    state: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        tensor_args = [a for a in node.all_input_nodes if _is_tensor(a)]
+        shard_sets = [state[a] for a in tensor_args if isinstance(state.get(a), frozenset)]
+        sharded = set().union(*shard_sets) if shard_sets else set()
+        replicated = any(state.get(a) == "repl" for a in tensor_args)
+        if node.op == "placeholder":
+            state[node] = "repl" if _is_tensor(node) else "const"
+            continue
+        if node.op == "get_attr" or not _is_tensor(node) and node.op != "output":
+            if sharded:
+                groups.union(sharded)
+            state[node] = "const"
+            continue
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(module, nn.Linear):
+            linear_nodes[node.target] = node
+            if sharded and not replicated:
+                groups.rowwise.setdefault(groups.union(sharded), set()).add(node.target)
+                state[node] = "repl"
+            else:
+                if sharded:
+                    groups.poison(sharded)
+                widths[node.target] = module.out_features
+                groups.find(node.target)
+                state[node] = frozenset({node.target})
+            continue
+        transparent = (
+            isinstance(module, _TRANSPARENT_MODULES) if module is not None
+            else node.op in ("call_function", "call_method") and _op_name(node) in _TRANSPARENT_CALLS
+        )
+        if sharded and transparent and _op_name(node) in _SPLITS and _split_cuts_features(node, widths, sharded):
+            transparent = False
+        if not sharded:
+            state[node] = "repl" if replicated else "const"
+        elif transparent and not replicated:
+            groups.union(sharded)
+            state[node] = frozenset(sharded)
+            if _op_name(node) in ("scaled_dot_product_attention", "matmul", "bmm") and len(shard_sets) >= 2:
+                attention_nodes.append((node, frozenset(sharded)))
+        else:
+            groups.poison(sharded)
+            state[node] = "repl"
+    _check_residual_adds(gm, groups, linear_nodes)
+    return groups, linear_nodes, attention_nodes
+
+
+def _check_residual_adds(gm: fx.GraphModule, groups: _Groups, linear_nodes: dict[str, fx.Node]) -> None:
+    """A rowwise output must reach an add (the residual) or the layer output through single-input ops only."""
+    for root, rows in list(groups.rowwise.items()):
+        for row in rows:
+            node, ok = linear_nodes[row], False
+            for _ in range(8):
+                users = list(node.users)
+                if any(u.op == "output" or _op_name(u) in _ADDS for u in users):
+                    ok = True
+                    break
+                if len(users) != 1 or len(users[0].all_input_nodes) != 1:
+                    break
+                node = users[0]
+            if not ok:
+                groups.invalid.add(groups.find(root))
+
+
+def _group_divisor(module: nn.Module, cols: list[str], attention: list[tuple[fx.Node, frozenset]]) -> int:
+    """Attention groups split by heads (KV heads under GQA); other groups by the colwise output width."""
+    widths = [module.get_submodule(c).out_features for c in cols]
+    for node, members in attention:
+        if members & set(cols):
+            head_dim = int(node.args[0].meta["tensor_meta"].shape[-1])
+            if all(w % head_dim == 0 for w in widths):
+                return math.gcd(*[w // head_dim for w in widths])
+    return math.gcd(*widths)
+
+
+def _trace(module: nn.Module, call: LayerCall) -> fx.GraphModule:
+    gm = fx.symbolic_trace(module)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = list(call.args)
+    for node in placeholders[len(args):]:
+        if node.target in call.kwargs:
+            args.append(call.kwargs[node.target])
+        elif node.args:
+            args.append(node.args[0])
+        else:
+            args.append(None)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*args)
+    return gm
+
+
+def _spec(
+    module: nn.Module, colwise: list[str], rowwise: list[str], divisor: int, row_out_bytes: list[float]
+) -> TensorParallelSpec:
+    sharded = 0
+    for name in colwise:
+        sharded += sum(p.numel() for p in module.get_submodule(name).parameters())
+    for name in rowwise:
+        sharded += module.get_submodule(name).weight.numel()
+    shards = [TPShard(module=n, style=ShardStyle.COLWISE) for n in colwise]
+    shards += [TPShard(module=n, style=ShardStyle.ROWWISE) for n in rowwise]
+    return TensorParallelSpec(
+        shards=shards,
+        divisor=max(divisor, 1),
+        sharded_param_count=sharded,
+        allreduces_per_forward=len(rowwise),
+        allreduce_bytes=sum(row_out_bytes) / max(len(row_out_bytes), 1),
+    )
+
+
+def detect_tensor_parallel(module: nn.Module, call: LayerCall, batch: int) -> TensorParallelSpec | None:
+    """The layer's TP spec (shard paths relative to the layer), or None when it cannot be split."""
+    plan = getattr(module, "autopar_tp_plan", _MISSING)
+    if plan is not _MISSING:
+        return _from_override(module, call, plan, batch)
+    try:
+        gm = _trace(module, call)
+    except Exception as exc:  # noqa: BLE001 - an untraceable layer simply gets no automatic TP
+        logger.info("no automatic tensor parallelism for %s: fx cannot trace it (%s)", type(module).__name__, exc)
+        return None
+    groups, linear_nodes, attention_nodes = _detect_groups(gm)
+    colwise, rowwise, divisors = [], [], []
+    for root, rows in groups.rowwise.items():
+        if groups.find(root) in groups.invalid or not rows:
+            continue
+        cols = [n for n in groups.parent if groups.find(n) == root and n not in rows]
+        divisors.append(_group_divisor(module, cols, attention_nodes))
+        colwise += cols
+        rowwise += sorted(rows)
+    if not rowwise:
+        return None
+    order = list(linear_nodes)
+    colwise.sort(key=order.index)
+    rowwise.sort(key=order.index)
+    row_bytes = [_bytes_of(linear_nodes[r].meta["tensor_meta"]) / batch for r in rowwise]
+    return _spec(module, colwise, rowwise, math.gcd(*divisors), row_bytes)
+
+
+def _bytes_of(meta: Any) -> float:
+    return float(math.prod(meta.shape) * torch.tensor([], dtype=meta.dtype).element_size())
+
+
+def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) -> TensorParallelSpec | None:
+    if plan is None:
+        return None
+    if not isinstance(plan, dict) or not plan:
+        raise ProfileError(f"{type(module).__name__}.autopar_tp_plan must be a dict {{path: 'colwise'|'rowwise'}} "
+                           "or None")
+    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    styles: dict[str, ShardStyle] = {}
+    for path, style in plan.items():
+        if path not in linears:
+            raise ProfileError(f"{type(module).__name__}.autopar_tp_plan names '{path}', which is not an nn.Linear "
+                               f"in the layer; its Linears are {', '.join(linears) or 'none'}")
+        try:
+            styles[path] = ShardStyle(style)
+        except ValueError:
+            raise ProfileError(f"autopar_tp_plan['{path}'] is '{style}'; use 'colwise' or 'rowwise'") from None
+    colwise = [p for p in linears if styles.get(p) == ShardStyle.COLWISE]
+    rowwise = [p for p in linears if styles.get(p) == ShardStyle.ROWWISE]
+    out_bytes: dict[str, float] = {}
+    handles = [
+        module.get_submodule(p).register_forward_hook(
+            lambda _m, _a, out, p=p: out_bytes.__setitem__(p, float(out.numel() * out.element_size()) / batch)
+        )
+        for p in rowwise
+    ]
+    try:
+        with torch.no_grad():
+            module(*call.args, **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    default = math.gcd(*[module.get_submodule(c).out_features for c in colwise]) if colwise else 1
+    divisor = int(getattr(module, "autopar_tp_divisor", default))
+    return _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in rowwise])

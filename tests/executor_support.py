@@ -1,0 +1,104 @@
+"""Shared pieces of the executor tests: hand-built plans for gpt-tiny and the single-process reference run."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from planner.cluster import load_cluster
+from planner.model_profile import ModelProfile
+from planner.strategy import (
+    MemoryBreakdown,
+    ParallelDims,
+    Plan,
+    Prediction,
+    Provenance,
+    StageSpec,
+    Strategy,
+    TimeBreakdown,
+)
+
+SEED = 0
+DATA_SEED = 100
+LR = 0.2
+STEPS = 3
+#: gpt-tiny's pipeline units: embed, blocks.0-3, head.
+NUM_LAYERS = 6
+
+
+@functools.cache
+def tiny_profile() -> ModelProfile:
+    """Analytic profile of gpt-tiny at one sample (what `autopar run` computes before launching)."""
+    import profiler
+
+    return profiler.profile_zoo("gpt-tiny", device="meta", cache=False)
+
+
+def stages(*bounds: int) -> list[StageSpec]:
+    """Stages from cut positions, e.g. stages(3) -> [0, 3), [3, 6)."""
+    edges = [0, *bounds, NUM_LAYERS]
+    return [StageSpec(start=a, stop=b) for a, b in zip(edges, edges[1:])]
+
+
+def strategy(dp: int = 1, tp: int = 1, pp: int = 1, *, cuts: tuple[int, ...] = (), **kw) -> Strategy:
+    """A strategy for gpt-tiny with the given degrees and cuts (one stage when no cut is given)."""
+    return Strategy(
+        dims=ParallelDims(dp=dp, tp=tp, pp=pp, world_size=dp * tp * pp),
+        stages=stages(*cuts), **{"micro_batch_size": 2, "num_micro_batches": 2, **kw},
+    )
+
+
+def make_plan(st: Strategy, profile: ModelProfile, *, cluster: str = "cpu", profile_hash: str | None = None) -> Plan:
+    """A plan around a hand-made strategy; its prediction is a placeholder (1 s, 1 MiB per pipeline rank)."""
+    spec = load_cluster(cluster, gpus_per_node=st.dims.world_size)
+    mem = MemoryBreakdown(parameters=2**20, gradients=0, optimizer_state=0, activations=0, comm_buffers=0,
+                          total=2**20, capacity=spec.device.memory_bytes)
+    pred = Prediction(
+        step_seconds=1.0, time=TimeBreakdown(compute=1.0, recompute=0, bubble=0, exposed_comm=0, optimizer=0),
+        samples_per_second=1.0, tokens_per_second=1.0, model_flops_per_gpu=0, hardware_flops_per_gpu=0, mfu=0,
+        memory=[mem] * st.dims.pp, fits=True,
+    )
+    prov = Provenance(model_name=profile.name, profile_hash=profile_hash or profile.profile_hash, cluster=spec,
+                      planner_version="test", search_seconds=0, solver_status="MANUAL", candidates_evaluated=1)
+    return Plan(kind=st.kind, strategy=st, prediction=pred, explanation="hand-made for a test", provenance=prov)
+
+
+def reference_losses(global_batch: int, steps: int = STEPS, *, build_seed: int | None = None) -> list[float]:
+    """The single-process run: whole gpt-tiny, whole global batch, plain SGD loop.
+
+    Initial weights come from the model's own per-parameter rule with the name-seeded generator the executor uses,
+    filled in directly here (no meta device, no slicing); with `build_seed`, from a plain build under that seed.
+    """
+    from executor.init import name_seed
+    from profiler.zoo import get_model
+
+    zoo = get_model("gpt-tiny")
+    if build_seed is not None:
+        torch.manual_seed(build_seed)
+    model = zoo.build("cpu")
+    if build_seed is None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                model.init_parameter(name, p, torch.Generator().manual_seed(name_seed(SEED, name)))
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    losses = []
+    for step in range(steps):
+        inputs, targets = zoo.synthetic_batch(global_batch, seed=DATA_SEED + step)
+        loss = zoo.loss(model(*inputs), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def crash_on_rank_1(step: int, global_batch: int):
+    """A data source (`--data executor_support:crash_on_rank_1`) whose rank 1 raises at step 1."""
+    import os
+
+    from profiler.zoo import get_model
+
+    if os.environ.get("RANK") == "1" and step == 1:
+        raise RuntimeError("injected failure on rank 1")
+    return get_model("gpt-tiny").synthetic_batch(global_batch, seed=step)

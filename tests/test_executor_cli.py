@@ -1,0 +1,143 @@
+"""`autopar run` end to end (refusals before launch, a crashing rank, checkpoint resume) and the launch helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import executor_support as sup  # noqa: E402
+
+from executor.errors import ExecutorError  # noqa: E402
+from executor.launch import LaunchError, check_launch, first_host, slurm_launch, torchrun_args  # noqa: E402
+from executor.pipeline import check_pipelinable  # noqa: E402
+from planner.model_profile import LayerEdge  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _autopar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "run", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+# --- refusals before launch -------------------------------------------------------------------------------------
+
+def test_launch_refuses_world_size_other_than_the_plans():
+    plan = sup.make_plan(sup.strategy(dp=2), sup.tiny_profile())
+    with pytest.raises(LaunchError, match="world size 2"):
+        check_launch(plan, sup.tiny_profile(), nnodes=1, nproc_per_node=4, cuda_devices=0)
+    check_launch(plan, sup.tiny_profile(), nnodes=2, nproc_per_node=1, cuda_devices=0)
+
+
+def test_launch_refuses_cuda_plan_on_node_without_gpus():
+    plan = sup.make_plan(sup.strategy(dp=2), sup.tiny_profile(), cluster="dgx-a100-80gb")
+    with pytest.raises(LaunchError, match="CUDA"):
+        check_launch(plan, sup.tiny_profile(), nnodes=1, nproc_per_node=2, cuda_devices=0)
+
+
+@pytest.mark.timeout(120)
+def test_run_refuses_plan_made_for_another_model_without_starting_ranks(tmp_path):
+    plan_path = tmp_path / "plan.json"
+    sup.make_plan(sup.strategy(dp=2), sup.tiny_profile(), profile_hash="0123456789abcdef").to_json(plan_path)
+    proc = _autopar(str(plan_path), "--model", "gpt-tiny", "--steps", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert "profile hash" in proc.stderr and "0123456789abcdef" in proc.stderr
+    assert "launching" not in proc.stdout
+
+
+# --- faults ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_crashing_rank_fails_the_job_within_60_s_with_its_error(tmp_path):
+    plan_path = tmp_path / "plan.json"
+    sup.make_plan(sup.strategy(pp=2, cuts=(3,), schedule="1f1b", num_micro_batches=4), sup.tiny_profile()
+                  ).to_json(plan_path)
+    start = time.monotonic()
+    proc = _autopar(str(plan_path), "--model", "gpt-tiny", "--steps", "5", "--data",
+                    "executor_support:crash_on_rank_1", timeout=90)
+    assert time.monotonic() - start < 60
+    assert proc.returncode == 1
+    assert "rank 1 failed" in proc.stderr and "injected failure on rank 1" in proc.stderr
+
+
+# --- checkpointing ---------------------------------------------------------------------------------------------
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_resumed_run_continues_the_same_losses(tmp_path):
+    plan_path, ckpt = tmp_path / "plan.json", tmp_path / "ckpt"
+    # FSDP (ZeRO-3): sharded model and AdamW state go through DCP; AdamW makes the optimizer state matter.
+    sup.make_plan(sup.strategy(dp=2, zero_stage=3), sup.tiny_profile()).to_json(plan_path)
+    common = [str(plan_path), "--model", "gpt-tiny", "--steps", "4", "--save-dir", str(ckpt), "--lr", "1e-3"]
+    first = _autopar(*common, "--save-every", "2", "--report", str(tmp_path / "a.json"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.rmtree(ckpt / "step_00000004")  # as if the job had died after step 3
+    second = _autopar(*common, "--resume", "--report", str(tmp_path / "b.json"))
+    assert second.returncode == 0, second.stderr[-3000:]
+    a = json.loads((tmp_path / "a.json").read_text())["steps"]
+    b = json.loads((tmp_path / "b.json").read_text())["steps"]
+    assert [s["step"] for s in b] == [2, 3]
+    assert len({s["loss"] for s in a}) == 4  # the curve moves, so matching it means something
+    for old, new in zip(a[2:], b):
+        assert abs(old["loss"] - new["loss"]) <= 1e-6, (a, b)
+
+
+# --- launch helpers --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("nodelist", "host"),
+    [("node07", "node07"), ("gpu[03-05,09],cpu1", "gpu03"), ("a1,a2", "a1"), ("rack[2]-n[001-004]", "rack2-n[001-004]")],
+)
+def test_first_host_of_slurm_nodelist(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_slurm_environment_gives_nodes_rank_and_master():
+    env = {"SLURM_NNODES": "4", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "dgx[010-013]"}
+    s = slurm_launch(env)
+    assert (s.nnodes, s.node_rank, s.master_host) == (4, 2, "dgx010")
+    assert slurm_launch({}) is None
+
+
+def test_multinode_launch_without_endpoint_is_refused():
+    with pytest.raises(LaunchError, match="rdzv-endpoint"):
+        torchrun_args(Path("s.json"), nnodes=2, nproc_per_node=8, node_rank=0, rdzv_endpoint=None, run_id="x")
+    args = torchrun_args(Path("s.json"), nnodes=2, nproc_per_node=8, node_rank=1, rdzv_endpoint="h0", run_id="x")
+    assert args[args.index("--rdzv-endpoint") + 1] == "h0:29500"
+    assert args[args.index("--node-rank") + 1] == "1"
+
+
+# --- pipeline cuts -----------------------------------------------------------------------------------------------
+
+def test_pp_refuses_tied_weights_split_across_stages():
+    import profiler
+    from profiler.zoo import get_model
+
+    opts = dict(num_layers=2, hidden=32, heads=2, vocab_size=64, seq_len=8, max_positions=8)
+    profile = profiler.profile_zoo("gpt2-small", device="meta", cache=False, **opts)
+    model = get_model("gpt2-small", **opts).build("meta")  # tied: head.lm_head.weight is embed.wte.weight
+    stages = [sup.StageSpec(start=0, stop=2), sup.StageSpec(start=2, stop=4)]
+    with pytest.raises(ExecutorError, match="shared tensor"):
+        check_pipelinable(model, profile, stages)
+    check_pipelinable(model, profile, [sup.StageSpec(start=0, stop=4)])
+
+
+def test_pp_refuses_cut_crossed_by_a_skip_connection():
+    from profiler.zoo import get_model
+
+    profile = sup.tiny_profile()
+    skip = profile.model_copy(update={"edges": [*profile.edges, LayerEdge(src="embed", dst="blocks.2", bytes=1.0)]})
+    model = get_model("gpt-tiny").build("meta")
+    with pytest.raises(ExecutorError, match="embed -> blocks.2"):
+        check_pipelinable(model, skip, sup.stages(2))
+    check_pipelinable(model, skip, sup.stages(4))  # a cut after the skip's end is fine

@@ -1,0 +1,164 @@
+"""Every layout gives the single-process loss: gpt-tiny, fp32, SGD, 3 steps, gloo on CPU, 2 and 4 real processes.
+
+To stay inside the time budget each world size is one torchrun launch that runs all its layouts one after another
+(this file is also the worker program); the tests then compare each layout's losses with a single-process run of
+the same global batch computed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import executor_support as sup  # noqa: E402
+
+TOL = 1e-5
+
+# name -> Strategy keyword arguments (see executor_support.strategy)
+TWO_RANK = {
+    "dp2_ddp": dict(dp=2),
+    "fsdp2_zero3_full_recompute": dict(dp=2, zero_stage=3, recompute="full"),
+    "pp2_gpipe": dict(pp=2, cuts=(3,), schedule="gpipe", num_micro_batches=4),
+    "pp2_1f1b": dict(pp=2, cuts=(2,), schedule="1f1b", num_micro_batches=4),
+    "pp2_interleaved_4_stages": dict(pp=2, cuts=(2, 3, 4), schedule="interleaved_1f1b", virtual_stages=2,
+                                     num_micro_batches=4, micro_batch_size=1),
+    "tp2_selective_recompute": dict(tp=2, recompute="selective"),
+}
+FOUR_RANK = {
+    "dp2xpp2_replicate": dict(dp=2, pp=2, cuts=(3,), schedule="1f1b", num_micro_batches=4, micro_batch_size=1),
+    "dp2xpp2_zero1": dict(dp=2, pp=2, cuts=(3,), schedule="gpipe", zero_stage=1),
+    "dp2xtp2_fsdp": dict(dp=2, tp=2, zero_stage=3),
+    "pp2xtp2": dict(pp=2, tp=2, cuts=(2,), schedule="1f1b", num_micro_batches=4),
+}
+#: The layout run through a hand-written loop on `apply_plan` (the API for users with their own loop), given a
+#: model with real weights (built under this seed) instead of a factory.
+OWN_LOOP = "pp2_1f1b"
+OWN_LOOP_BUILD_SEED = 7
+
+
+def _worker(cases_path: str, out_path: str) -> None:
+    """Run every case in the file on this rank; rank 0 writes {case: losses}."""
+    import torch
+    import torch.distributed as dist
+
+    from executor import ExecutorError, apply_plan, init_distributed, train
+    from executor.worker import teardown
+    from planner.model_profile import ModelProfile
+    from planner.strategy import Strategy
+    from profiler.zoo import get_model
+
+    payload = json.loads(Path(cases_path).read_text())
+    profile = ModelProfile.model_validate(payload["profile"])
+    zoo = get_model("gpt-tiny")
+    device = init_distributed("cpu")
+
+    def data(step: int, batch: int):
+        return zoo.synthetic_batch(batch, seed=sup.DATA_SEED + step)
+
+    results = {}
+    for name, raw in payload["cases"].items():
+        st = Strategy.model_validate(raw)
+        model = lambda: zoo.build("meta")  # noqa: E731
+        if name == OWN_LOOP:
+            torch.manual_seed(OWN_LOOP_BUILD_SEED)
+            model = zoo.build("cpu")
+        pm = apply_plan(st, model, profile, loss_fn=zoo.loss, device=device, seed=sup.SEED)
+        opts = [torch.optim.SGD(p.parameters(), lr=sup.LR) for p in pm.parts]
+        if name == OWN_LOOP:
+            losses = []
+            for step in range(sup.STEPS):
+                local = pm.forward_backward(*pm.local_batch(*data(step, st.global_batch_size)))
+                for opt in opts:
+                    opt.step()
+                    opt.zero_grad()
+                losses.append(pm.global_loss(local))
+        else:
+            losses = [r.loss for r in train(pm, opts, data, steps=sup.STEPS)]
+        results[name] = losses
+    if dist.get_world_size() == 2:
+        # A planned TP key that matches no module must fail loudly (parallelize_module would only warn).
+        block = profile.layers[1]
+        shards = [block.tp.shards[0].model_copy(update={"module": "attn.qkv"}), *block.tp.shards[1:]]
+        block = block.model_copy(update={"tp": block.tp.model_copy(update={"shards": shards})})
+        bad = profile.model_copy(update={"layers": [profile.layers[0], block, *profile.layers[2:]]})
+        try:
+            apply_plan(Strategy.model_validate(payload["tp_strategy"]), lambda: zoo.build("meta"), bad,
+                       loss_fn=zoo.loss, device=device)
+            results["bad_tp_key_error"] = ""
+        except ExecutorError as exc:
+            results["bad_tp_key_error"] = str(exc)
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results))
+    teardown()
+
+
+def _launch(nproc: int, cases: dict, tmp: Path) -> dict:
+    cases_path, out_path = tmp / f"cases{nproc}.json", tmp / f"out{nproc}.json"
+    profile = sup.tiny_profile()
+    payload = {
+        "profile": profile.model_dump(mode="json"),
+        "cases": {n: sup.strategy(**kw).model_dump(mode="json") for n, kw in cases.items()},
+        "tp_strategy": sup.strategy(tp=2).model_dump(mode="json"),
+    }
+    cases_path.write_text(json.dumps(payload))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+         "--max-restarts", "0", __file__, str(cases_path), str(out_path)],
+        capture_output=True, text=True, timeout=150, env=env, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads(out_path.read_text())
+
+
+@pytest.fixture(scope="module")
+def two_rank(tmp_path_factory) -> dict:
+    return _launch(2, TWO_RANK, tmp_path_factory.mktemp("exec2"))
+
+
+@pytest.fixture(scope="module")
+def four_rank(tmp_path_factory) -> dict:
+    return _launch(4, FOUR_RANK, tmp_path_factory.mktemp("exec4"))
+
+
+def _check(losses: list[float], kw: dict, build_seed: int | None = None) -> None:
+    st = sup.strategy(**kw)
+    ref = sup.reference_losses(st.global_batch_size, build_seed=build_seed)
+    assert len(losses) == sup.STEPS
+    assert max(abs(a - b) for a, b in zip(losses, ref)) <= TOL, (losses, ref)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("case", sorted(TWO_RANK))
+def test_two_rank_layout_loss_equals_single_process(two_rank, case):
+    _check(two_rank[case], TWO_RANK[case], OWN_LOOP_BUILD_SEED if case == OWN_LOOP else None)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("case", sorted(FOUR_RANK))
+def test_four_rank_layout_loss_equals_single_process(four_rank, case):
+    _check(four_rank[case], FOUR_RANK[case])
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_tp_plan_key_matching_no_module_is_an_error(two_rank):
+    assert "attn.qkv" in two_rank["bad_tp_key_error"]
+
+
+def test_training_changes_the_loss():
+    # Guards the comparisons above against a degenerate setup where every run returns the same constant.
+    ref = sup.reference_losses(4)
+    assert len(set(ref)) == sup.STEPS
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])

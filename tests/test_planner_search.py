@@ -1,0 +1,222 @@
+"""The search against brute force, hand-computed cases, and the rules a plan must obey (no torch needed)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import subprocess
+import sys
+
+import pytest
+
+from planner import PlanError, evaluate, plan
+from planner.candidate import CandidateCosts
+from planner.cluster import ClusterSpec, load_cluster
+from planner.cost import place_group
+from planner.enumerate import SearchSpace, enumerate_configs
+from planner.evaluate import prepare
+from planner.gpt_formula import gpt_profile
+from planner.model_profile import (
+    DType,
+    InputSpec,
+    LayerProfile,
+    ModelProfile,
+    ProfileMode,
+    TensorParallelSpec,
+)
+from planner.search import search
+from planner.strategy import ParallelDims, PlanKind, Recompute, Schedule, StageSpec, Strategy, ZeroStage
+
+
+def _layer(i: int, rng: random.Random, divisor: int) -> LayerProfile:
+    params = rng.randint(1, 50) * 10**5
+    flops = rng.uniform(1, 10) * 1e9
+    saved = rng.uniform(1, 10) * 1e6
+    out = rng.choice([1e6, 2e6, 4e6])
+    return LayerProfile(
+        index=i, name=f"l{i}", module_type="L", param_count=params, param_bytes=4 * params,
+        fwd_flops=flops, bwd_flops=2 * flops, fwd_bytes=saved * 2, bwd_bytes=saved * 4,
+        saved_activation_bytes=saved, input_bytes=1e6, output_bytes=out,
+        selective_saved_bytes=saved * rng.uniform(0, 0.5), selective_fwd_flops=flops * 0.1,
+        tp=(TensorParallelSpec(shards=[], divisor=divisor, sharded_param_count=params * 9 // 10,
+                               allreduces_per_forward=rng.choice([1, 2]), allreduce_bytes=out)
+            if rng.random() < 0.8 else None),
+    )
+
+
+def _random_instance(seed: int) -> tuple[ModelProfile, ClusterSpec, int]:
+    rng = random.Random(seed)
+    n_layers = rng.randint(2, 9)
+    divisor = rng.choice([4, 8, 12])
+    layers = [_layer(i, rng, divisor) for i in range(n_layers)]
+    profile = ModelProfile(
+        name=f"rand{seed}", structure_hash=f"h{seed}", input=InputSpec(batch_size=1, seq_len=16), dtype=DType.FP32,
+        device="meta", mode=ProfileMode.ANALYTIC, layers=layers, edges=[],
+        cut_points=sorted(rng.sample(range(1, n_layers), k=max(0, n_layers - 1 - rng.randint(0, 1)))),
+        profile_seconds=0.0)
+    gpn = rng.choice([1, 2, 4])
+    nodes = rng.choice([1, 2, 4]) if gpn < 4 else rng.choice([1, 2])
+    static = profile.param_count * 16
+    cluster = ClusterSpec.model_validate(dict(
+        name="rand", nodes=nodes, gpus_per_node=gpn,
+        device=dict(name="d", memory_bytes=int(static * rng.uniform(0.1, 1.2)) + 10**8,
+                    peak_flops={"float32": 1e12}, memory_bandwidth=rng.choice([1e10, 1e11])),
+        intra_node=dict(bandwidth=rng.choice([1e9, 1e10]), latency=1e-5),
+        inter_node=dict(bandwidth=rng.choice([1e8, 1e9]), latency=1e-4),
+        overlap_dp_comm=rng.random() < 0.5, memory_margin=0.05))
+    return profile, cluster, rng.choice([4, 8, 16])
+
+
+def _brute_force(profile: ModelProfile, cluster: ClusterSpec, batch: int, space: SearchSpace) -> float:
+    """Min step time over every configuration (GPipe included) and every contiguous partition at legal cuts."""
+    view = prepare(profile, cluster)
+    full = SearchSpace(**{**space.__dict__, "schedules": (*space.schedules, Schedule.GPIPE)})
+    best = float("inf")
+    for cfg in enumerate_configs(view, cluster, batch, full):
+        costs = CandidateCosts(profile, cluster, cfg, view.cut_bytes)
+        for inner in itertools.combinations(view.cuts, cfg.num_stages - 1):
+            pc = costs.evaluate_bounds([0, *inner, profile.num_layers])
+            if pc.fits:
+                best = min(best, pc.step)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_search_finds_the_brute_force_optimum_on_small_random_instances(seed):
+    profile, cluster, batch = _random_instance(seed)
+    rng = random.Random(1000 + seed)
+    space = SearchSpace(zero_stages=tuple(sorted(rng.sample([0, 1, 2, 3], 2))),
+                        recompute=tuple(rng.sample(list(Recompute), rng.randint(1, 2))), virtual_stages=(2,))
+    expected = _brute_force(profile, cluster, batch, space)
+    view = prepare(profile, cluster)
+    if expected == float("inf"):
+        with pytest.raises(PlanError):
+            search(view, cluster, global_batch_size=batch, space=space, relative_gap=0.0, solve_limit_s=30,
+                   time_limit_s=120, max_solves=10**6)
+        return
+    result = search(view, cluster, global_batch_size=batch, space=space, relative_gap=0.0, solve_limit_s=30,
+                    time_limit_s=120, max_solves=10**6)
+    assert result.best.prediction.step_seconds == pytest.approx(expected, rel=1e-6)
+    # the plan's own prediction is exactly what evaluate() says about its strategy
+    again = evaluate(profile, cluster, result.best.strategy)
+    assert again.step_seconds == pytest.approx(result.best.prediction.step_seconds, rel=1e-12)
+    for s in [result.best, *result.ranked]:
+        assert all(m.total <= m.capacity for m in s.prediction.memory)
+
+
+def test_pure_data_parallel_step_is_compute_plus_all_reduce_by_hand():
+    F, P, M, W = 1e9, 1e12, 1e11, 1e6  # flops per sample per layer, peak, memory bandwidth, params per layer
+    layers = [LayerProfile(index=i, name=f"l{i}", module_type="L", param_count=W, param_bytes=4 * W,
+                           fwd_flops=F, bwd_flops=2 * F, fwd_bytes=0, bwd_bytes=0, saved_activation_bytes=1e6,
+                           input_bytes=1e6, output_bytes=1e6) for i in range(2)]
+    profile = ModelProfile(name="two", structure_hash="x", input=InputSpec(batch_size=1), dtype=DType.FP32,
+                           device="meta", mode=ProfileMode.ANALYTIC, layers=layers, edges=[], cut_points=[1],
+                           profile_seconds=0.0)
+    cluster = ClusterSpec.model_validate(dict(
+        name="hand", nodes=1, gpus_per_node=4,
+        device=dict(name="d", memory_bytes=10**10, peak_flops={"float32": P}, memory_bandwidth=M),
+        intra_node=dict(bandwidth=1e10, latency=2e-5), inter_node=dict(bandwidth=1e9, latency=1e-4),
+        compute_efficiency=1.0, memory_efficiency=1.0, comm_efficiency=1.0, overlap_dp_comm=False))
+    b = 8
+    strategy = Strategy(dims=ParallelDims(dp=4, tp=1, pp=1, world_size=4), micro_batch_size=b,
+                        num_micro_batches=1, stages=[StageSpec(start=0, stop=2)])
+    pred = evaluate(profile, cluster, strategy)
+    # per layer: forward b*F/P plus one weight read, backward 2*b*F/P plus weight read and gradient write
+    compute = 2 * (b * F / P + 4 * W / M + 2 * b * F / P + 2 * 4 * W / M)
+    S = 2 * 4 * W  # fp32 gradient bytes of both layers
+    all_reduce = 2 * 3 * 2e-5 + 2 * 3 / 4 * S / 1e10  # ring on 4 devices inside the node
+    # AdamW in fp32 reads parameter, gradient and two moments (4 + 4 + 8 bytes), writes parameter and moments (4 + 8)
+    optimizer = 2 * W * ((4 + 4 + 8) + (4 + 8)) / M
+    assert pred.step_seconds == pytest.approx(compute + all_reduce + optimizer, rel=1e-12)
+    assert pred.time.exposed_comm == pytest.approx(all_reduce, rel=1e-12)
+
+
+def test_small_model_with_large_batch_on_one_node_is_data_parallel():
+    p = gpt_profile(num_layers=12, hidden=768, heads=12, seq_len=1024, vocab_size=50257)
+    result = plan(p, load_cluster("dgx-a100-80gb"), global_batch_size=512, top_k=3)
+    assert result.kind == PlanKind.DATA
+    assert result.strategy.dims.dp == 8
+    assert "does not fit" not in result.explanation
+
+
+def test_model_that_cannot_fit_one_device_gets_model_or_hybrid_parallelism():
+    # 18B parameters: 295 GB of replicated training state (ZeRO-3 sharding would be 'data' by definition).
+    p = gpt_profile(num_layers=40, hidden=6144, heads=48, seq_len=2048, vocab_size=51200)
+    assert p.param_count * 16 > 80 * 2**30
+    result = plan(p, load_cluster("dgx-a100-80gb", nodes=2), global_batch_size=64, zero_stages=(0,), top_k=3)
+    assert result.kind in (PlanKind.MODEL, PlanKind.HYBRID)
+    assert all(m.total <= m.capacity for m in result.prediction.memory)
+
+
+def test_tp_never_spans_nodes_on_a_slow_network():
+    p = gpt_profile(num_layers=24, hidden=4096, heads=32, seq_len=2048, vocab_size=51200)
+    slow = load_cluster("dgx-a100-80gb").with_overrides(
+        nodes=4, gpus_per_node=2, inter_node={"bandwidth": 1e9, "latency": 1e-4})
+    result = plan(p, slow, global_batch_size=64, top_k=5)
+    for s in [result.strategy, *(a.strategy for a in result.alternatives)]:
+        assert not place_group(s.dims.tp, 1, slow.gpus_per_node).spans_nodes
+
+
+def test_no_returned_plan_predicts_more_memory_than_the_device_has():
+    p = gpt_profile(num_layers=24, hidden=2048, heads=16, seq_len=2048, vocab_size=51200)
+    cluster = load_cluster("dgx-a100-40gb", nodes=2)
+    result = plan(p, cluster, global_batch_size=256, top_k=8)
+    cap = cluster.device.memory_bytes
+    assert result.prediction.peak_memory <= cap * (1 - cluster.memory_margin)
+    for alt in result.alternatives:
+        assert alt.prediction.fits == (alt.prediction.peak_memory <= cap * (1 - cluster.memory_margin) + 1)
+        assert alt.prediction.fits or alt.reason.startswith("does not fit")
+
+
+def test_plan_is_deterministic_and_round_trips_through_json():
+    p = gpt_profile(num_layers=8, hidden=1024, heads=16, seq_len=1024, vocab_size=50257)
+    a = plan(p, load_cluster("dgx-a100-40gb", nodes=2), global_batch_size=32, top_k=3)
+    b = plan(p, load_cluster("dgx-a100-40gb", nodes=2), global_batch_size=32, top_k=3)
+    assert a.strategy == b.strategy
+    assert type(a).from_json(a.to_json()).strategy == a.strategy
+    assert a.provenance.profile_hash == p.profile_hash
+
+
+def test_no_fit_error_says_how_much_is_missing_and_what_would_help():
+    p = gpt_profile(num_layers=40, hidden=6144, heads=48, seq_len=2048, vocab_size=51200)
+    one = load_cluster("dgx-a100-40gb").with_overrides(gpus_per_node=1)
+    with pytest.raises(PlanError, match=r"GB over; try about \d+ nodes"):
+        plan(p, one, global_batch_size=8)
+
+
+def test_batch_not_divisible_by_any_dp_degree_suggests_workable_sizes():
+    layer = LayerProfile(index=0, name="only", module_type="L", param_count=10, param_bytes=40, fwd_flops=1.0,
+                         bwd_flops=2.0, fwd_bytes=0, bwd_bytes=0, saved_activation_bytes=1, input_bytes=1,
+                         output_bytes=1)
+    p = ModelProfile(name="one", structure_hash="o", input=InputSpec(batch_size=1), dtype=DType.FP32, device="meta",
+                     mode=ProfileMode.ANALYTIC, layers=[layer], edges=[], cut_points=[], profile_seconds=0.0)
+    with pytest.raises(PlanError, match=r"global batch 12 is not divisible.*dp in \[8\].*8 or 16"):
+        plan(p, load_cluster("dgx-a100-80gb"), global_batch_size=12)
+
+
+def test_precision_mismatch_is_refused():
+    p = gpt_profile(num_layers=2, hidden=64, heads=4, seq_len=32, vocab_size=512, dtype="float16")
+    with pytest.raises(PlanError, match="precision mismatch.*float16"):
+        plan(p, load_cluster("cpu"), global_batch_size=8)
+
+
+def test_memory_objective_never_picks_more_memory_than_the_throughput_plan():
+    p = gpt_profile(num_layers=12, hidden=1024, heads=16, seq_len=1024, vocab_size=50257)
+    cluster = load_cluster("dgx-a100-40gb")
+    fast = plan(p, cluster, global_batch_size=64, top_k=1)
+    small = plan(p, cluster, global_batch_size=64, top_k=1, objective="memory")
+    assert small.prediction.peak_memory <= fast.prediction.peak_memory
+    assert fast.prediction.step_seconds <= small.prediction.step_seconds * (1 + 1e-9)
+
+
+def test_importing_the_planner_does_not_import_torch():
+    code = "import sys, planner; planner.plan; planner.evaluate; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_evaluate_rejects_a_strategy_for_another_cluster_size():
+    p = gpt_profile(num_layers=2, hidden=64, heads=4, seq_len=32, vocab_size=512)
+    s = Strategy(dims=ParallelDims(dp=2, tp=1, pp=1, world_size=2), zero_stage=ZeroStage.NONE, micro_batch_size=1,
+                 num_micro_batches=1, stages=[StageSpec(start=0, stop=4)])
+    with pytest.raises(PlanError, match="uses 2 devices"):
+        evaluate(p, load_cluster("dgx-a100-80gb"), s)
