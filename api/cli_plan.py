@@ -3,12 +3,14 @@
     autopar plan gpt2-medium --cluster dgx-a100-80gb --nodes 2 --global-batch 512 --out plan.json
     autopar plan my.profile.json --cluster cluster.yaml --global-batch 64 --top-k 3 --chart plan.png
     autopar show plan.json --chart plan.png
+    autopar plan gpt2-medium --cluster dgx-a100-80gb --global-batch 512 --server http://127.0.0.1:8000
 
 MODEL is a zoo name (profiled on the meta device on the spot) or a profile JSON written by `autopar profile`.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -41,6 +43,30 @@ def _make_plan(model: str, cluster_name: str, *, nodes: int | None, gpus_per_nod
         model_arg = profiler.profile_zoo(model, device="meta", dtype=dtype or "float16", **options)
     return plan(model_arg, cluster, global_batch_size=global_batch, top_k=top_k, time_limit_s=time_limit,
                 objective=objective)
+
+
+def _plan_on_server(server: str, api_key: str | None, model: str, cluster_name: str, *, nodes: int | None,
+                    gpus_per_node: int | None, global_batch: int, seq_len: int | None, dtype: str | None,
+                    profile_path: Path | None, top_k: int, time_limit: float, objective: str) -> Plan:
+    """The same request as `_make_plan`, answered by an `autopar serve` instance (stored and cached there)."""
+    from api.client import Client
+    from planner.cluster import PRESETS
+    from planner.model_profile import ModelProfile
+
+    # Files are read here: the server only accepts zoo names, preset names and JSON data, never paths.
+    cluster_arg: object = cluster_name if cluster_name in PRESETS else load_cluster(cluster_name)
+    options = {"seq_len": seq_len, "max_positions": seq_len} if seq_len else {}
+    if profile_path is not None or Path(model).suffix == ".json" or Path(model).exists():
+        model_arg: object = ModelProfile.from_json(profile_path or model)
+        options = {}
+    else:
+        model_arg = model
+    with Client(server, api_key=api_key) as client:
+        answer = client.plan(model_arg, cluster_arg, global_batch_size=global_batch, nodes=nodes,
+                             gpus_per_node=gpus_per_node, objective=objective, top_k=top_k,
+                             time_limit_s=time_limit, dtype=dtype or "float16", **options)
+    console.print(f"[dim]plan {answer.id} from {server}{' (cached)' if answer.cached else ''}[/]")
+    return answer.plan
 
 
 def print_plan(plan: Plan) -> None:
@@ -99,11 +125,14 @@ def register(app: typer.Typer) -> None:
         objective: str = typer.Option("throughput", "--objective", help="throughput or memory."),
         out: Path | None = typer.Option(None, "--out", help="Write the plan JSON here."),
         chart: Path | None = typer.Option(None, "--chart", help="Draw the timeline and memory bars (PNG)."),
+        server: str | None = typer.Option(None, "--server", help="Ask an `autopar serve` URL instead of planning here."),
+        api_key: str | None = typer.Option(None, "--api-key", envvar="AUTOPAR_API_KEY", help="Key for --server."),
     ) -> None:
         """Find the fastest data / tensor / pipeline parallel strategy that fits."""
-        result = _make_plan(model, cluster, nodes=nodes, gpus_per_node=gpus_per_node, global_batch=global_batch,
-                            seq_len=seq_len, dtype=dtype, profile_path=profile, top_k=top_k,
-                            time_limit=time_limit, objective=objective)
+        make = _make_plan if server is None else partial(_plan_on_server, server, api_key)
+        result = make(model, cluster, nodes=nodes, gpus_per_node=gpus_per_node, global_batch=global_batch,
+                      seq_len=seq_len, dtype=dtype, profile_path=profile, top_k=top_k,
+                      time_limit=time_limit, objective=objective)
         print_plan(result)
         if out is not None:
             result.to_json(out)

@@ -53,7 +53,6 @@ def render_profile(profile: ModelProfile) -> Table:
         + f"; TP /d: tensor-parallel degree must divide d; pipeline cuts allowed before {len(profile.cut_points)} "
         "of the layers",
     )
-    table.add_column("#", justify="right", min_width=len(str(profile.num_layers)))
     table.add_column("layer", no_wrap=True)
     for col in ("params", "fwd FLOPs"):
         table.add_column(col, justify="right", no_wrap=True)
@@ -62,13 +61,13 @@ def render_profile(profile: ModelProfile) -> Table:
     for col in ("saved act.", "output", "TP"):
         table.add_column(col, justify="right", no_wrap=True)
     for layer in profile.layers:
-        row = [str(layer.index), layer.name or "(model)", _si(layer.param_count), _si(layer.fwd_flops * b)]
+        row = [layer.name or "(model)", _si(layer.param_count), _si(layer.fwd_flops * b)]
         if measured:
             row.append(_ms((layer.fwd_seconds + layer.bwd_seconds) * b))
         row += [_bytes(layer.saved_activation_bytes * b), _bytes(layer.output_bytes * b),
                 f"/{layer.tp.divisor}" if layer.tp else "-"]
         table.add_row(*row)
-    total = ["", "total", _si(profile.param_count), _si(profile.fwd_flops * b)]
+    total = ["total", _si(profile.param_count), _si(profile.fwd_flops * b)]
     if measured:
         total.append(_ms(sum(l.fwd_seconds + l.bwd_seconds for l in profile.layers) * b))
     total += [_bytes(profile.saved_activation_bytes * b), "", ""]

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -71,40 +71,42 @@ def _print_report(report) -> None:
     table.add_row("step time (ms)", f"{meas * 1e3:.1f}" if meas else "-", f"{pred * 1e3:.1f}" if pred else "-", ratio)
     if report.steps:
         table.add_row("final loss", f"{report.steps[-1].loss:.5f}", "-", "-")
-    kind = "peak RSS" if report.memory_kind == "cpu_peak_rss" else "peak allocated"
+    # On CPU the peak RSS includes the interpreter and torch: show the growth since before the model was built.
+    cpu = report.memory_kind == "cpu_peak_rss"
+    kind = "peak RSS - start" if cpu else "peak allocated"
     for m in report.memory:
-        r = f"{m.peak_bytes / m.predicted_bytes:.2f}x" if m.predicted_bytes else "-"
-        table.add_row(f"rank {m.rank} (pp {m.pp_rank}) {kind} MiB", _mib(m.peak_bytes), _mib(m.predicted_bytes), r)
+        used = m.peak_bytes - m.start_bytes if cpu else m.peak_bytes
+        r = f"{used / m.predicted_bytes:.2f}x" if m.predicted_bytes else "-"
+        table.add_row(f"rank {m.rank} (pp {m.pp_rank}) {kind} MiB", _mib(used), _mib(m.predicted_bytes), r)
     console.print(table)
 
 
 def run_command(
-    plan_path: Annotated[Optional[Path], typer.Argument(help="Plan JSON from `autopar plan`.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Zoo name or package.module:attr of the model to train.")] = None,
+    plan_path: Annotated[Path | None, typer.Argument(help="Plan JSON from `autopar plan`.")] = None,
+    model: Annotated[str | None, typer.Option(help="Zoo name or package.module:attr of the model to train.")] = None,
     option: Annotated[list[str], typer.Option(help="Model size option key=value (repeatable).")] = [],  # noqa: B006
     steps: Annotated[int, typer.Option(min=1, help="Train until this many steps are done.")] = 10,
     data: Annotated[str, typer.Option(help="'synthetic' or package.module:fn(step, global_batch).")] = "synthetic",
-    nproc_per_node: Annotated[Optional[int], typer.Option(help="Processes on this node (default: plan / nnodes).")] = None,
-    nnodes: Annotated[Optional[int], typer.Option(help="Nodes (default: SLURM_NNODES or 1).")] = None,
-    node_rank: Annotated[Optional[int], typer.Option(help="This node's rank (default: SLURM_NODEID).")] = None,
-    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT of node 0 for multi-node runs.")] = None,
-    save_dir: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (torch.distributed.checkpoint).")] = None,
+    nproc_per_node: Annotated[int | None, typer.Option(help="Processes on this node (default: plan / nnodes).")] = None,
+    nnodes: Annotated[int | None, typer.Option(help="Nodes (default: SLURM_NNODES or 1).")] = None,
+    node_rank: Annotated[int | None, typer.Option(help="This node's rank (default: SLURM_NODEID).")] = None,
+    rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of node 0 for multi-node runs.")] = None,
+    save_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (torch.distributed.checkpoint).")] = None,
     save_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: only at the end).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --save-dir.")] = False,
-    report: Annotated[Optional[Path], typer.Option(help="Also write the run report as JSON here.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Also write the run report as JSON here.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initial weights and synthetic data.")] = 0,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-4,
     dtype: Annotated[str, typer.Option(help="float32, or bfloat16/float16 autocast (must match the plan).")] = "float32",
-    plan_first: Annotated[Optional[str], typer.Option(help="Plan this model first (zoo name), then run it.")] = None,
+    plan_first: Annotated[str | None, typer.Option(help="Plan this model first (zoo name), then run it.")] = None,
     cluster: Annotated[str, typer.Option(help="Cluster preset or file for --plan-first.")] = "cpu",
-    nodes: Annotated[Optional[int], typer.Option(help="Cluster nodes for --plan-first.")] = None,
-    gpus_per_node: Annotated[Optional[int], typer.Option(help="Devices per node for --plan-first.")] = None,
-    global_batch: Annotated[Optional[int], typer.Option(help="Global batch size for --plan-first.")] = None,
+    nodes: Annotated[int | None, typer.Option(help="Cluster nodes for --plan-first.")] = None,
+    gpus_per_node: Annotated[int | None, typer.Option(help="Devices per node for --plan-first.")] = None,
+    global_batch: Annotated[int | None, typer.Option(help="Global batch size for --plan-first.")] = None,
 ) -> None:
     """Run a plan: torchrun workers on this node, progress from rank 0, then measured vs predicted."""
     import torch
-
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     from executor.launch import RankFailed, RunSpec, check_launch, launch, read_report, slurm_launch

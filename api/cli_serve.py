@@ -46,7 +46,7 @@ def serve(
         uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
         return
     # Worker processes build their own app from the environment, so hand them the validated settings that way.
-    for name, value in settings.model_dump(mode="json").items():
+    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
         os.environ[ENV_PREFIX + name.upper()] = json.dumps(value) if isinstance(value, list) else str(value)
     uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
 

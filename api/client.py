@@ -83,7 +83,7 @@ class Client:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout_s)
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Client:  # noqa: PYI034  (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *_: object) -> None:

@@ -36,4 +36,4 @@ def require_api_key(
     # compare_digest on every key: the time taken does not reveal how much of a key matched.
     if given is None or not any(hmac.compare_digest(given.encode(), k.encode()) for k in keys):
         raise ApiError(401, "unauthorized", "missing or wrong API key; send it as 'X-API-Key: <key>' or "
-                       "'Authorization: Bearer <key>'", "X-API-Key")
+                       "'Authorization: Bearer <key>'", "X-API-Key", headers={"WWW-Authenticate": "Bearer"})

@@ -24,12 +24,14 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error the service answers with a given status, code, message and field."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.field = field
+        self.headers = headers
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -85,7 +87,7 @@ async def _on_validation(_: Request, exc: RequestValidationError) -> JSONRespons
 
 
 async def _on_api_error(_: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.field)
+    return error_response(exc.status, exc.code, exc.message, exc.field, headers=exc.headers)
 
 
 async def _on_autopar_error(_: Request, exc: AutoparError) -> JSONResponse:

@@ -34,6 +34,7 @@ class BodyLimitMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        """ASGI entry point."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

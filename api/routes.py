@@ -34,9 +34,9 @@ PlanId = Annotated[str, Path(min_length=1, max_length=100, description="Plan id.
 ProfileId = Annotated[str, Path(min_length=1, max_length=100, description="Profile id.")]
 
 
-@health.get("/healthz", response_model=Health)
-def healthz() -> Health:
-    """Liveness: the process answers (even while searches run)."""
+@health.get("/healthz", response_model=Health, response_model_exclude_none=True)
+async def healthz() -> Health:
+    """Liveness: the process answers (even while searches run; async so it needs no worker thread)."""
     return Health(status="ok", version=planner.__version__)
 
 
@@ -70,11 +70,7 @@ def list_plans(
     offset: Annotated[int, Query(ge=0, le=2**62, description="Plans to skip (newest first).")] = 0,
 ) -> PlanPage:
     """Stored plans, newest first."""
-    limit = limit or ctx.settings.page_size
-    rows, total = ctx.storage.list_plans(limit=limit, offset=offset)
-    following = offset + len(rows)
-    return PlanPage(items=[service.plan_summary(r) for r in rows], total=total, limit=limit, offset=offset,
-                    next_offset=following if following < total else None)
+    return service.list_plans(ctx, limit=limit, offset=offset)
 
 
 @v1.get("/plans/{plan_id}", response_model=PlanResponse, responses=error_responses(404))
@@ -86,8 +82,7 @@ def get_plan(plan_id: PlanId, ctx: Context) -> PlanResponse:
 @v1.delete("/plans/{plan_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404))
 def delete_plan(plan_id: PlanId, ctx: Context) -> Response:
     """Forget a stored plan (the next equal request searches again)."""
-    if not ctx.storage.delete_plan(plan_id):
-        service.get_plan(plan_id, ctx.storage)  # raises the 404
+    service.delete_plan(plan_id, ctx.storage)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 

@@ -81,7 +81,7 @@ class ProfileModelRef(_Body):
     """A full `ModelProfile` (e.g. the output of `autopar profile`) sent inline."""
 
     kind: Literal["profile"] = Field(description="Union tag.")
-    profile: ModelProfile
+    profile: ModelProfile = Field(description="The profile JSON `autopar profile --out` writes.")
 
 
 class StoredProfileRef(_Body):
@@ -112,7 +112,7 @@ class SpecClusterRef(_Body):
     """A full cluster description."""
 
     kind: Literal["spec"] = Field(description="Union tag.")
-    spec: ClusterSpec
+    spec: ClusterSpec = Field(description="A cluster description, as in a cluster YAML/JSON file.")
 
 
 ClusterRef = Annotated[PresetClusterRef | SpecClusterRef, Field(discriminator="kind")]
@@ -136,10 +136,10 @@ class PlanOptions(_Body):
 class PlanRequest(_Body):
     """Ask for the best plan for a model on a cluster."""
 
-    model: ModelRef
-    cluster: ClusterRef
+    model: ModelRef = Field(description="Zoo model, inline profile, or stored profile id (tag: kind).")
+    cluster: ClusterRef = Field(description="Preset (+ nodes) or full cluster spec (tag: kind).")
     global_batch_size: int = Field(ge=1, le=MAX_GLOBAL_BATCH, description="Samples per optimizer step.")
-    options: PlanOptions = Field(default_factory=PlanOptions)
+    options: PlanOptions = Field(default_factory=PlanOptions, description="Search options.")
 
 
 class PlanResponse(BaseModel):
@@ -149,17 +149,17 @@ class PlanResponse(BaseModel):
     created_at: datetime = Field(description="When the plan was first computed (UTC).")
     cached: bool = Field(description="True when the answer came from the store without a new search.")
     request_key: str = Field(description="Content hash of the normalised request; equal requests share it.")
-    plan: Plan
+    plan: Plan = Field(description="The plan, as `autopar plan --out` writes it.")
 
 
 class PlanSummary(BaseModel):
     """One line of the plan list."""
 
-    id: str
-    created_at: datetime
-    model_name: str
-    cluster_name: str
-    world_size: int
+    id: str = Field(description="Plan id.")
+    created_at: datetime = Field(description="When the plan was computed (UTC).")
+    model_name: str = Field(description="Zoo name or profile name.")
+    cluster_name: str = Field(description="Cluster preset or spec name.")
+    world_size: int = Field(description="Devices in the cluster.")
     strategy: str = Field(description="One-line strategy, e.g. 'dp=4 tp=2 pp=1 ...'.")
     step_seconds: float = Field(description="Predicted seconds per training step.")
 
@@ -167,58 +167,58 @@ class PlanSummary(BaseModel):
 class PlanPage(BaseModel):
     """A page of plans, newest first."""
 
-    items: list[PlanSummary]
+    items: list[PlanSummary] = Field(description="This page, newest first.")
     total: int = Field(description="Plans stored in all.")
-    limit: int
-    offset: int
+    limit: int = Field(description="Page size used.")
+    offset: int = Field(description="Plans skipped before this page.")
     next_offset: int | None = Field(description="Offset of the next page, or null on the last one.")
 
 
 class EvaluateRequest(_Body):
     """Score a strategy the caller chose (what-if), without searching or storing."""
 
-    model: ModelRef
-    cluster: ClusterRef
-    strategy: Strategy
+    model: ModelRef = Field(description="Zoo model, inline profile, or stored profile id (tag: kind).")
+    cluster: ClusterRef = Field(description="Preset (+ nodes) or full cluster spec (tag: kind).")
+    strategy: Strategy = Field(description="The strategy to score; its world size must match the cluster.")
 
 
 class EvaluateResponse(BaseModel):
     """The cost model's prediction for the given strategy."""
 
-    strategy: Strategy
-    prediction: Prediction
+    strategy: Strategy = Field(description="The strategy scored.")
+    prediction: Prediction = Field(description="Step time, throughput and per-rank memory.")
 
 
 class ProfileCreated(BaseModel):
     """Where an uploaded profile is stored."""
 
     id: str = Field(description="Content id: uploading the same profile again answers the same id.")
-    name: str
-    num_layers: int
-    param_count: int
+    name: str = Field(description="The profile's model name.")
+    num_layers: int = Field(description="Layers in the profile.")
+    param_count: int = Field(description="Parameters in the profile.")
     created: bool = Field(description="False when this profile was already stored.")
 
 
 class StoredProfile(BaseModel):
     """A stored profile."""
 
-    id: str
-    created_at: datetime
-    profile: ModelProfile
+    id: str = Field(description="Content id.")
+    created_at: datetime = Field(description="When it was first stored (UTC).")
+    profile: ModelProfile = Field(description="The stored profile.")
 
 
 class ClusterList(BaseModel):
     """The built-in cluster presets."""
 
-    presets: list[ClusterSpec]
+    presets: list[ClusterSpec] = Field(description="Every preset, at its default size.")
 
 
 class Health(BaseModel):
     """Liveness / readiness answer."""
 
-    status: str
-    version: str
-    schema_version: int | None = None
+    status: str = Field(description="'ok', 'ready', or what is wrong.")
+    version: str = Field(description="autopar version.")
+    schema_version: int | None = Field(default=None, description="Database schema version (readiness only).")
 
 
 class ErrorDetail(BaseModel):
@@ -232,4 +232,4 @@ class ErrorDetail(BaseModel):
 class ErrorResponse(BaseModel):
     """Every 4xx/5xx answer has this shape."""
 
-    error: ErrorDetail
+    error: ErrorDetail = Field(description="The error.")

@@ -27,6 +27,7 @@ from api.schemas import (
     ClusterRef,
     EvaluateRequest,
     ModelRef,
+    PlanPage,
     PlanRequest,
     PlanResponse,
     PlanSummary,
@@ -95,7 +96,10 @@ def _estimate_params(config: Any) -> float:
 
 def _zoo_config(ref: ZooModelRef, settings: Settings) -> dict[str, Any]:
     """Validate a zoo reference against the registry and the size limits; its full config as plain data."""
-    from profiler.zoo import ZooError, get_model  # the zoo needs torch: import only when a zoo model is asked for
+    from profiler.zoo import (  # the zoo needs torch: import only when a zoo model is asked for
+        ZooError,
+        get_model,
+    )
 
     options = ref.options.model_dump(exclude_none=True)
     try:
@@ -287,18 +291,37 @@ def plan_summary(row: PlanRow) -> PlanSummary:
                        step_seconds=row.step_seconds)
 
 
+def _prepare_and_look_up(request: PlanRequest, ctx: ServiceContext) -> tuple[PlanJob, PlanRow | None]:
+    job = prepare_plan(request, ctx)
+    return job, ctx.storage.find_plan(job.key)
+
+
 async def create_plan(request: PlanRequest, ctx: ServiceContext) -> tuple[PlanResponse, bool]:
     """The stored plan for this request, searching only when there is none; (response, newly created)."""
     # Validation and the store lookup are quick: they use the general thread pool, so a cache hit never queues
     # behind running searches.
-    job = await run_in_threadpool(prepare_plan, request, ctx)
-    stored = await run_in_threadpool(ctx.storage.find_plan, job.key)
+    job, stored = await run_in_threadpool(_prepare_and_look_up, request, ctx)
     if stored is not None:
         return plan_response(stored, cached=True), False
     outcome, started_here = await ctx.runner.run(job.key, search_and_store, job, ctx)
     # A request that joined another's in-flight search did not search itself: for it the answer is cached.
     searched_here = started_here and outcome.searched
     return plan_response(outcome.row, cached=not searched_here), searched_here and outcome.inserted
+
+
+def list_plans(ctx: ServiceContext, *, limit: int | None, offset: int) -> PlanPage:
+    """One page of stored plans, newest first (`limit` defaults to the server's page size)."""
+    limit = limit or ctx.settings.page_size
+    rows, total = ctx.storage.list_plans(limit=limit, offset=offset)
+    following = offset + len(rows)
+    return PlanPage(items=[plan_summary(r) for r in rows], total=total, limit=limit, offset=offset,
+                    next_offset=following if following < total else None)
+
+
+def delete_plan(plan_id: str, storage: Storage) -> None:
+    """Forget a stored plan, or 404."""
+    if not storage.delete_plan(plan_id):
+        raise ApiError(404, "not_found", f"no plan has id '{plan_id}'", "plan_id")
 
 
 def get_plan(plan_id: str, storage: Storage) -> PlanResponse:

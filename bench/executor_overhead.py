@@ -26,8 +26,8 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from planner.cluster import load_cluster  # noqa: E402
-from planner.strategy import (  # noqa: E402
+from planner.cluster import load_cluster
+from planner.strategy import (
     MemoryBreakdown,
     ParallelDims,
     Plan,
@@ -82,7 +82,7 @@ def main() -> None:
             base_out = Path(tmp) / f"ddp{r}.json"
             subprocess.run(
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                 str(REPO / "bench" / "ddp_baseline.py"), "--steps", str(args.steps), "--batch-per-rank",
+                 str(REPO / "bench" / "scripts" / "ddp_baseline.py"), "--steps", str(args.steps), "--batch-per-rank",
                  str(args.batch_per_rank), "--hidden", str(args.hidden), "--layers", str(args.layers),
                  "--out", str(base_out)],
                 check=True, env=env, cwd=REPO, capture_output=True,

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile_speed.py                # default sizes, prints a table
     .venv/bin/python bench/profile_speed.py --seq-len 512  # GPT-2 small measured at another sequence length
+    .venv/bin/python bench/profile_speed.py --threads 1    # steadier on a machine shared with other jobs
 
 Goals (issue 2): Llama-70B analytic < 60 s; GPT-2 small measured on CPU < 30 s.
 """
@@ -36,7 +37,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=128, help="GPT-2 small measured: tokens per sample")
     parser.add_argument("--batch-size", type=int, default=1, help="GPT-2 small measured: samples")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = [
         _run("llama-70b, analytic (meta), b=1, s=4096", 60, name="llama-70b"),

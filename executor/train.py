@@ -51,6 +51,9 @@ class RankMemory(_Strict):
     rank: int = Field(ge=0)
     pp_rank: int = Field(ge=0)
     peak_bytes: int = Field(ge=0, description="Measured peak (see memory_kind).")
+    start_bytes: int = Field(
+        default=0, ge=0, description="Same measure taken before the model was built (interpreter, torch, buffers)."
+    )
     predicted_bytes: float | None = Field(default=None, description="Plan's predicted peak, when a plan was given.")
 
 
@@ -74,6 +77,17 @@ class RunReport(_Strict):
         if not self.measured_step_seconds or not self.predicted_step_seconds:
             return None
         return self.measured_step_seconds / self.predicted_step_seconds
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory in use now, by the same measure as `peak_memory_bytes` (0 where it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -120,19 +134,25 @@ def train(
     return records
 
 
-def build_report(pm: ParallelModel, records: Sequence[StepRecord], plan: Plan | None, tokens_per_sample: int) -> RunReport:
-    """Gather every rank's peak memory (collective: call on all ranks) and assemble the report."""
+def build_report(
+    pm: ParallelModel, records: Sequence[StepRecord], plan: Plan | None, tokens_per_sample: int, *,
+    start_bytes: int = 0,
+) -> RunReport:
+    """Gather every rank's peak memory (collective: call on all ranks) and assemble the report.
+
+    `start_bytes`: this rank's `current_memory_bytes` before the model was built.
+    """
     pp_rank = pm.mesh[MeshAxis.PP.value].get_local_rank()
-    mine = (dist.get_rank(), pp_rank, peak_memory_bytes(pm.device))
+    mine = (dist.get_rank(), pp_rank, peak_memory_bytes(pm.device), start_bytes)
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     predicted_mem = plan.prediction.memory if plan is not None else None
     memory = [
         RankMemory(
-            rank=r, pp_rank=p, peak_bytes=b,
+            rank=r, pp_rank=p, peak_bytes=b, start_bytes=s,
             predicted_bytes=predicted_mem[p].total if predicted_mem and p < len(predicted_mem) else None,
         )
-        for r, p, b in everyone
+        for r, p, b, s in everyone
     ]
     times = [r.seconds for r in records]
     measured = statistics.median(times[1:] if len(times) > 1 else times) if times else None

@@ -21,7 +21,7 @@ from executor.apply import apply_plan
 from executor.launch import RunSpec
 from executor.mesh import init_distributed
 from executor.sources import resolve_data, resolve_model
-from executor.train import RunReport, build_report, train
+from executor.train import RunReport, build_report, current_memory_bytes, train
 from planner.model_profile import write_text_atomic
 
 log = logging.getLogger("executor.worker")
@@ -32,6 +32,7 @@ def run(spec: RunSpec, *, local_rank: int) -> RunReport:
     device_type = spec.plan.provenance.cluster.device.type
     device = init_distributed(device_type, local_rank=local_rank, timeout_s=spec.collective_timeout_s)
     torch.manual_seed(spec.seed)
+    start_bytes = current_memory_bytes(device)
     model = resolve_model(spec.model, spec.model_options)
     autocast = None if spec.dtype == "float32" else getattr(torch, spec.dtype)
     pm = apply_plan(spec.plan, lambda: model.build("meta"), spec.profile, loss_fn=model.loss, device=device,
@@ -53,7 +54,7 @@ def run(spec: RunSpec, *, local_rank: int) -> RunReport:
     tokens = spec.profile.tokens_per_sample
     records = train(pm, optimizers, resolve_data(spec.data, model, seed=spec.seed), steps=spec.steps,
                     start_step=state.step, tokens_per_sample=tokens, on_step_end=on_step_end)
-    report = build_report(pm, records, spec.plan, tokens)
+    report = build_report(pm, records, spec.plan, tokens, start_bytes=start_bytes)
     if dist.get_rank() == 0 and spec.report_path:
         write_text_atomic(Path(spec.report_path), report.model_dump_json(indent=1))
     return report

@@ -12,8 +12,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
-from planner.candidate import CandidateCosts, Config
+from planner.candidate import CandidateCosts, Config, PartitionCosts
 from planner.cluster import ClusterSpec
 from planner.enumerate import Bounder, SearchSpace, enumerate_configs, legal_degrees
 from planner.evaluate import ModelView, PlanError, build_prediction, strategy_of
@@ -32,30 +33,58 @@ class Objective(str, Enum):
 
 @dataclass
 class Scored:
-    """A solved candidate."""
+    """A solved candidate; its Strategy and Prediction objects are built only when asked for."""
 
     cfg: Config
-    strategy: Strategy | None
-    prediction: Prediction | None
+    bounds: tuple[int, ...] | None
     status: str
     bound: float
-    over_bytes: float = 0.0  #: memory over capacity on the worst rank (0 when it fits)
-    over_rank: int = 0
+    costs: CandidateCosts | None = None
+    pc: PartitionCosts | None = None
+
+    @cached_property
+    def strategy(self) -> Strategy | None:
+        """The full strategy (None when no partition exists)."""
+        return strategy_of(self.cfg, self.bounds) if self.bounds is not None else None
+
+    @cached_property
+    def prediction(self) -> Prediction | None:
+        """The cost model's prediction for the strategy."""
+        return build_prediction(self.costs, self.pc) if self.pc is not None else None
 
     @property
     def fits(self) -> bool:
         """Whether a stage partition that fits memory exists."""
-        return self.prediction is not None and self.prediction.fits
+        return self.pc is not None and self.pc.fits
+
+    @property
+    def step(self) -> float:
+        """Predicted step seconds."""
+        return self.pc.step
+
+    @property
+    def peak(self) -> float:
+        """Predicted peak bytes per device."""
+        return max(rk.memory_v for rk in self.pc.ranks) / self.cfg.virtual_stages
+
+    @property
+    def over_rank(self) -> int:
+        """Pipeline rank furthest over (or closest to) its memory capacity."""
+        return max(range(len(self.pc.ranks)), key=lambda r: self.pc.ranks[r].memory_v)
+
+    @property
+    def over_bytes(self) -> float:
+        """Bytes over capacity on the worst rank (0 when it fits)."""
+        return max(0.0, self.peak - self.costs.capacity)
 
     def key(self, objective: Objective) -> tuple:
         """Sort key: the objective, then simpler strategies first (no ZeRO, no recompute, fewer stages)."""
-        p = self.prediction
         c = self.cfg
         simple = (int(c.zero), list(type(c.recompute)).index(c.recompute), c.dims.pp, c.virtual_stages, c.dims.tp,
                   -c.micro_batch)
-        t = float(f"{p.step_seconds:.9e}")
+        t = float(f"{self.step:.9e}")
         if objective == Objective.MEMORY:
-            return (float(f"{p.peak_memory:.6e}"), t, simple)
+            return (float(f"{self.peak:.6e}"), t, simple)
         return (t, simple)
 
 
@@ -106,7 +135,7 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
         if res.fits:
             if g not in group_best or res.key(objective) < group_best[g].key(objective):
                 group_best[g] = res
-        elif res.prediction is not None and (g not in misfit_best or res.over_bytes < misfit_best[g].over_bytes):
+        elif res.pc is not None and (g not in misfit_best or res.over_bytes < misfit_best[g].over_bytes):
             misfit_best[g] = res
 
     def overall() -> float:
@@ -170,9 +199,9 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
             unsolved[g] = (t_lb, cfg)
     for t_lb, cfg in sorted(unsolved.values(), key=lambda x: x[0])[: top_k]:
         res = _solve(view, cluster, cfg, t_lb, StageOptions(), objective, may_solve=False)
-        if res.prediction is not None:
+        if res.pc is not None:
             misfit_best[_group(cfg)] = res
-    misfits = sorted(misfit_best.values(), key=lambda s: s.prediction.step_seconds)
+    misfits = sorted(misfit_best.values(), key=lambda s: s.step)
     if not ranked:
         raise PlanError(_no_fit_message(view, cluster, scored, misfits, space))
     best = ranked[0]
@@ -239,14 +268,10 @@ def _solve(view: ModelView, cluster: ClusterSpec, cfg: Config, bound: float, opt
         else:
             hint = greedy_bounds(costs, view.cuts)
             if hint is None:
-                return Scored(cfg=cfg, strategy=None, prediction=None, status="INFEASIBLE", bound=bound)
+                return Scored(cfg=cfg, bounds=None, status="INFEASIBLE", bound=bound)
             bounds, status = tuple(hint), (sol.status if sol is not None else "GREEDY")
     pc = costs.evaluate_bounds(list(bounds))
-    pred = build_prediction(costs, pc)
-    worst = max(range(len(pred.memory)), key=lambda r: pred.memory[r].total - pred.memory[r].capacity)
-    over = max(0.0, pred.memory[worst].total - pred.memory[worst].capacity)
-    return Scored(cfg=cfg, strategy=strategy_of(cfg, bounds), prediction=pred, status=status, bound=bound,
-                  over_bytes=over, over_rank=worst)
+    return Scored(cfg=cfg, bounds=tuple(bounds), status=status, bound=bound, costs=costs, pc=pc)
 
 
 def _batch_message(view: ModelView, cluster: ClusterSpec, batch: int, space: SearchSpace) -> str:

@@ -176,7 +176,8 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     if measured:
         real_model = device_copy(model, device, torch_dtype, owned=owned)
         real_inputs = cast_inputs(inputs, device, torch_dtype)
-        real_records = record_calls(real_model, real_inputs, names, clone=True)
+        # Only the layers that get timed need their real inputs kept.
+        real_records = record_calls(real_model, real_inputs, list(unique.values()), clone=True)
         timings = estimate_times(
             real_model, real_inputs, {sig: (real_model.get_submodule(n), real_records[n]) for sig, n in unique.items()},
             device=device, warmup=warmup, repeats=repeats,

@@ -10,17 +10,22 @@ Everything here is for the whole batch the layer was called with; the caller div
   and leaving out parameters and buffers.
 - Attention core (for selective recompute): a softmax's output and everything elementwise derived from it (dropout,
   masks) is the core; its saved bytes are what selective recompute drops, and the activation-by-activation matmuls
-  that feed or consume it (QK^T and scores x V) are the forward FLOPs it repeats. On meta,
-  `scaled_dot_product_attention` runs its math path, so fused SDPA is covered too.
+  that feed or consume it (QK^T and scores x V) are the forward FLOPs it repeats.
+- `scaled_dot_product_attention` is counted as a non-fused matmul-softmax-matmul in the profiled dtype (torch's own
+  math path would upcast 16-bit inputs to float32 here, which no GPU kernel does), so its FLOPs and its
+  `heads x s x s` probabilities are visible; a fused (flash) kernel saves less than this.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
@@ -114,6 +119,36 @@ class _OpMeter(TorchDispatchMode):
         return sum(self.mm_flops[i] for i in self.core_mms)
 
 
+def _attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    """scaled_dot_product_attention as plain ops in the input dtype (same result, unfused)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = torch.dropout(probs, dropout_p, train=True)
+    return torch.matmul(probs, value)
+
+
+class _UnfusedAttention(TorchFunctionMode):
+    """Routes scaled_dot_product_attention to `_attention_math` while a layer is counted."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _attention_math(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
 def _prepare_args(call: LayerCall) -> tuple[tuple, dict]:
     """Fresh leaf copies of the recorded arguments; floating ones need grad unless they are model inputs."""
     flags = iter(call.from_input)
@@ -143,7 +178,7 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall) -> LayerCost:
         return t
 
     fwd_meter = _OpMeter(excluded)
-    with torch.enable_grad(), FlopCounterMode(display=False) as fwd_counter, fwd_meter, \
+    with torch.enable_grad(), _UnfusedAttention(), FlopCounterMode(display=False) as fwd_counter, fwd_meter, \
             saved_tensors_hooks(pack, lambda t: t):
         output = module(*args, **kwargs)
     needs_grad = [t for t in tensors_of(output) if t.requires_grad]

@@ -124,9 +124,7 @@ def _detect_groups(gm: fx.GraphModule) -> tuple[_Groups, dict[str, fx.Node], lis
             state[node] = "repl" if _is_tensor(node) else "const"
             continue
         if node.op == "get_attr" or not _is_tensor(node) and node.op != "output":
-            if sharded:
-                groups.union(sharded)
-            state[node] = "const"
+            state[node] = "const"  # parameters, buffers, shapes and other non-tensor values
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(module, nn.Linear):
@@ -147,6 +145,8 @@ def _detect_groups(gm: fx.GraphModule) -> tuple[_Groups, dict[str, fx.Node], lis
         )
         if sharded and transparent and _op_name(node) in _SPLITS and _split_cuts_features(node, widths, sharded):
             transparent = False
+        if _op_name(node) in ("matmul", "bmm") and any(state.get(a) == "const" for a in tensor_args):
+            transparent = False  # a raw weight matrix would mix the sharded features
         if not sharded:
             state[node] = "repl" if replicated else "const"
         elif transparent and not replicated:

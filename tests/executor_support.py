@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -27,25 +28,32 @@ STEPS = 3
 NUM_LAYERS = 6
 
 
+#: A small GPT-2 layout with the output head tied to the token embedding (gpt2-small's tie, tiny sizes).
+TIED = ("gpt2-small", (("num_layers", 2), ("hidden", 32), ("heads", 2), ("vocab_size", 64), ("seq_len", 8),
+                       ("max_positions", 8)))
+
+
 @functools.cache
-def tiny_profile() -> ModelProfile:
-    """Analytic profile of gpt-tiny at one sample (what `autopar run` computes before launching)."""
+def tiny_profile(model: str = "gpt-tiny", options: tuple = ()) -> ModelProfile:
+    """Analytic profile of a zoo model at one sample (what `autopar run` computes before launching)."""
     import profiler
 
-    return profiler.profile_zoo("gpt-tiny", device="meta", cache=False)
+    return profiler.profile_zoo(model, device="meta", cache=False, **dict(options))
 
 
-def stages(*bounds: int) -> list[StageSpec]:
+def stages(*bounds: int, num_layers: int = NUM_LAYERS) -> list[StageSpec]:
     """Stages from cut positions, e.g. stages(3) -> [0, 3), [3, 6)."""
-    edges = [0, *bounds, NUM_LAYERS]
-    return [StageSpec(start=a, stop=b) for a, b in zip(edges, edges[1:])]
+    edges = [0, *bounds, num_layers]
+    return [StageSpec(start=a, stop=b) for a, b in itertools.pairwise(edges)]
 
 
-def strategy(dp: int = 1, tp: int = 1, pp: int = 1, *, cuts: tuple[int, ...] = (), **kw) -> Strategy:
-    """A strategy for gpt-tiny with the given degrees and cuts (one stage when no cut is given)."""
+def strategy(
+    dp: int = 1, tp: int = 1, pp: int = 1, *, cuts: tuple[int, ...] = (), num_layers: int = NUM_LAYERS, **kw
+) -> Strategy:
+    """A strategy for gpt-tiny (or a model of `num_layers` layers) with the given degrees and cuts."""
     return Strategy(
         dims=ParallelDims(dp=dp, tp=tp, pp=pp, world_size=dp * tp * pp),
-        stages=stages(*cuts), **{"micro_batch_size": 2, "num_micro_batches": 2, **kw},
+        stages=stages(*cuts, num_layers=num_layers), **{"micro_batch_size": 2, "num_micro_batches": 2, **kw},
     )
 
 
@@ -64,7 +72,10 @@ def make_plan(st: Strategy, profile: ModelProfile, *, cluster: str = "cpu", prof
     return Plan(kind=st.kind, strategy=st, prediction=pred, explanation="hand-made for a test", provenance=prov)
 
 
-def reference_losses(global_batch: int, steps: int = STEPS, *, build_seed: int | None = None) -> list[float]:
+def reference_losses(
+    global_batch: int, steps: int = STEPS, *, build_seed: int | None = None, model: str = "gpt-tiny",
+    options: tuple = (),
+) -> list[float]:
     """The single-process run: whole gpt-tiny, whole global batch, plain SGD loop.
 
     Initial weights come from the model's own per-parameter rule with the name-seeded generator the executor uses,
@@ -73,19 +84,19 @@ def reference_losses(global_batch: int, steps: int = STEPS, *, build_seed: int |
     from executor.init import name_seed
     from profiler.zoo import get_model
 
-    zoo = get_model("gpt-tiny")
+    zoo = get_model(model, **dict(options))
     if build_seed is not None:
         torch.manual_seed(build_seed)
-    model = zoo.build("cpu")
+    net = zoo.build("cpu")
     if build_seed is None:
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                model.init_parameter(name, p, torch.Generator().manual_seed(name_seed(SEED, name)))
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
+            for name, p in net.named_parameters():
+                net.init_parameter(name, p, torch.Generator().manual_seed(name_seed(SEED, name)))
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
     losses = []
     for step in range(steps):
         inputs, targets = zoo.synthetic_batch(global_batch, seed=DATA_SEED + step)
-        loss = zoo.loss(model(*inputs), targets)
+        loss = zoo.loss(net(*inputs), targets)
         loss.backward()
         opt.step()
         opt.zero_grad()

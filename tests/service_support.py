@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
 from pathlib import Path
@@ -60,7 +61,7 @@ def tiny_profile(name: str = "hand-tiny") -> ModelProfile:
         _layer(3, "head", HIDDEN * 512),
     ]
     names = ["<input>"] + [layer.name for layer in layers] + ["<output>"]
-    edges = [LayerEdge(src=a, dst=b, bytes=4.0 * SEQ * HIDDEN) for a, b in zip(names, names[1:])]
+    edges = [LayerEdge(src=a, dst=b, bytes=4.0 * SEQ * HIDDEN) for a, b in itertools.pairwise(names)]
     return ModelProfile(
         name=name, structure_hash="0123456789abcdef", dtype=DType.FP32, device="meta", mode=ProfileMode.ANALYTIC,
         input=InputSpec(batch_size=1, seq_len=SEQ, tensors=[TensorSpec(shape=[1, SEQ], dtype="int64")]),

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import executor_support as sup  # noqa: E402
+import executor_support as sup
 
-from executor.errors import ExecutorError  # noqa: E402
-from executor.launch import LaunchError, check_launch, first_host, slurm_launch, torchrun_args  # noqa: E402
-from executor.pipeline import check_pipelinable  # noqa: E402
-from planner.model_profile import LayerEdge  # noqa: E402
+from executor.errors import ExecutorError
+from executor.launch import LaunchError, check_launch, first_host, slurm_launch, torchrun_args
+from executor.pipeline import check_pipelinable
+from planner.model_profile import LayerEdge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _autopar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
     return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "run", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+                          check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
 # --- refusals before launch -------------------------------------------------------------------------------------
@@ -120,12 +120,10 @@ def test_multinode_launch_without_endpoint_is_refused():
 # --- pipeline cuts -----------------------------------------------------------------------------------------------
 
 def test_pp_refuses_tied_weights_split_across_stages():
-    import profiler
     from profiler.zoo import get_model
 
-    opts = dict(num_layers=2, hidden=32, heads=2, vocab_size=64, seq_len=8, max_positions=8)
-    profile = profiler.profile_zoo("gpt2-small", device="meta", cache=False, **opts)
-    model = get_model("gpt2-small", **opts).build("meta")  # tied: head.lm_head.weight is embed.wte.weight
+    profile = sup.tiny_profile(*sup.TIED)
+    model = get_model(sup.TIED[0], **dict(sup.TIED[1])).build("meta")  # head.lm_head.weight is embed.wte.weight
     stages = [sup.StageSpec(start=0, stop=2), sup.StageSpec(start=2, stop=4)]
     with pytest.raises(ExecutorError, match="shared tensor"):
         check_pipelinable(model, profile, stages)

@@ -7,6 +7,7 @@ the same global batch computed here.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -16,25 +17,30 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import executor_support as sup  # noqa: E402
+import executor_support as sup
 
 TOL = 1e-5
 
 # name -> Strategy keyword arguments (see executor_support.strategy)
 TWO_RANK = {
-    "dp2_ddp": dict(dp=2),
-    "fsdp2_zero3_full_recompute": dict(dp=2, zero_stage=3, recompute="full"),
-    "pp2_gpipe": dict(pp=2, cuts=(3,), schedule="gpipe", num_micro_batches=4),
-    "pp2_1f1b": dict(pp=2, cuts=(2,), schedule="1f1b", num_micro_batches=4),
-    "pp2_interleaved_4_stages": dict(pp=2, cuts=(2, 3, 4), schedule="interleaved_1f1b", virtual_stages=2,
-                                     num_micro_batches=4, micro_batch_size=1),
-    "tp2_selective_recompute": dict(tp=2, recompute="selective"),
+    "dp2_ddp": {"dp": 2},
+    "fsdp2_zero3_full_recompute": {"dp": 2, "zero_stage": 3, "recompute": "full"},
+    "pp2_gpipe": {"pp": 2, "cuts": (3,), "schedule": "gpipe", "num_micro_batches": 4},
+    "pp2_1f1b": {"pp": 2, "cuts": (2,), "schedule": "1f1b", "num_micro_batches": 4},
+    "pp2_interleaved_4_stages": {"pp": 2, "cuts": (2, 3, 4), "schedule": "interleaved_1f1b", "virtual_stages": 2,
+                                 "num_micro_batches": 4, "micro_batch_size": 1},
+    "tp2_selective_recompute": {"tp": 2, "recompute": "selective"},
+    # gpt2 layout with the head tied to the embedding: FSDP must keep the two names one tensor.
+    "tied_head_fsdp2": {"dp": 2, "zero_stage": 3, "cuts": (), "num_layers": 4},
 }
+#: Cases that train the tied model instead of gpt-tiny.
+TIED_CASES = {"tied_head_fsdp2"}
 FOUR_RANK = {
-    "dp2xpp2_replicate": dict(dp=2, pp=2, cuts=(3,), schedule="1f1b", num_micro_batches=4, micro_batch_size=1),
-    "dp2xpp2_zero1": dict(dp=2, pp=2, cuts=(3,), schedule="gpipe", zero_stage=1),
-    "dp2xtp2_fsdp": dict(dp=2, tp=2, zero_stage=3),
-    "pp2xtp2": dict(pp=2, tp=2, cuts=(2,), schedule="1f1b", num_micro_batches=4),
+    "dp2xpp2_replicate": {"dp": 2, "pp": 2, "cuts": (3,), "schedule": "1f1b", "num_micro_batches": 4,
+                          "micro_batch_size": 1},
+    "dp2xpp2_zero1": {"dp": 2, "pp": 2, "cuts": (3,), "schedule": "gpipe", "zero_stage": 1},
+    "dp2xtp2_fsdp": {"dp": 2, "tp": 2, "zero_stage": 3},
+    "pp2xtp2": {"pp": 2, "tp": 2, "cuts": (2,), "schedule": "1f1b", "num_micro_batches": 4},
 }
 #: The layout run through a hand-written loop on `apply_plan` (the API for users with their own loop), given a
 #: model with real weights (built under this seed) instead of a factory.
@@ -54,17 +60,19 @@ def _worker(cases_path: str, out_path: str) -> None:
     from profiler.zoo import get_model
 
     payload = json.loads(Path(cases_path).read_text())
-    profile = ModelProfile.model_validate(payload["profile"])
-    zoo = get_model("gpt-tiny")
+    tiny_profile = ModelProfile.model_validate(payload["profile"])
     device = init_distributed("cpu")
-
-    def data(step: int, batch: int):
-        return zoo.synthetic_batch(batch, seed=sup.DATA_SEED + step)
-
     results = {}
     for name, raw in payload["cases"].items():
         st = Strategy.model_validate(raw)
-        model = lambda: zoo.build("meta")  # noqa: E731
+        tied = name in TIED_CASES
+        zoo = get_model(sup.TIED[0], **dict(sup.TIED[1])) if tied else get_model("gpt-tiny")
+        profile = ModelProfile.model_validate(payload["tied_profile"]) if tied else tiny_profile
+
+        def data(step: int, batch: int, zoo=zoo):
+            return zoo.synthetic_batch(batch, seed=sup.DATA_SEED + step)
+
+        model = functools.partial(zoo.build, "meta")
         if name == OWN_LOOP:
             torch.manual_seed(OWN_LOOP_BUILD_SEED)
             model = zoo.build("cpu")
@@ -83,6 +91,7 @@ def _worker(cases_path: str, out_path: str) -> None:
         results[name] = losses
     if dist.get_world_size() == 2:
         # A planned TP key that matches no module must fail loudly (parallelize_module would only warn).
+        zoo, profile = get_model("gpt-tiny"), tiny_profile
         block = profile.layers[1]
         shards = [block.tp.shards[0].model_copy(update={"module": "attn.qkv"}), *block.tp.shards[1:]]
         block = block.model_copy(update={"tp": block.tp.model_copy(update={"shards": shards})})
@@ -103,6 +112,7 @@ def _launch(nproc: int, cases: dict, tmp: Path) -> dict:
     profile = sup.tiny_profile()
     payload = {
         "profile": profile.model_dump(mode="json"),
+        "tied_profile": sup.tiny_profile(*sup.TIED).model_dump(mode="json"),
         "cases": {n: sup.strategy(**kw).model_dump(mode="json") for n, kw in cases.items()},
         "tp_strategy": sup.strategy(tp=2).model_dump(mode="json"),
     }
@@ -111,7 +121,7 @@ def _launch(nproc: int, cases: dict, tmp: Path) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
          "--max-restarts", "0", __file__, str(cases_path), str(out_path)],
-        capture_output=True, text=True, timeout=150, env=env, cwd=Path(__file__).resolve().parents[1],
+        check=False, capture_output=True, text=True, timeout=150, env=env, cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out_path.read_text())
@@ -127,9 +137,10 @@ def four_rank(tmp_path_factory) -> dict:
     return _launch(4, FOUR_RANK, tmp_path_factory.mktemp("exec4"))
 
 
-def _check(losses: list[float], kw: dict, build_seed: int | None = None) -> None:
+def _check(losses: list[float], kw: dict, build_seed: int | None = None, tied: bool = False) -> None:
     st = sup.strategy(**kw)
-    ref = sup.reference_losses(st.global_batch_size, build_seed=build_seed)
+    model = {"model": sup.TIED[0], "options": sup.TIED[1]} if tied else {}
+    ref = sup.reference_losses(st.global_batch_size, build_seed=build_seed, **model)
     assert len(losses) == sup.STEPS
     assert max(abs(a - b) for a, b in zip(losses, ref)) <= TOL, (losses, ref)
 
@@ -138,7 +149,7 @@ def _check(losses: list[float], kw: dict, build_seed: int | None = None) -> None
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("case", sorted(TWO_RANK))
 def test_two_rank_layout_loss_equals_single_process(two_rank, case):
-    _check(two_rank[case], TWO_RANK[case], OWN_LOOP_BUILD_SEED if case == OWN_LOOP else None)
+    _check(two_rank[case], TWO_RANK[case], OWN_LOOP_BUILD_SEED if case == OWN_LOOP else None, case in TIED_CASES)
 
 
 @pytest.mark.distributed

@@ -217,3 +217,10 @@ def test_bad_dtype_and_device_are_user_errors() -> None:
 def test_public_api_is_exported() -> None:
     assert {"profile", "profile_zoo", "structure_hash", "ProfileError", "zoo"} <= set(profiler.__all__)
     assert issubclass(ProfileError, AutoparError)
+
+
+def test_structure_hash_tells_tied_from_untied_weights_and_ignores_the_device() -> None:
+    tied = get_model("gpt-tiny", tie_embeddings=True)
+    untied = get_model("gpt-tiny")
+    assert structure_hash(tied.build(device="meta")) == structure_hash(tied.build(device="cpu"))
+    assert structure_hash(tied.build(device="meta")) != structure_hash(untied.build(device="meta"))

@@ -160,7 +160,11 @@ def test_invalid_json_and_oversized_body_name_the_body(tmp_path):
     with TestClient(make_app(tmp_path / "p.db", max_body_bytes=4096)) as c:
         broken = c.post("/v1/plans", content=b'{"model": ', headers={"content-type": "application/json"})
         huge = c.post("/v1/profiles", json=tiny_profile().model_dump(mode="json") | {"name": "x" * 5000})
+        # Without Content-Length (chunked upload) the limit is enforced while the body streams in.
+        streamed = c.post("/v1/profiles", content=iter([b"[" + b"0," * 1000] * 4 + [b"0]"]),
+                          headers={"content-type": "application/json"})
     assert broken.status_code == 422 and broken.json()["error"]["field"] == "body"
+    assert streamed.status_code == 413 and streamed.json()["error"]["field"] == "body"
     assert huge.status_code == 413 and huge.json()["error"] == {
         "code": "body_too_large", "message": huge.json()["error"]["message"], "field": "body"}
 
@@ -276,3 +280,14 @@ def test_clusters_lists_every_preset(client):
 def test_readyz_reports_the_schema_version(client):
     body = client.get("/readyz").json()
     assert body["status"] == "ready" and body["schema_version"] >= 1
+
+
+def test_settings_from_env_read_keys_and_reject_bad_values():
+    from api.settings import Settings, SettingsError
+
+    env = {"AUTOPAR_API_KEYS": "a, b,", "AUTOPAR_MAX_SOLVER_SECONDS": "30", "AUTOPAR_DB_PATH": "/tmp/x.db"}
+    settings = Settings.from_env(env)
+    assert settings.api_keys == ("a", "b") and settings.max_solver_seconds == 30.0
+    assert Settings.from_env({"AUTOPAR_API_KEYS": '["k1", "k2"]'}).api_keys == ("k1", "k2")
+    with pytest.raises(SettingsError, match="search_workers"):
+        Settings.from_env({"AUTOPAR_SEARCH_WORKERS": "0"})

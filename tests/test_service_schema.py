@@ -7,6 +7,8 @@ stays cheap; the number of cases per operation is bounded to keep the run well u
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 from service_support import make_app
 
-_db = Path(tempfile.mkdtemp(prefix="autopar-schemathesis-")) / "plans.db"
+_workdir = Path(tempfile.mkdtemp(prefix="autopar-schemathesis-"))
+atexit.register(shutil.rmtree, _workdir, ignore_errors=True)
+_db = _workdir / "plans.db"
 app = make_app(_db, max_solver_seconds=1.0, max_profile_layers=64, max_world_size=32, max_zoo_params=5e8)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 

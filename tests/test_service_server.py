@@ -99,9 +99,8 @@ def test_client_covers_the_whole_api(tmp_path):
     strategy = Strategy(dims=ParallelDims(dp=4, tp=1, pp=1, world_size=4), micro_batch_size=2,
                         num_micro_batches=1, stages=[StageSpec(start=0, stop=profile.num_layers)])
     with running_server(make_app(tmp_path / "plans.db", api_keys=("k",))) as url:
-        with Client(url) as anonymous:
-            with pytest.raises(ServiceError) as refused:
-                anonymous.list_plans()
+        with Client(url) as anonymous, pytest.raises(ServiceError) as refused:
+            anonymous.list_plans()
         with Client(url, api_key="k") as client:
             stored = client.upload_profile(profile)
             assert client.get_profile(stored.id) == profile
@@ -119,3 +118,26 @@ def test_client_covers_the_whole_api(tmp_path):
     assert refused.value.status == 401
     assert missing.value.status == 404
     assert bad_preset.value.status == 422 and bad_preset.value.field == "cluster.name"
+
+
+def test_cli_plan_with_server_writes_the_servers_plan(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from api import cli_plan
+
+    app = typer.Typer()
+    app.callback()(lambda: None)  # a group, so the command is addressed by name as in `autopar plan`
+    cli_plan.register(app)
+    out = tmp_path / "plan.json"
+    with running_server(make_app(tmp_path / "plans.db")) as url:
+        args = ["plan", "gpt-tiny", "--cluster", "cpu", "--global-batch", "8", "--time-limit", "2",
+                "--dtype", "float32", "--server", url, "--out", str(out)]
+        first = CliRunner().invoke(app, args)
+        second = CliRunner().invoke(app, args)
+        with Client(url) as client:
+            stored = client.list_plans().items
+            served = client.get_plan(stored[0].id).plan
+    assert first.exit_code == 0, first.output
+    assert len(stored) == 1 and "(cached)" in second.output and "(cached)" not in first.output
+    assert planner.Plan.from_json(out) == served

@@ -48,10 +48,9 @@ def test_second_plan_with_the_same_request_key_keeps_the_first(tmp_path):
 
 def test_failed_transaction_leaves_no_record(tmp_path):
     storage = Storage(tmp_path / "a.db")
-    with pytest.raises(RuntimeError):
-        with storage._transaction() as conn:
-            conn.execute("INSERT INTO profiles (id, name, created_at, body) VALUES ('x', 'n', 0, '{}')")
-            raise RuntimeError("crash after the insert, before the commit")
+    with pytest.raises(RuntimeError), storage._transaction() as conn:
+        conn.execute("INSERT INTO profiles (id, name, created_at, body) VALUES ('x', 'n', 0, '{}')")
+        raise RuntimeError("crash after the insert, before the commit")
     assert storage.get_profile("x") is None
 
 
@@ -66,7 +65,7 @@ def test_process_killed_mid_write_leaves_no_record_and_a_usable_file(tmp_path):
             conn.execute("INSERT INTO profiles (id, name, created_at, body) VALUES ('x', 'n', 0, '{{}}')")
             os._exit(1)  # dies holding the write transaction: no commit, no rollback, no close
     """)
-    result = subprocess.run([sys.executable, "-c", script], timeout=60, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", script], check=False, timeout=60, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr
     storage = Storage(db)
     assert storage.get_profile("x") is None

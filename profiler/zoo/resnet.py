@@ -139,8 +139,10 @@ class ResNet(nn.Module):
         if isinstance(module, nn.Conv2d):
             fan_out = tensor.shape[0] * tensor[0][0].numel()
             nn.init.normal_(tensor, 0.0, math.sqrt(2.0 / fan_out), generator=generator)
+        elif isinstance(module, nn.BatchNorm2d) and attr in ("weight", "running_var"):
+            nn.init.ones_(tensor)
         elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(tensor) if attr in ("weight", "running_var") else nn.init.zeros_(tensor)
+            nn.init.zeros_(tensor)
         else:
             bound = 1 / math.sqrt(module.in_features)
             nn.init.uniform_(tensor, -bound, bound, generator=generator)

@@ -1,6 +1,6 @@
 """A plain hand-written DDP training script: the baseline `executor_overhead.py` compares `autopar run` against.
 
-    torchrun --standalone --nproc-per-node 2 bench/ddp_baseline.py --steps 30 --batch-per-rank 8 --out times.json
+    torchrun --standalone --nproc-per-node 2 bench/scripts/ddp_baseline.py --steps 30 --batch-per-rank 8 --out times.json
 
 Same model (zoo gpt-tiny with the given size options), AdamW, synthetic token batches; rank 0 writes its per-step
 (wall, CPU) times (each step ends with the loss read back, as a script that logs its loss does).
