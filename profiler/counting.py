@@ -128,11 +128,15 @@ def _attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    # Masks are added, not masked_fill'ed: an add saves nothing for backward, like a real attention kernel.
     if is_causal:
         keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
+        attn_mask = keep if attn_mask is None else attn_mask & keep
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(
+            ~attn_mask, float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
         probs = torch.dropout(probs, dropout_p, train=True)

@@ -49,6 +49,11 @@ def test_attention_core_is_what_selective_recompute_drops() -> None:
     assert block.selective_saved_bytes == heads * s * s * 4
     assert block.selective_fwd_flops == 4 * s * s * h
     assert block.selective_saved_bytes < block.saved_activation_bytes
+    # In 16-bit the probabilities are saved in 16 bits (2 a s^2 bytes), and the rest of a dropout-free block saves
+    # 32 s h bytes: Korthikanti et al.'s 34 s h less the two 1-byte dropout masks.
+    half = profile_zoo("gpt-tiny", batch_size=2, cache=False, dtype="bfloat16").layers[1]
+    assert half.selective_saved_bytes == heads * s * s * 2
+    assert half.saved_activation_bytes - half.selective_saved_bytes == pytest.approx(32 * s * h, rel=0.02)
     # Weights are not activations: what a block saves must not grow when only the vocabulary grows.
     bigger_vocab = profile_zoo("gpt-tiny", batch_size=2, cache=False, vocab_size=4096)
     assert bigger_vocab.layers[1].saved_activation_bytes == block.saved_activation_bytes
