@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -91,6 +92,7 @@ def run_command(
     nnodes: Annotated[int | None, typer.Option(help="Nodes (default: SLURM_NNODES or 1).")] = None,
     node_rank: Annotated[int | None, typer.Option(help="This node's rank (default: SLURM_NODEID).")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of node 0 for multi-node runs.")] = None,
+    run_id: Annotated[str | None, typer.Option(help="Job id shared by all nodes (default: SLURM_JOB_ID or derived).")] = None,
     save_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (torch.distributed.checkpoint).")] = None,
     save_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: only at the end).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --save-dir.")] = False,
@@ -142,6 +144,7 @@ def run_command(
         node_rank = slurm.node_rank
     if rdzv_endpoint is None and slurm is not None and nnodes > 1:
         rdzv_endpoint = slurm.master_host
+    run_id = run_id or os.environ.get("SLURM_JOB_ID")
     world = plan.strategy.dims.world_size
     nproc = nproc_per_node or max(1, world // nnodes)
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -149,18 +152,22 @@ def run_command(
 
     with tempfile.TemporaryDirectory(prefix="autopar-run-") as tmp:
         report_path = report or Path(tmp) / "report.json"
-        spec = RunSpec(
-            plan=plan, profile=profile, model=model_name, model_options=options, data=data, steps=steps, seed=seed,
-            optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=dtype,
-            save_dir=str(save_dir) if save_dir else None, save_every=save_every, resume=resume,
-            report_path=str(report_path),
-        )
+        try:
+            spec = RunSpec(
+                plan=plan, profile=profile, model=model_name, model_options=options, data=data, steps=steps,
+                seed=seed, optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=dtype,
+                save_dir=str(save_dir) if save_dir else None, save_every=save_every, resume=resume,
+                report_path=str(report_path),
+            )
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise AutoparError(f"invalid run options: {problems}") from None
         if resume and save_dir is None:
             raise AutoparError("--resume needs --save-dir (where the checkpoints are)")
         console.print(f"launching {nnodes} x {nproc} processes: {plan.strategy.describe()}")
         try:
             launch(spec, nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                   workdir=tmp)
+                   run_id=run_id, workdir=tmp)
         except RankFailed as exc:
             err_console.print(f"[bold red]error:[/] rank {exc.rank} failed (exit code {exc.exitcode}); the job was stopped")
             sys.stderr.write(exc.message + "\n")

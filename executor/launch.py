@@ -8,6 +8,7 @@ the first rank that failed and its error. Ctrl-C reaches the agent, which stops 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -167,11 +168,17 @@ def launch(
     spec: RunSpec, *, nnodes: int = 1, nproc_per_node: int, node_rank: int | None = None,
     rdzv_endpoint: str | None = None, run_id: str | None = None, workdir: str | Path | None = None,
 ) -> None:
-    """Start this node's workers and wait for the job; raise `RankFailed` if any rank fails."""
+    """Start this node's workers and wait for the job; raise `RankFailed` if any rank fails.
+
+    Every node must use the same `run_id`; by default it is derived from the endpoint and the plan, which the same
+    command on every node agrees on (a random id per node would keep the nodes from ever meeting).
+    """
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    run_id = run_id or uuid.uuid4().hex[:12]
+    if run_id is None:
+        key = f"{rdzv_endpoint}|{spec.plan.strategy.model_dump_json()}|{spec.model}"
+        run_id = "autopar-" + (hashlib.sha256(key.encode()).hexdigest()[:12] if nnodes > 1 else uuid.uuid4().hex[:12])
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="autopar-run-")

@@ -113,3 +113,10 @@ def crash_on_rank_1(step: int, global_batch: int):
     if os.environ.get("RANK") == "1" and step == 1:
         raise RuntimeError("injected failure on rank 1")
     return get_model("gpt-tiny").synthetic_batch(global_batch, seed=step)
+
+
+def reference_data(step: int, global_batch: int):
+    """The reference run's batches as a `--data` source (`executor_support:reference_data`)."""
+    from profiler.zoo import get_model
+
+    return get_model("gpt-tiny").synthetic_batch(global_batch, seed=DATA_SEED + step)

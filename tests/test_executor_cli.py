@@ -70,6 +70,34 @@ def test_crashing_rank_fails_the_job_within_60_s_with_its_error(tmp_path):
     assert "rank 1 failed" in proc.stderr and "injected failure on rank 1" in proc.stderr
 
 
+# --- multi-node ------------------------------------------------------------------------------------------------
+
+@pytest.mark.distributed
+@pytest.mark.timeout(150)
+def test_two_node_launch_gives_the_single_process_loss(tmp_path):
+    # Two `autopar run` processes on this host stand in for two nodes (static rendezvous, one rank each).
+    st = sup.strategy(pp=2, cuts=(3,), schedule="gpipe", num_micro_batches=4)
+    plan_path = tmp_path / "plan.json"
+    sup.make_plan(st, sup.tiny_profile()).to_json(plan_path)
+    port = 29000 + os.getpid() % 1000
+    common = [str(plan_path), "--model", "gpt-tiny", "--steps", str(sup.STEPS), "--optimizer", "sgd", "--lr",
+              str(sup.LR), "--data", "executor_support:reference_data", "--nnodes", "2", "--nproc-per-node", "1",
+              "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    other = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "run", *common,
+                              "--node-rank", "1"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        first = _autopar(*common, "--node-rank", "0", "--report", str(tmp_path / "r.json"), timeout=120)
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert other.wait(timeout=60) == 0, other.stderr.read()[-3000:]
+    finally:
+        other.kill()
+    losses = [s["loss"] for s in json.loads((tmp_path / "r.json").read_text())["steps"]]
+    ref = sup.reference_losses(st.global_batch_size)
+    assert max(abs(a - b) for a, b in zip(losses, ref)) <= 1e-5, (losses, ref)
+
+
 # --- checkpointing ---------------------------------------------------------------------------------------------
 
 @pytest.mark.distributed
