@@ -6,7 +6,10 @@
     autopar profile my_model.py:build --device cuda --layers embed,body,head
     autopar profile mypkg.models:make_model --no-cache
 
-The cache lives in $AUTOPAR_CACHE_DIR (default ~/.cache/autopar).
+Zoo models are profiled with their training loss counted in the last layer (a GPT's cross-entropy keeps a float32
+copy of the logits for backward); a factory's model only when the factory returns the loss too
+(`(module, example_inputs, loss_fn[, targets])`). The table's caption says which. The cache lives in
+$AUTOPAR_CACHE_DIR (default ~/.cache/autopar).
 """
 
 from __future__ import annotations
@@ -42,14 +45,18 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
-def render_profile(profile: ModelProfile) -> Table:
-    """The per-layer table with a totals row; batch-dependent columns are for the whole profiled batch."""
+def render_profile(profile: ModelProfile, loss: str | None = None) -> Table:
+    """The per-layer table with a totals row; batch-dependent columns are for the whole profiled batch.
+
+    loss: qualified name of the training loss counted in the last layer, or None (the caption says which).
+    """
     b = profile.input.batch_size
     measured = profile.layers[0].fwd_seconds is not None
     table = Table(
         title=f"{profile.name}: {profile.num_layers} layers, {profile.mode.value} on {profile.device}, "
               f"{profile.dtype.value}",
         caption=f"per batch of {b}" + (f" x {profile.input.seq_len} tokens" if profile.input.seq_len else "")
+        + (f"; loss {loss.rsplit('.', 1)[-1]} counted in the last layer" if loss else "; no training loss counted")
         + f"; TP /d: tensor-parallel degree must divide d; pipeline cuts allowed before {len(profile.cut_points)} "
         "of the layers",
     )
@@ -96,7 +103,8 @@ def profile_command(
 ) -> None:
     """Profile a model per layer: parameters, FLOPs, activation memory, the layer graph (and times off meta)."""
     from profiler import profile, profile_zoo
-    from profiler.factory import is_factory_spec, load_factory_model
+    from profiler.factory import is_factory_spec, load_factory
+    from profiler.loss import loss_name
     from profiler.zoo import get_model
     from profiler.zoo import list_models as zoo_names
 
@@ -115,13 +123,15 @@ def profile_command(
         options = {"device": device, "dtype": dtype, "cache": not no_cache, "layers": _split_layers(layers),
                        "repeats": repeats, "progress": report}
         if is_factory_spec(model):
-            module, inputs = load_factory_model(model, batch_size=batch_size, seq_len=seq_len)
-            result = profile(module, inputs, name=model, seq_len=seq_len, **options)
+            loaded = load_factory(model, batch_size=batch_size, seq_len=seq_len)
+            loss = None if loaded.loss_fn is None else loss_name(loaded.loss_fn)
+            result = profile(loaded.module, loaded.inputs, name=model, seq_len=seq_len, loss_fn=loaded.loss_fn,
+                             targets=loaded.targets, **options)
         else:
-            get_model(model)  # an unknown name fails here, listing the known ones
+            loss = loss_name(get_model(model).loss_fn)  # an unknown name fails here, listing the known ones
             sizes = {"seq_len": seq_len} if seq_len is not None else {}
             result = profile_zoo(model, batch_size=batch_size, **sizes, **options)
-    console.print(render_profile(result))
+    console.print(render_profile(result, loss))
     if result.step is not None:
         layer_sum = sum(l.fwd_seconds + l.bwd_seconds for l in result.layers) * result.input.batch_size
         console.print(f"whole step (fwd+bwd): {result.step.fwd_bwd_seconds * 1e3:.2f} ms measured, "

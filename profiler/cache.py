@@ -1,4 +1,5 @@
-"""On-disk cache of profiles, keyed by what determines a profile: structure, inputs, dtype, device, layer choice.
+"""On-disk cache of profiles, keyed by what determines a profile: structure, inputs, dtype, device, layer choice,
+and the training loss counted in the last layer (if any).
 
 The cache directory is always passed in by the caller (the top-level `profile` function or the CLI decides it);
 a corrupt or outdated entry is treated as a miss and overwritten.
@@ -18,13 +19,22 @@ from planner.model_profile import InputSpec, ModelProfile
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the profiler counts something differently, so old cache entries stop matching.
-PROFILER_VERSION = 1
+PROFILER_VERSION = 2
 
 
 def cache_key(
-    structure: str, inputs: InputSpec, dtype: str, device: str, layers: list[str] | None, timing: tuple[int, int]
+    structure: str,
+    inputs: InputSpec,
+    dtype: str,
+    device: str,
+    layers: list[str] | None,
+    timing: tuple[int, int],
+    loss: dict | None = None,
 ) -> str:
-    """Hex key of one profile request; the timing settings only matter off the meta device."""
+    """Hex key of one profile request; the timing settings only matter off the meta device.
+
+    loss: None when no loss was counted, else {"fn": qualified name, "targets": target shapes and dtypes}.
+    """
     key = {
         "v": PROFILER_VERSION,
         "structure": structure,
@@ -33,6 +43,7 @@ def cache_key(
         "device": device,
         "layers": layers,
         "timing": list(timing) if device != "meta" else None,
+        "loss": loss,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 

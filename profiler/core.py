@@ -3,7 +3,8 @@
 Counting (FLOPs, bytes, memory, layer graph, tensor parallelism) always happens on a meta copy of the model, so it
 allocates no weights and works for models far larger than the machine; on device "cpu" / "cuda" the layers and a
 whole step are also timed. Layers with the same structure and inputs (the blocks of a transformer) are counted and
-timed once and the result copied, which keeps a 70B model under a few seconds.
+timed once and the result copied, which keeps a 70B model under a few seconds. A training loss, when given, is
+counted and timed as part of the last layer (see `profiler.loss`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from profiler.errors import ProfileError
 from profiler.graph import build_layer_graph, legal_cut_points
 from profiler.hashing import layer_signature, structure_hash
 from profiler.layers import call_order, find_layers
+from profiler.loss import TrainingLoss, loss_name, targets_signature
 from profiler.measure import estimate_times
 from profiler.recording import cast_inputs, device_copy, meta_copy, record_calls, tensors_of
 from profiler.tensor_parallel import detect_tensor_parallel
@@ -111,6 +113,8 @@ def profile(
     cache_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
     seq_len: int | None = None,
+    loss_fn: Callable | None = None,
+    targets: Any = None,
 ) -> ModelProfile:
     """Profile `model` called as `model(*example_inputs)`, per layer (see `ModelProfile` for every field).
 
@@ -118,27 +122,45 @@ def profile(
     dtype: precision to profile in (default: the model's); layers: explicit layer module names (default: found
     automatically); cache / cache_dir: reuse profiles on disk (default dir $AUTOPAR_CACHE_DIR or ~/.cache/autopar);
     progress: called as progress(description, done, total); seq_len: tokens per sample if not dim 1 of the input.
+    loss_fn: the training loss, counted (and timed) as part of the last layer, whose output must be the model's
+    output: called as loss_fn(output, targets), or as loss_fn(output) when targets is None (no targets are made up);
+    it must return a scalar. Without loss_fn, backward starts from a gradient of ones on the model's output.
     """
     return _profile(model, example_inputs, device=device, dtype=dtype, layers=layers, name=name, warmup=warmup,
                     repeats=repeats, cache=cache, cache_dir=cache_dir, progress=progress, seq_len=seq_len,
-                    owned=False)
+                    loss_fn=loss_fn, targets=targets, owned=False)
+
+
+def _check_loss_layer(names: list[str], records: dict) -> None:
+    """The loss is counted with the last layer, so the model's output must be exactly that layer's output."""
+    last = records[names[-1]].output
+    model_out = records["<output>"].output
+    if [id(t) for t in tensors_of(model_out)] != [id(t) for t in tensors_of(last)]:
+        raise ProfileError(
+            f"loss_fn is applied to the model's output, but the last layer '{names[-1] or '(model)'}' does not "
+            "return it (the model's forward changes it afterwards, or the layers leave out the module that makes "
+            "it); move that computation into the last layer or into loss_fn, or list the layers up to the output"
+        )
 
 
 def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repeats, cache, cache_dir, progress,
-             seq_len, owned) -> ModelProfile:
+             seq_len, loss_fn, targets, owned) -> ModelProfile:
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ProfileError(f"expected an nn.Module to profile, got {type(model).__name__}")
     if warmup < 0 or repeats < 1:
         raise ProfileError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     device = _check_device(device)
+    if loss_fn is not None and not callable(loss_fn):
+        raise ProfileError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     dt = _resolve_dtype(model, dtype)
     spec = _input_spec(inputs, seq_len)
     batch = spec.batch_size
     name = name or type(model).__name__
     shash = structure_hash(model)
-    key = profile_cache.cache_key(shash, spec, dt.value, device, layers, (warmup, repeats))
+    loss_key = None if loss_fn is None else {"fn": loss_name(loss_fn), "targets": targets_signature(targets)}
+    key = profile_cache.cache_key(shash, spec, dt.value, device, layers, (warmup, repeats), loss_key)
     directory = default_cache_dir(cache_dir)
     if cache and (hit := profile_cache.load(directory, key)) is not None:
         logger.info("profile of %s loaded from the cache (%s)", name, directory)
@@ -157,6 +179,12 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
         n: layer_signature(meta_model.get_submodule(n), records[n].args, records[n].kwargs, records[n].from_input)
         for n in names
     }
+    meta_loss = None
+    if loss_fn is not None:
+        _check_loss_layer(names, records)
+        meta_loss = TrainingLoss.on_device(loss_fn, targets, "meta", torch_dtype)
+        # The loss makes the last layer unlike any other layer of the same shape.
+        signature[names[-1]] += f"+loss:{meta_loss.name}"
     unique: dict[str, str] = {}
     for n in names:
         unique.setdefault(signature[n], n)
@@ -167,7 +195,7 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     for i, (sig, n) in enumerate(unique.items()):
         report(f"counting {n}", i, total)
         module = meta_model.get_submodule(n)
-        costs[sig] = estimate_layer_cost(module, records[n])
+        costs[sig] = estimate_layer_cost(module, records[n], meta_loss if n == names[-1] else None)
         tp[sig] = detect_tensor_parallel(module, records[n], batch)
 
     times: dict[str, tuple[float, float]] = {}
@@ -176,12 +204,14 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     if measured:
         real_model = device_copy(model, device, torch_dtype, owned=owned)
         real_inputs = cast_inputs(inputs, device, torch_dtype)
+        real_loss = None if loss_fn is None else TrainingLoss.on_device(loss_fn, targets, device, torch_dtype)
         # Only the layers that get timed need their real inputs kept.
         real_records = record_calls(real_model, real_inputs, list(unique.values()), clone=True)
         timings = estimate_times(
             real_model, real_inputs, {sig: (real_model.get_submodule(n), real_records[n]) for sig, n in unique.items()},
             device=device, warmup=warmup, repeats=repeats,
             progress=lambda i, rounds: report(f"timing round {i + 1}/{rounds}", len(unique) + i, total),
+            loss=None if real_loss is None else (signature[names[-1]], real_loss),
         )
         del real_records
         times = timings.layers
@@ -258,9 +288,14 @@ def profile_zoo(
     warmup: int = 2,
     repeats: int = 5,
     progress: ProgressFn | None = None,
+    with_loss: bool = True,
     **size_options: Any,
 ) -> ModelProfile:
-    """Profile a zoo model by name (`autopar profile gpt2-medium`); size_options override its config fields."""
+    """Profile a zoo model by name (`autopar profile gpt2-medium`); size_options override its config fields.
+
+    with_loss: count (and time) the model's training loss on synthetic targets as part of the last layer, as
+    `profile(..., loss_fn=, targets=)` does; False profiles the model alone.
+    """
     from profiler.zoo import get_model
 
     if batch_size < 1:
@@ -269,7 +304,8 @@ def profile_zoo(
     device = _check_device(device)
     # Built in float32 (the structure hash does not depend on the profiled dtype); profile() converts its copies.
     model = zoo_model.build(device=device)
-    inputs = zoo_model.example_inputs(batch_size, device=device)
+    inputs, targets = zoo_model.synthetic_batch(batch_size, device=device)
     return _profile(model, inputs, device=device, dtype=dtype, layers=layers, name=name, warmup=warmup,
                     repeats=repeats, cache=cache, cache_dir=cache_dir, progress=progress, seq_len=zoo_model.seq_len,
+                    loss_fn=zoo_model.loss_fn if with_loss else None, targets=targets if with_loss else None,
                     owned=True)

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from profiler.loss import TrainingLoss
 from profiler.recording import LayerCall, tensor_bytes, tensors_of
 
 aten = torch.ops.aten
@@ -169,8 +170,13 @@ def _prepare_args(call: LayerCall) -> tuple[tuple, dict]:
     return tree_map(prep, (call.args, call.kwargs))
 
 
-def estimate_layer_cost(module: nn.Module, call: LayerCall) -> LayerCost:
-    """Count one layer (on meta) called with its recorded arguments: FLOPs, bytes, saved activations."""
+def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss | None = None) -> LayerCost:
+    """Count one layer (on meta) called with its recorded arguments: FLOPs, bytes, saved activations.
+
+    With `loss` (the last layer only), the loss of the layer's output is part of the forward, backward starts from
+    it, and what it saves counts as the layer's (one count per storage, so a tensor the layer already keeps is not
+    counted twice).
+    """
     args, kwargs = _prepare_args(call)
     excluded = {_key(t) for t in list(module.parameters()) + list(module.buffers())}
     saved: dict[int, float] = {}
@@ -185,6 +191,8 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall) -> LayerCost:
     with torch.enable_grad(), _UnfusedAttention(), FlopCounterMode(display=False) as fwd_counter, fwd_meter, \
             saved_tensors_hooks(pack, lambda t: t):
         output = module(*args, **kwargs)
+        if loss is not None:
+            output = loss(output)
     needs_grad = [t for t in tensors_of(output) if t.requires_grad]
     bwd_flops = bwd_bytes = 0.0
     if needs_grad:

@@ -2,7 +2,9 @@
 
 The factory is called with no arguments, except `batch_size` / `seq_len` when its signature has them, and returns
 either a module or `(module, example_inputs)`. A module alone works when it has an `example_inputs(batch_size)`
-method. Each failure says which part (file, import, attribute, call, return value) went wrong.
+method. To have the training loss counted with the last layer, return `(module, example_inputs, loss_fn)` (called
+as `loss_fn(output)`) or `(module, example_inputs, loss_fn, targets)` (called as `loss_fn(output, targets)`).
+Each failure says which part (file, import, attribute, call, return value) went wrong.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +53,24 @@ def _import(module_part: str) -> Any:
         raise ProfileError(f"importing '{module_part}' failed: {type(exc).__name__}: {exc}") from None
 
 
+@dataclass(frozen=True)
+class FactoryModel:
+    """What a factory returned: the module, its example inputs and, optionally, its loss and targets."""
+
+    module: nn.Module
+    inputs: tuple
+    loss_fn: Callable | None = None
+    targets: Any = None
+
+
 def load_factory_model(spec: str, *, batch_size: int, seq_len: int | None = None) -> tuple[nn.Module, tuple]:
-    """Import and call the factory named by `spec`; returns (module, example_inputs)."""
+    """Import and call the factory named by `spec`; returns (module, example_inputs) (any loss is dropped)."""
+    loaded = load_factory(spec, batch_size=batch_size, seq_len=seq_len)
+    return loaded.module, loaded.inputs
+
+
+def load_factory(spec: str, *, batch_size: int, seq_len: int | None = None) -> FactoryModel:
+    """Import and call the factory named by `spec`; returns the module, its inputs and its loss if it gave one."""
     module_part, _, attr = spec.rpartition(":")
     if not module_part or not attr:
         raise ProfileError(f"'{spec}' is not 'path/to/file.py:factory' or 'package.module:factory'")
@@ -74,16 +94,19 @@ def load_factory_model(spec: str, *, batch_size: int, seq_len: int | None = None
         result = factory(**kwargs)
     except Exception as exc:  # noqa: BLE001
         raise ProfileError(f"calling '{spec}' failed: {type(exc).__name__}: {exc}") from None
-    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module):
-        model, inputs = result
-        return model, inputs if isinstance(inputs, tuple) else (inputs,)
+    if isinstance(result, tuple) and len(result) in (2, 3, 4) and isinstance(result[0], nn.Module):
+        model, inputs, *loss = result
+        if loss and not callable(loss[0]):
+            raise ProfileError(f"'{spec}' returned {type(loss[0]).__name__} as its third element; it must be the "
+                               "loss function: (module, example_inputs, loss_fn[, targets])")
+        return FactoryModel(model, inputs if isinstance(inputs, tuple) else (inputs,), *loss)
     if isinstance(result, nn.Module):
         if callable(getattr(result, "example_inputs", None)):
             inputs = result.example_inputs(batch_size)
-            return result, inputs if isinstance(inputs, tuple) else (inputs,)
+            return FactoryModel(result, inputs if isinstance(inputs, tuple) else (inputs,))
         raise ProfileError(
             f"'{spec}' returned a module but no example inputs; return (module, example_inputs) so autopar knows "
             "the input shapes"
         )
-    raise ProfileError(f"'{spec}' returned {type(result).__name__}; it must return an nn.Module or "
-                       "(module, example_inputs)")
+    raise ProfileError(f"'{spec}' returned {type(result).__name__}; it must return an nn.Module, "
+                       "(module, example_inputs) or (module, example_inputs, loss_fn[, targets])")

@@ -3,7 +3,8 @@
 Each layer runs alone on the arguments it received in a real forward pass: forward, then backward with a gradient
 of ones on its outputs, with fresh leaf inputs and cleared parameter gradients every repeat so that every repeat
 does the same work as a training step's first micro-batch. The whole step (the model's forward, then backward with
-a gradient of ones) is timed the same way, so the sum of the layers can be checked against it. On CUDA, events
+a gradient of ones) is timed the same way, so the sum of the layers can be checked against it. With a training loss,
+the last layer's forward and the step's forward end with the loss and backward starts from it. On CUDA, events
 time the kernels; on CPU, wall time.
 """
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from profiler.loss import TrainingLoss
 from profiler.recording import LayerCall, tensors_of
 
 
@@ -65,18 +67,27 @@ def _backward(outputs: object) -> None:
         torch.autograd.backward(needs_grad, [torch.ones_like(t) for t in needs_grad])
 
 
-def _time_layer_once(watch: _Stopwatch, module: nn.Module, call: LayerCall) -> tuple[float, float]:
+def _time_layer_once(
+    watch: _Stopwatch, module: nn.Module, call: LayerCall, loss: TrainingLoss | None
+) -> tuple[float, float]:
     _clear_grads(module)
     args, kwargs = _fresh_args(call)
     if watch.cuda:
         torch.cuda.synchronize()
+
+    def forward() -> object:
+        output = module(*args, **kwargs)
+        return output if loss is None else loss(output)
+
     with torch.enable_grad():
-        t_fwd, output = watch.time(lambda: module(*args, **kwargs))
+        t_fwd, output = watch.time(forward)
     t_bwd, _ = watch.time(lambda: _backward(output))
     return t_fwd, t_bwd
 
 
-def _time_step_once(watch: _Stopwatch, model: nn.Module, inputs: tuple) -> tuple[float, int | None]:
+def _time_step_once(
+    watch: _Stopwatch, model: nn.Module, inputs: tuple, loss: TrainingLoss | None
+) -> tuple[float, int | None]:
     _clear_grads(model)
     if watch.cuda:
         torch.cuda.synchronize()
@@ -84,7 +95,8 @@ def _time_step_once(watch: _Stopwatch, model: nn.Module, inputs: tuple) -> tuple
 
     def step() -> None:
         with torch.enable_grad():
-            _backward(model(*inputs))
+            output = model(*inputs)
+            _backward(output if loss is None else loss(output))
 
     seconds, _ = watch.time(step)
     return seconds, int(torch.cuda.max_memory_allocated()) if watch.cuda else None
@@ -108,13 +120,14 @@ def estimate_times(
     warmup: int,
     repeats: int,
     progress: Callable[[int, int], None] | None = None,
+    loss: tuple[str, TrainingLoss] | None = None,
 ) -> Timings:
     """Time every layer (keyed as given) and a whole forward + backward, in interleaved rounds.
 
     Each round runs every layer once and then one whole step, so a slowdown from other work on the machine hits
     the layer times and the step time alike; the medians over the timed rounds are returned. The step, the most
     expensive part and only a check on the layers, runs in the last `min(repeats, 3)` rounds plus one warm-up
-    step before them.
+    step before them. `loss` = (layer key, loss): that layer's timing and every step include the loss.
     """
     watch = _Stopwatch(device)
     samples: dict[str, list[tuple[float, float]]] = {key: [] for key in layers}
@@ -126,12 +139,12 @@ def estimate_times(
         if progress is not None:
             progress(i, rounds)
         for key, (module, call) in layers.items():
-            t = _time_layer_once(watch, module, call)
+            t = _time_layer_once(watch, module, call, loss[1] if loss is not None and loss[0] == key else None)
             if i >= warmup:
                 samples[key].append(t)
         if i < rounds - step_repeats - 1:
             continue
-        seconds, peak_i = _time_step_once(watch, model, inputs)
+        seconds, peak_i = _time_step_once(watch, model, inputs, None if loss is None else loss[1])
         if i >= rounds - step_repeats:
             steps.append(seconds)
             if peak_i is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -68,6 +69,53 @@ def test_crashing_rank_fails_the_job_within_60_s_with_its_error(tmp_path):
     assert time.monotonic() - start < 60
     assert proc.returncode == 1
     assert "rank 1 failed" in proc.stderr and "injected failure on rank 1" in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_ctrl_c_stops_every_rank(tmp_path):
+    plan_path = tmp_path / "plan.json"
+    sup.make_plan(sup.strategy(pp=2, cuts=(3,), schedule="1f1b", num_micro_batches=4), sup.tiny_profile()
+                  ).to_json(plan_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "run", str(plan_path),
+                            "--model", "gpt-tiny", "--steps", "100000"],
+                           env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in cli.stdout:  # training has started once rank 0 reports a step
+            if line.startswith("step "):
+                break
+        workers = _children(cli.pid)
+        assert len(workers) == 2
+        cli.send_signal(signal.SIGINT)
+        assert cli.wait(timeout=45) != 0
+        deadline = time.monotonic() + 15
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers)
+    finally:
+        cli.kill()
 
 
 # --- multi-node ------------------------------------------------------------------------------------------------

@@ -36,8 +36,8 @@ TWO_RANK = {
 #: Cases that train the tied model instead of gpt-tiny.
 TIED_CASES = {"tied_head_fsdp2"}
 FOUR_RANK = {
-    "dp2xpp2_replicate": {"dp": 2, "pp": 2, "cuts": (3,), "schedule": "1f1b", "num_micro_batches": 4,
-                          "micro_batch_size": 1},
+    "dp2xpp2_replicate_full_recompute": {"dp": 2, "pp": 2, "cuts": (3,), "schedule": "1f1b", "num_micro_batches": 4,
+                                         "micro_batch_size": 1, "recompute": "full"},
     "dp2xpp2_zero1": {"dp": 2, "pp": 2, "cuts": (3,), "schedule": "gpipe", "zero_stage": 1},
     "dp2xtp2_fsdp": {"dp": 2, "tp": 2, "zero_stage": 3},
     "pp2xtp2": {"pp": 2, "tp": 2, "cuts": (2,), "schedule": "1f1b", "num_micro_batches": 4},

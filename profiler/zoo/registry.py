@@ -72,6 +72,11 @@ class ZooModel:
         """Training loss (a scalar, mean over the batch)."""
         return self._family.loss(output, targets)
 
+    @property
+    def loss_fn(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The family's loss function itself (e.g. `profiler.zoo.gpt.gpt_loss`), for callers that need its name."""
+        return self._family.loss
+
 
 _FAMILIES: dict[str, _Family] = {}
 # zoo name -> (family, preset config fields)
