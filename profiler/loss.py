@@ -1,9 +1,9 @@
 """The training loss, counted and timed as part of the model's last layer.
 
 A language model's cross-entropy keeps a float32 copy of the logits (its log-probabilities) for backward: for
-GPT-2 small at 1024 tokens that is 206 MB per sample, 25x what the head itself saves. The loss runs on the last
-pipeline stage, so the profiler adds its FLOPs, bytes moved and saved tensors to the last layer, and backward starts
-from the loss (a scalar) instead of a gradient of ones on the last layer's output.
+GPT-2 small at 1024 tokens that is 206 MB per sample, over 30x the 6.3 MB the head itself saves. The loss runs on
+the last pipeline stage, so the profiler adds its FLOPs, bytes moved and saved tensors to the last layer, and
+backward starts from the loss (a scalar) instead of a gradient of ones on the last layer's output.
 """
 
 from __future__ import annotations

@@ -156,16 +156,16 @@ def test_resumed_run_continues_the_same_losses(tmp_path):
     sup.make_plan(sup.strategy(dp=2, zero_stage=3), sup.tiny_profile()).to_json(plan_path)
     common = [str(plan_path), "--model", "gpt-tiny", "--steps", "4", "--save-dir", str(ckpt), "--lr", "1e-3"]
     first = _autopar(*common, "--save-every", "2", "--report", str(tmp_path / "a.json"))
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
     shutil.rmtree(ckpt / "step_00000004")  # as if the job had died after step 3
     second = _autopar(*common, "--resume", "--report", str(tmp_path / "b.json"))
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     a = json.loads((tmp_path / "a.json").read_text())["steps"]
     b = json.loads((tmp_path / "b.json").read_text())["steps"]
     assert [s["step"] for s in b] == [2, 3]
     assert len({s["loss"] for s in a}) == 4  # the curve moves, so matching it means something
     for old, new in zip(a[2:], b):
-        assert abs(old["loss"] - new["loss"]) <= 1e-6, (a, b)
+        assert abs(old["loss"] - new["loss"]) <= 1e-6, (a, b, first.stdout, second.stdout)
 
 
 # --- launch helpers --------------------------------------------------------------------------------------------
