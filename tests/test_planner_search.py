@@ -46,13 +46,15 @@ def _layer(i: int, rng: random.Random, divisor: int) -> LayerProfile:
 
 def _random_instance(seed: int) -> tuple[ModelProfile, ClusterSpec, int]:
     rng = random.Random(seed)
-    n_layers = rng.randint(2, 9)
+    # Up to 24 layers; at most 8 legal cuts keep the brute force over partitions small (as skip connections do).
+    n_layers = rng.randint(2, 24)
     divisor = rng.choice([4, 8, 12])
     layers = [_layer(i, rng, divisor) for i in range(n_layers)]
+    n_cuts = min(n_layers - 1, rng.randint(max(0, min(n_layers - 1, 8) - 2), 8))
     profile = ModelProfile(
         name=f"rand{seed}", structure_hash=f"h{seed}", input=InputSpec(batch_size=1, seq_len=16), dtype=DType.FP32,
         device="meta", mode=ProfileMode.ANALYTIC, layers=layers, edges=[],
-        cut_points=sorted(rng.sample(range(1, n_layers), k=max(0, n_layers - 1 - rng.randint(0, 1)))),
+        cut_points=sorted(rng.sample(range(1, n_layers), k=n_cuts)),
         profile_seconds=0.0)
     gpn = rng.choice([1, 2, 4])
     nodes = rng.choice([1, 2, 4]) if gpn < 4 else rng.choice([1, 2])
