@@ -6,6 +6,14 @@ Everything here is for the whole batch the layer was called with; the caller div
 - Bytes moved (roofline): for every aten op that produces data (views excluded), bytes of its tensor inputs and
   outputs, leaving out parameters and, in backward, the parameter gradients it writes (both are per step, not per
   sample).
+- Roofline classes: the ops are split into what runs as separate kernels with different arithmetic intensity, so the
+  planner can sum one roofline per class instead of hiding the memory-bound work under the GEMMs' time:
+  weight GEMMs (FLOP-performing ops that read a parameter or write a parameter gradient), activation matmuls (FLOP
+  ops between two activations: attention scores and context, intensity about the head dimension) and memory-bound
+  ops (no FLOPs counted: layernorm, GELU, softmax, scale, mask, dropout, residual adds, bias-gradient sums, copies).
+  For the memory-bound class also the bytes left when chains of memory-bound ops run as fused kernels: a tensor that
+  a memory-bound op writes and only memory-bound ops read, that autograd does not save and that does not leave the
+  layer, never goes to memory (its write and its reads drop out).
 - Saved activations: every tensor autograd packs for backward (`saved_tensors_hooks`), counted once per storage
   and leaving out parameters and buffers.
 - Attention core (for selective recompute): a softmax's output and everything elementwise derived from it (dropout,
@@ -14,6 +22,9 @@ Everything here is for the whole batch the layer was called with; the caller div
 - `scaled_dot_product_attention` is counted as a non-fused matmul-softmax-matmul in the profiled dtype (torch's own
   math path would upcast 16-bit inputs to float32 here, which no GPU kernel does), so its FLOPs and its
   `heads x s x s` probabilities are visible; a fused (flash) kernel saves less than this.
+- Dropout is counted as the GPU kernel runs it (`native_dropout`: one read, one write and a 1-byte mask; backward one
+  kernel), not as the CPU/meta decomposition (allocate, bernoulli, divide, multiply with a mask in the input dtype).
+- Ops that only alias their input (`_unsafe_view`) or only allocate (`empty_like`) move no data and count no bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ from profiler.recording import LayerCall, tensor_bytes, tensors_of
 aten = torch.ops.aten
 _MATMULS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
 _SOFTMAXES = {aten._softmax, aten._safe_softmax, aten.softmax}
+# Allocation without initialisation: no memory traffic on a GPU.
+_ALLOCATIONS = {aten.empty_like, aten.empty, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,34 @@ class LayerCost:
     selective_fwd_flops: float
     input_bytes: float
     output_bytes: float
+    fwd_actmm_flops: float = 0.0
+    fwd_actmm_bytes: float = 0.0
+    fwd_membound_bytes: float = 0.0
+    fwd_membound_fused_bytes: float = 0.0
+    bwd_actmm_flops: float = 0.0
+    bwd_actmm_bytes: float = 0.0
+    bwd_membound_bytes: float = 0.0
+    bwd_membound_fused_bytes: float = 0.0
+
+
+@dataclass(frozen=True)
+class RooflineClasses:
+    """FLOPs and bytes of one pass split by kernel class (the weight-GEMM class is the rest of the totals)."""
+
+    actmm_flops: float
+    actmm_bytes: float
+    membound_bytes: float
+    membound_fused_bytes: float
+
+
+@dataclass
+class _Op:
+    """One data-producing aten op: FLOPs, whether it reads a parameter, what it reads and writes."""
+
+    flops: float
+    reads_param: bool
+    reads: list[tuple[int | None, float]]  # (record id of the tensor read, or None if made outside the pass; bytes)
+    writes: list[tuple[int, int, float]]  # (storage key, record id, bytes)
 
 
 def _key(t: torch.Tensor) -> int:
@@ -65,6 +106,9 @@ class _OpMeter(TorchDispatchMode):
         self.excluded = excluded
         self.bytes = 0.0
         self.outputs: list[tuple[int, float]] = []
+        self.ops: list[_Op] = []
+        self._record_of: dict[int, int] = {}  # storage key -> record id of the op output that last wrote it
+        self._records = 0
         self._alive: list[object] = []  # keeps storages alive so their keys are never reused during the count
         self.mm_flops: dict[int, float] = {}
         self.mm_sources: dict[int, set[int]] = {}  # storage key -> activation matmuls it derives from
@@ -77,14 +121,68 @@ class _OpMeter(TorchDispatchMode):
         ins = tensors_of((args, kwargs))
         outs = tensors_of(out)
         if not func.is_view:
-            self.bytes += sum(t.numel() * t.element_size() for t in ins if _key(t) not in self.excluded)
-            for t in outs:
-                nbytes = float(t.numel() * t.element_size())
-                self.bytes += nbytes
-                self.outputs.append((_key(t), nbytes))
+            self._record(func, args, kwargs, out, ins, outs)
         self._alive.extend(t.untyped_storage() for t in outs)
         self._follow_attention(func, args, kwargs, out, ins, outs)
         return out
+
+    def _record(self, func, args, kwargs, out, ins, outs) -> None:
+        packet = func._overloadpacket
+        if packet in _ALLOCATIONS:
+            return
+        if not func._schema.is_mutable and {_key(t) for t in outs} & {_key(t) for t in ins}:
+            return  # returns an alias of an input (e.g. _unsafe_view): no data moves
+        flops = float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
+        reads, reads_param = [], False
+        for t in ins:
+            k = _key(t)
+            if k in self.excluded:
+                reads_param = True
+                continue
+            nbytes = float(t.numel() * t.element_size())
+            self.bytes += nbytes
+            reads.append((self._record_of.get(k), nbytes))
+        writes = []
+        for t in outs:
+            k, nbytes = _key(t), float(t.numel() * t.element_size())
+            self.bytes += nbytes
+            self.outputs.append((k, nbytes))
+            self._record_of[k] = self._records
+            writes.append((k, self._records, nbytes))
+            self._records += 1
+        self.ops.append(_Op(flops=flops, reads_param=reads_param, reads=reads, writes=writes))
+
+    def classes(self, keep: set[int], param_grads: set[int]) -> RooflineClasses:
+        """Split this pass's FLOPs and bytes by kernel class (see the module docstring).
+
+        keep: storage keys that must reach memory whatever reads them (saved for backward, the layer's outputs);
+        param_grads: keys of parameter gradients (their writes are per step, so not counted, and the ops writing
+        them are weight GEMMs or bias-gradient reductions).
+        """
+        actmm_flops = actmm_bytes = membound = 0.0
+        writer_is_membound: dict[int, tuple[int, float, bool]] = {}  # record -> (key, bytes, memory-bound writer)
+        readers: dict[int, list[tuple[bool, float]]] = {}
+        for op in self.ops:
+            writes_grad = any(k in param_grads for k, _, _ in op.writes)
+            nbytes = sum(b for _, b in op.reads) + sum(b for k, _, b in op.writes if k not in param_grads)
+            is_membound = op.flops == 0
+            if is_membound:
+                membound += nbytes
+            elif not (op.reads_param or writes_grad):
+                actmm_flops += op.flops
+                actmm_bytes += nbytes
+            for rec, b in op.reads:
+                if rec is not None:
+                    readers.setdefault(rec, []).append((is_membound, b))
+            for k, rec, b in op.writes:
+                writer_is_membound[rec] = (k, 0.0 if k in param_grads else b, is_membound)
+        fused_away = 0.0
+        for rec, (k, b, by_membound) in writer_is_membound.items():
+            reads = readers.get(rec, [])
+            if by_membound and reads and k not in keep and k not in param_grads and all(m for m, _ in reads):
+                fused_away += b + sum(rb for _, rb in reads)
+        return RooflineClasses(actmm_flops=actmm_flops, actmm_bytes=actmm_bytes, membound_bytes=membound,
+                               membound_fused_bytes=max(membound - fused_away, 0.0))
 
     def _follow_attention(self, func, args, kwargs, out, ins, outs) -> None:
         packet = func._overloadpacket
@@ -139,18 +237,27 @@ def _attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     if attn_mask is not None:
         scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
-    if dropout_p > 0:
-        probs = torch.dropout(probs, dropout_p, train=True)
-    return torch.matmul(probs, value)
+    return torch.matmul(_gpu_dropout(probs, dropout_p), value)
+
+
+def _gpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout as the CUDA kernel runs it (one op, boolean mask) instead of the CPU/meta decomposition."""
+    return torch.native_dropout(x, p, True)[0] if p > 0 else x
 
 
 class _UnfusedAttention(TorchFunctionMode):
-    """Routes scaled_dot_product_attention to `_attention_math` while a layer is counted."""
+    """Routes scaled_dot_product_attention to `_attention_math` and training dropout to `_gpu_dropout` while a
+    layer is counted."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return _attention_math(*args, **kwargs)
+        if func is F.dropout and not kwargs.get("inplace", False) and len(args) < 4:
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get("training", args[2] if len(args) > 2 else True)
+            if training:
+                return _gpu_dropout(args[0] if args else kwargs["input"], p)
         return func(*args, **kwargs)
 
 
@@ -194,6 +301,8 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
         if loss is not None:
             output = loss(output)
     needs_grad = [t for t in tensors_of(output) if t.requires_grad]
+    fwd_cls = fwd_meter.classes(set(saved) | {_key(t) for t in tensors_of(output)}, set())
+    bwd_cls = RooflineClasses(0.0, 0.0, 0.0, 0.0)
     bwd_flops = bwd_bytes = 0.0
     if needs_grad:
         grads = [torch.ones_like(t) for t in needs_grad]
@@ -203,6 +312,8 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
         grad_keys = {_key(p.grad) for p in module.parameters() if p.grad is not None}
         bwd_bytes = bwd_meter.bytes - sum(b for k, b in bwd_meter.outputs if k in grad_keys)
         bwd_flops = float(bwd_counter.get_total_flops())
+        input_grads = {_key(t.grad) for t in tensors_of((args, kwargs)) if t.grad is not None}
+        bwd_cls = bwd_meter.classes(input_grads, grad_keys)
     for p in module.parameters():
         p.grad = None
     return LayerCost(
@@ -215,4 +326,12 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
         selective_fwd_flops=fwd_meter.core_flops,
         input_bytes=float(tensor_bytes((call.args, call.kwargs))),
         output_bytes=float(tensor_bytes(call.output)),
+        fwd_actmm_flops=fwd_cls.actmm_flops,
+        fwd_actmm_bytes=fwd_cls.actmm_bytes,
+        fwd_membound_bytes=fwd_cls.membound_bytes,
+        fwd_membound_fused_bytes=fwd_cls.membound_fused_bytes,
+        bwd_actmm_flops=bwd_cls.actmm_flops,
+        bwd_actmm_bytes=bwd_cls.actmm_bytes,
+        bwd_membound_bytes=bwd_cls.membound_bytes,
+        bwd_membound_fused_bytes=bwd_cls.membound_fused_bytes,
     )
