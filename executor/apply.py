@@ -34,7 +34,7 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.nn.parallel import DistributedDataParallel
 
 from executor import init as minit
-from executor import parallelize, pipeline
+from executor import parallelize, pipeline, shared
 from executor.errors import ExecutorError
 from executor.mesh import axis_rank, build_mesh
 from planner.model_profile import ModelProfile
@@ -59,6 +59,8 @@ class ParallelModel:
     stages: list[PipelineStage] = field(default_factory=list)
     schedule: _PipelineSchedule | None = None
     autocast_dtype: torch.dtype | None = None
+    #: Copies of parameters shared across pipeline stages, whose gradients are summed after each backward.
+    shared_copies: shared.SharedCopies = field(default_factory=shared.SharedCopies)
 
     @property
     def dp_rank(self) -> int:
@@ -102,7 +104,10 @@ class ParallelModel:
         Returns the mean loss over the replica's micro-batches on ranks that compute the loss, else None.
         """
         if self.schedule is not None:
-            return self._pipelined(inputs, targets)
+            loss = self._pipelined(inputs, targets)
+            # After the schedule (and with it FSDP's / replicate's reduction) has finished, before the optimizer.
+            self.shared_copies.sync_grads()
+            return loss
         part = self.parts[0]
         nmb = self.strategy.num_micro_batches
         xs = [t.chunk(nmb) for t in inputs]
@@ -143,12 +148,12 @@ class ParallelModel:
 
 def _shared_layers(model: nn.Module, layer_names: list[str]) -> set[str]:
     """Layers holding a parameter that is shared with another layer (FSDP must wrap them together)."""
-    shared = set()
+    out: set[str] = set()
     for group in minit.tie_groups(model):
-        owners = {pipeline.layer_of(n, layer_names) for n in group}
+        owners = {shared.layer_of(n, layer_names) for n in group}
         if len(owners) > 1:
-            shared |= {o for o in owners if o is not None}
-    return shared
+            out |= {o for o in owners if o is not None}
+    return out
 
 
 def apply_plan(
@@ -187,14 +192,13 @@ def apply_plan(
     dims = strategy.dims
 
     if dims.pp > 1:
-        pipeline.check_pipelinable(meta, profile, strategy.stages)
+        pipeline.check_pipelinable(meta, profile, strategy.stages, tp=dims.tp)
         stage_indices = pipeline.local_stage_indices(strategy, axis_rank(mesh, MeshAxis.PP))
         layer_sets = [names[strategy.stages[s].start:strategy.stages[s].stop] for s in stage_indices]
         parts: list[nn.Module] = [pipeline.build_stage_module(meta, ls) for ls in layer_sets]
     else:
         stage_indices, layer_sets, parts = [0], [names], [meta]
 
-    shared = _shared_layers(meta, names)
     use_ddp = dims.dp > 1 and dims.pp == 1 and dims.tp == 1 and strategy.zero_stage == ZeroStage.NONE
     for part, layer_names in zip(parts, layer_sets):
         layers = {n: part.get_submodule(n) for n in layer_names}
@@ -203,7 +207,8 @@ def apply_plan(
                 if layer.name in layers and layer.tp is not None:
                     parallelize.apply_tp(layers[layer.name], layer.name, layer.tp, mesh[MeshAxis.TP.value])
         parallelize.apply_ac(list(layers.values()), strategy.recompute)
-        unit_layers = [m for n, m in layers.items() if n not in shared]
+        tied = _shared_layers(part, layer_names)  # within this part: a cut has already untied the others
+        unit_layers = [m for n, m in layers.items() if n not in tied]
         if dims.dp > 1 and not use_ddp:
             dp_mesh = mesh[MeshAxis.DP.value]
             if strategy.zero_stage >= ZeroStage.OPTIMIZER:
@@ -219,6 +224,7 @@ def apply_plan(
         autocast_dtype=autocast_dtype,
     )
     if dims.pp > 1:
+        pm.shared_copies = shared.build_shared_copies(meta, profile, strategy, mesh, parts, stage_indices)
         pm.stages, pm.schedule = pipeline.build_schedule(
             parts, stage_indices, strategy, device=device, group=mesh[MeshAxis.PP.value].get_group(), loss_fn=loss_fn
         )

@@ -3,7 +3,8 @@
 A stage module keeps the model's own parameter names (it adopts the model's top-level children, with every layer of
 other stages removed), so checkpoints and initial values are the same whatever the cut. It calls its layers in the
 profile's order, one tensor in and one out: the profile's edges must show that nothing but the previous layer's
-output crosses a cut.
+output crosses a cut. A parameter shared by layers of two stages ends up as one copy per stage module (each is a
+separate pruned copy of the model); `executor.shared` keeps the copies equal.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from executor.errors import ExecutorError
+from executor.shared import check_tp_layouts, layer_of, split_groups
 from planner.model_profile import INPUT_NODE, OUTPUT_NODE, ModelProfile
 from planner.strategy import Schedule, StageSpec, Strategy
 
@@ -44,35 +46,22 @@ class StageModule(nn.Module):
         return x
 
 
-def layer_of(param_name: str, layer_names: Sequence[str]) -> str | None:
-    """The profiled layer that owns a parameter name, or None."""
-    for layer in layer_names:
-        if param_name.startswith(layer + "."):
-            return layer
-    return None
+def check_pipelinable(model: nn.Module, profile: ModelProfile, stages: Sequence[StageSpec], *, tp: int = 1) -> None:
+    """Refuse cuts the stage modules could not run correctly, naming the parameter or edge at fault.
 
-
-def check_pipelinable(model: nn.Module, profile: ModelProfile, stages: Sequence[StageSpec]) -> None:
-    """Refuse cuts the stage modules could not run correctly, naming the parameter or edge at fault."""
+    A parameter shared by layers of different stages is fine (each stage gets a copy, see `executor.shared`) unless
+    tensor parallelism (degree `tp`) would shard the copies differently.
+    """
     names = [layer.name for layer in profile.layers]
     stage_of_layer = {names[i]: s for s, st in enumerate(stages) for i in range(st.start, st.stop)}
-    by_id: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
-        owner = layer_of(pname, names)
-        if owner is None:
+    for pname, _ in model.named_parameters(remove_duplicate=False):
+        if layer_of(pname, names) is None:
             raise ExecutorError(
                 f"parameter '{pname}' belongs to no profiled layer, so no pipeline stage can hold it; move it into a "
                 "layer or run without pipeline parallelism (pp=1)"
             )
-        by_id.setdefault(id(p), []).append(pname)
-    for aliases in by_id.values():
-        owning = {stage_of_layer[layer_of(a, names)] for a in aliases}
-        if len(owning) > 1:
-            raise ExecutorError(
-                f"parameters {', '.join(aliases)} are one shared tensor but the plan puts them in stages "
-                f"{sorted(owning)}; the copies would drift apart. Untie them (zoo GPT: tie_embeddings=False) or "
-                "plan without pipeline parallelism"
-            )
+    for aliases, _ in split_groups(model, names, stage_of_layer):
+        check_tp_layouts(aliases, profile, tp)
     index = {n: i for i, n in enumerate(names)} | {INPUT_NODE: -1, OUTPUT_NODE: len(names)}
     for cut in (st.start for st in stages[1:]):
         for e in profile.edges:

@@ -81,6 +81,12 @@ class ClusterSpec(_Strict):
     overlap_dp_comm: bool = Field(
         default=True, description="Whether data-parallel gradient communication overlaps the backward pass."
     )
+    fused_elementwise: bool = Field(
+        default=False,
+        description="Whether chains of memory-bound elementwise ops run as fused kernels (Megatron's fused "
+                    "scale-mask-softmax / bias-GELU / bias-dropout-add, torch.compile): intermediates between them "
+                    "that autograd does not save never reach memory. False = eager PyTorch, one kernel per op.",
+    )
 
     @property
     def world_size(self) -> int:

@@ -100,17 +100,44 @@ class LayerCompute:
     recompute: float
 
 
-def _roofline(flops: float, act_bytes: float, weight_bytes: float, peak: float, cluster: ClusterSpec) -> float:
-    mem_bw = cluster.device.memory_bandwidth * cluster.memory_efficiency
-    return max(flops / (peak * cluster.compute_efficiency), act_bytes / mem_bw) + weight_bytes / mem_bw
-
-
-def _activation_split(layer: LayerProfile, nbytes: float, tp: int) -> float:
-    # Inputs and outputs of a TP block (LayerNorm, residual) stay whole on every rank; the rest is split.
-    if layer.tp is None or tp == 1:
-        return nbytes
-    whole = min(nbytes, 2 * (layer.input_bytes + layer.output_bytes))
+def _tp_split(nbytes: float, whole: float, tp: int) -> float:
+    # The first `whole` bytes stay whole on every TP rank; the rest is split across the group.
+    whole = min(nbytes, whole)
     return whole + (nbytes - whole) / tp
+
+
+def estimate_pass_seconds(
+    layer: LayerProfile, cluster: ClusterSpec, peak: float, *, backward: bool, micro_batch: int, tp: int,
+    weight_bytes: float,
+) -> float:
+    """Seconds of one forward or backward pass of `layer` over a micro-batch: a sum of per-class rooflines.
+
+    Kernels of different arithmetic intensity run one after another, so each class gets its own roofline
+    max(FLOPs / (peak * compute_efficiency), bytes / (bandwidth * memory_efficiency)) and the classes add up:
+    weight GEMMs (compute-bound at these sizes), activation matmuls (attention; intensity about the head dimension,
+    often memory-bound) and memory-bound ops (bytes only; the fused byte count when `cluster.fused_elementwise`).
+    Plus `weight_bytes` read (and written) once. A profile without the split is one roofline over the whole layer.
+    TP divides the FLOPs and bytes of a TP-able layer by `tp`, except that its inputs and outputs (LayerNorm,
+    residual adds) stay whole on every rank.
+    """
+    if backward:
+        flops, total, mm_f, mm_b = layer.bwd_flops, layer.bwd_bytes, layer.bwd_actmm_flops, layer.bwd_actmm_bytes
+        mem, mem_fused = layer.bwd_membound_bytes, layer.bwd_membound_fused_bytes
+    else:
+        flops, total, mm_f, mm_b = layer.fwd_flops, layer.fwd_bytes, layer.fwd_actmm_flops, layer.fwd_actmm_bytes
+        mem, mem_fused = layer.fwd_membound_bytes, layer.fwd_membound_fused_bytes
+    split = mem > 0 or mm_f > 0
+    gemm_f, gemm_b = max(flops - mm_f, 0.0), max(total - mm_b - mem, 0.0)
+    if cluster.fused_elementwise and split:
+        mem = mem_fused
+    t = tp if layer.tp is not None else 1
+    whole = 2 * (layer.input_bytes + layer.output_bytes) if t > 1 else 0.0
+    b = micro_batch
+    compute = peak * cluster.compute_efficiency
+    mem_bw = cluster.device.memory_bandwidth * cluster.memory_efficiency
+    gemm = max(b * gemm_f / t / compute, b * _tp_split(gemm_b, 0.0 if split else whole, t) / mem_bw)
+    actmm = max(b * mm_f / t / compute, b * mm_b / t / mem_bw)
+    return gemm + actmm + b * _tp_split(mem, whole, t) / mem_bw + weight_bytes / mem_bw
 
 
 def estimate_layer_compute(
@@ -119,24 +146,24 @@ def estimate_layer_compute(
 ) -> LayerCompute:
     """Forward, backward and recompute seconds of `layer` for one micro-batch.
 
-    Roofline: max(FLOPs / (peak * compute_efficiency), bytes / (bandwidth * memory_efficiency)) plus one read of the
-    weights in forward and a read and a gradient write in backward. TP divides the FLOPs of a TP-able layer (the
-    GEMMs and the per-head attention) by `tp`. Measured times are scaled by the same TP ratio.
+    Analytic: `estimate_pass_seconds` (per-class rooflines plus one read of the weights in forward and a read and a
+    gradient write in backward). Measured times are scaled by the same model's TP ratio.
     """
     peak = cluster.peak_flops_for(dtype)
     shard = tp if layer.tp is not None else 1
     b = micro_batch
     w_dev = device_param_count(layer, tp) * dtype.itemsize
 
-    def roof(flops: float, act: float, weights: float, t: int) -> float:
-        return _roofline(b * flops / t, b * _activation_split(layer, act, t), weights, peak, cluster)
+    def roof(backward: bool, weights: float, t: int) -> float:
+        return estimate_pass_seconds(layer, cluster, peak, backward=backward, micro_batch=b, tp=t,
+                                     weight_bytes=weights)
 
-    fwd = roof(layer.fwd_flops, layer.fwd_bytes, w_dev, shard)
-    bwd = roof(layer.bwd_flops, layer.bwd_bytes, 2 * w_dev, shard)
+    fwd = roof(False, w_dev, tp)
+    bwd = roof(True, 2 * w_dev, tp)
     if measured and layer.fwd_seconds is not None and layer.bwd_seconds is not None:
         w_full = layer.param_count * dtype.itemsize
-        f1 = roof(layer.fwd_flops, layer.fwd_bytes, w_full, 1)
-        b1 = roof(layer.bwd_flops, layer.bwd_bytes, 2 * w_full, 1)
+        f1 = roof(False, w_full, 1)
+        b1 = roof(True, 2 * w_full, 1)
         fwd = b * layer.fwd_seconds * (fwd / f1 if f1 > 0 else 1.0)
         bwd = b * layer.bwd_seconds * (bwd / b1 if b1 > 0 else 1.0)
     if recompute == "full":

@@ -113,6 +113,30 @@ class LayerProfile(_Strict):
     selective_fwd_flops: float = Field(
         default=0.0, ge=0, description="Forward FLOPs per sample that selective recompute repeats (attention core)."
     )
+    # Roofline classes (parts of fwd_flops / fwd_bytes and bwd_flops / bwd_bytes): kernels of different arithmetic
+    # intensity do not overlap, so the cost model sums one roofline per class. What is left of the totals is the
+    # weight-GEMM class. All zero (older profiles, hand-made ones) = the whole layer is one roofline.
+    fwd_actmm_flops: float = Field(
+        default=0.0, ge=0,
+        description="Forward FLOPs per sample of matmuls between two activations (attention QK^T and scores x V).",
+    )
+    fwd_actmm_bytes: float = Field(default=0.0, ge=0, description="Activation bytes those forward matmuls move.")
+    fwd_membound_bytes: float = Field(
+        default=0.0, ge=0,
+        description="Forward bytes per sample of ops with no FLOPs (layernorm, GELU, softmax, dropout, adds, copies).",
+    )
+    fwd_membound_fused_bytes: float = Field(
+        default=0.0, ge=0,
+        description="fwd_membound_bytes when chains of memory-bound ops run fused: an intermediate that only "
+                    "memory-bound ops read, that autograd does not save and that stays inside the layer is never "
+                    "written or read.",
+    )
+    bwd_actmm_flops: float = Field(default=0.0, ge=0, description="Backward FLOPs per sample of activation matmuls.")
+    bwd_actmm_bytes: float = Field(default=0.0, ge=0, description="Activation bytes those backward matmuls move.")
+    bwd_membound_bytes: float = Field(default=0.0, ge=0, description="Backward bytes per sample of ops with no FLOPs.")
+    bwd_membound_fused_bytes: float = Field(
+        default=0.0, ge=0, description="bwd_membound_bytes with chains of memory-bound ops fused (as forward)."
+    )
     fwd_seconds: float | None = Field(default=None, ge=0, description="Measured forward time per sample, or None.")
     bwd_seconds: float | None = Field(default=None, ge=0, description="Measured backward time per sample, or None.")
     tp: TensorParallelSpec | None = Field(default=None, description="How the layer shards under TP; None = cannot.")

@@ -95,3 +95,47 @@ def test_unequal_stages_are_not_averaged_away():
 def test_presets_load_with_node_override():
     c = load_cluster("dgx-a100-80gb", nodes=4)
     assert c.world_size == 32
+
+
+def test_layer_time_sums_one_roofline_per_kernel_class_by_hand():
+    from planner.cost import estimate_pass_seconds
+    from planner.model_profile import LayerProfile
+
+    # peak 1e12 FLOP/s, 1e11 B/s: weight GEMMs compute-bound, activation matmuls memory-bound, plus memory-bound ops
+    layer = LayerProfile(index=0, name="l", module_type="L", param_count=0, param_bytes=0, fwd_flops=5e9,
+                         bwd_flops=0, fwd_bytes=1e9, bwd_bytes=0, saved_activation_bytes=0, input_bytes=0,
+                         output_bytes=0, fwd_actmm_flops=1e9, fwd_actmm_bytes=3e8, fwd_membound_bytes=6e8,
+                         fwd_membound_fused_bytes=2e8)
+    c = _cluster(compute_efficiency=1.0, memory_efficiency=1.0)
+    gemm = max(4e9 / 1e12, 1e8 / 1e11)  # 4 ms compute vs 1 ms of its own bytes
+    actmm = max(1e9 / 1e12, 3e8 / 1e11)  # 1 ms compute vs 3 ms of bytes
+    t = estimate_pass_seconds(layer, c, 1e12, backward=False, micro_batch=2, tp=1, weight_bytes=0.0)
+    assert t == pytest.approx(2 * (gemm + actmm + 6e8 / 1e11), rel=1e-12)
+    fused = c.with_overrides(fused_elementwise=True)
+    t = estimate_pass_seconds(layer, fused, 1e12, backward=False, micro_batch=2, tp=1, weight_bytes=0.0)
+    assert t == pytest.approx(2 * (gemm + actmm + 2e8 / 1e11), rel=1e-12)
+    # without the split (older profiles) the layer is one roofline, as before
+    plain = layer.model_copy(update={f: 0.0 for f in ("fwd_actmm_flops", "fwd_actmm_bytes", "fwd_membound_bytes",
+                                                      "fwd_membound_fused_bytes")})
+    t = estimate_pass_seconds(plain, c, 1e12, backward=False, micro_batch=2, tp=1, weight_bytes=0.0)
+    assert t == pytest.approx(2 * max(5e9 / 1e12, 1e9 / 1e11), rel=1e-12)
+
+
+def test_small_gpt_blocks_take_longer_per_flop_than_large_ones():
+    # Attention's memory-bound work per token grows with a s (scores), its GEMM work with h^2: at s = 2048 a
+    # h = 2304 block spends a larger share on memory-bound kernels than a h = 12288 block.
+    from planner.cost import estimate_pass_seconds
+    from planner.gpt_formula import gpt_profile
+
+    c = load_cluster("dgx-a100-80gb", compute_efficiency=0.65, fused_elementwise=True)
+    peak = c.peak_flops_for(DType.FP16)
+
+    def per_flop(h: int, a: int) -> float:
+        blk = gpt_profile(num_layers=1, hidden=h, heads=a, seq_len=2048, vocab_size=51200, dropout=0.1).layers[1]
+        t = estimate_pass_seconds(blk, c, peak, backward=False, micro_batch=1, tp=1, weight_bytes=0.0)
+        return t / blk.fwd_flops
+
+    small, large = per_flop(2304, 24), per_flop(12288, 96)
+    gemm_only = 1 / (peak * 0.65)
+    assert small > 1.3 * gemm_only  # well above the GEMM-only rate...
+    assert large < 1.1 * gemm_only  # ...while a large block is nearly all GEMM

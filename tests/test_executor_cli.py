@@ -195,15 +195,24 @@ def test_multinode_launch_without_endpoint_is_refused():
 
 # --- pipeline cuts -----------------------------------------------------------------------------------------------
 
-def test_pp_refuses_tied_weights_split_across_stages():
+def test_pp_refuses_tied_weight_copies_that_tensor_parallelism_shards_differently():
+    from planner.model_profile import ShardStyle, TPShard
     from profiler.zoo import get_model
 
     profile = sup.tiny_profile(*sup.TIED)
     model = get_model(sup.TIED[0], **dict(sup.TIED[1])).build("meta")  # head.lm_head.weight is embed.wte.weight
-    stages = [sup.StageSpec(start=0, stop=2), sup.StageSpec(start=2, stop=4)]
-    with pytest.raises(ExecutorError, match="shared tensor"):
-        check_pipelinable(model, profile, stages)
-    check_pipelinable(model, profile, [sup.StageSpec(start=0, stop=4)])
+    split = [sup.StageSpec(start=0, stop=2), sup.StageSpec(start=2, stop=4)]
+    check_pipelinable(model, profile, split, tp=2)  # neither copy is tensor-parallel: one copy per stage is fine
+    # A profile that shards the head column-wise while the embedding stays whole: the copies' gradients differ in
+    # shape per rank and could not be summed.
+    block_tp = profile.layers[1].tp
+    head_tp = block_tp.model_copy(update={"shards": [TPShard(module="lm_head", style=ShardStyle.COLWISE)]})
+    sharded = profile.model_copy(update={"layers": [*profile.layers[:-1],
+                                                    profile.layers[-1].model_copy(update={"tp": head_tp})]})
+    with pytest.raises(ExecutorError, match="head.lm_head.weight colwise"):
+        check_pipelinable(model, sharded, split, tp=2)
+    check_pipelinable(model, sharded, split, tp=1)  # without tensor parallelism the layout is the same again
+    check_pipelinable(model, sharded, [sup.StageSpec(start=0, stop=4)], tp=2)  # one stage: still one tensor
 
 
 def test_pp_refuses_cut_crossed_by_a_skip_connection():

@@ -32,20 +32,80 @@ TWO_RANK = {
     "tp2_selective_recompute": {"tp": 2, "recompute": "selective"},
     # gpt2 layout with the head tied to the embedding: FSDP must keep the two names one tensor.
     "tied_head_fsdp2": {"dp": 2, "zero_stage": 3, "cuts": (), "num_layers": 4},
+    # The same model cut between embedding and head: each end stage holds a copy, gradients summed every step.
+    "tied_pp2_1f1b": {"pp": 2, "cuts": (2,), "schedule": "1f1b", "num_micro_batches": 4, "num_layers": 4},
+    "tied_pp2_interleaved_4_stages": {"pp": 2, "cuts": (1, 2, 3), "schedule": "interleaved_1f1b",
+                                      "virtual_stages": 2, "num_micro_batches": 4, "micro_batch_size": 1,
+                                      "num_layers": 4},
 }
-#: Cases that train the tied model instead of gpt-tiny.
-TIED_CASES = {"tied_head_fsdp2"}
 FOUR_RANK = {
     "dp2xpp2_replicate_full_recompute": {"dp": 2, "pp": 2, "cuts": (3,), "schedule": "1f1b", "num_micro_batches": 4,
                                          "micro_batch_size": 1, "recompute": "full"},
     "dp2xpp2_zero1": {"dp": 2, "pp": 2, "cuts": (3,), "schedule": "gpipe", "zero_stage": 1},
     "dp2xtp2_fsdp": {"dp": 2, "tp": 2, "zero_stage": 3},
     "pp2xtp2": {"pp": 2, "tp": 2, "cuts": (2,), "schedule": "1f1b", "num_micro_batches": 4},
+    # Tied head split from the embedding with data parallelism: the copies' FSDP shards / replicas are summed
+    # over the two ranks of each dp coordinate.
+    "tied_dp2xpp2_fsdp": {"dp": 2, "pp": 2, "cuts": (2,), "schedule": "1f1b", "num_micro_batches": 2,
+                          "zero_stage": 3, "num_layers": 4},
+    "tied_dp2xpp2_replicate": {"dp": 2, "pp": 2, "cuts": (2,), "schedule": "gpipe", "num_micro_batches": 2,
+                               "num_layers": 4},
 }
+#: Cases that train the tied model instead of gpt-tiny.
+TIED_CASES = {n for n in [*TWO_RANK, *FOUR_RANK] if n.startswith("tied_")}
+#: The tied parameter's two names (Hugging Face layout).
+TIED_NAMES = ("embed.wte.weight", "head.lm_head.weight")
 #: The layout run through a hand-written loop on `apply_plan` (the API for users with their own loop), given a
 #: model with real weights (built under this seed) instead of a factory.
 OWN_LOOP = "pp2_1f1b"
 OWN_LOOP_BUILD_SEED = 7
+
+
+def _tied_copies(parts) -> dict:
+    """This rank's whole copies of the tied parameter by name (collective over the dp axis for FSDP/replicate)."""
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for part in parts:
+        for name in TIED_NAMES:
+            try:
+                p = part.get_parameter(name)
+            except AttributeError:
+                continue
+            out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+    return out
+
+
+def _check_copies(pm, opts, name: str, ckpt_dir: Path, results: dict) -> None:
+    """Record whether every copy of the tied weight on every rank is bit-identical, and survives a checkpoint."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from executor import checkpoint
+
+    before = _tied_copies(pm.parts)
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {k: v.tolist() for k, v in before.items()})
+    copies = [(k, torch.tensor(v)) for d in everyone for k, v in d.items()]
+    results[f"{name}:copies"] = {
+        "names": sorted({k for k, _ in copies}),
+        "count": len(copies),
+        "identical": all(torch.equal(t, copies[0][1]) for _, t in copies),
+    }
+    state = checkpoint.TrainState(pm.parts, opts)
+    state.step = sup.STEPS
+    path = checkpoint.save(state, ckpt_dir / name)
+    with torch.no_grad():
+        for part in pm.parts:
+            for p in part.parameters():
+                (p.to_local() if isinstance(p, DTensor) else p).zero_()
+    checkpoint.load(state, path)
+    after = _tied_copies(pm.parts)
+    ok = torch.tensor(float(sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)))
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    results[f"{name}:reloaded"] = bool(ok)
 
 
 def _worker(cases_path: str, out_path: str) -> None:
@@ -89,6 +149,8 @@ def _worker(cases_path: str, out_path: str) -> None:
         else:
             losses = [r.loss for r in train(pm, opts, data, steps=sup.STEPS)]
         results[name] = losses
+        if tied and st.dims.pp > 1:
+            _check_copies(pm, opts, name, Path(cases_path).parent / "ckpt", results)
     if dist.get_world_size() == 2:
         # A planned TP key that matches no module must fail loudly (parallelize_module would only warn).
         zoo, profile = get_model("gpt-tiny"), tiny_profile
@@ -156,7 +218,20 @@ def test_two_rank_layout_loss_equals_single_process(two_rank, case):
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("case", sorted(FOUR_RANK))
 def test_four_rank_layout_loss_equals_single_process(four_rank, case):
-    _check(four_rank[case], FOUR_RANK[case])
+    _check(four_rank[case], FOUR_RANK[case], tied=case in TIED_CASES)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("case", sorted(n for n in TIED_CASES if "pp2" in n))
+def test_tied_weight_copies_of_split_stages_stay_bit_identical(request, case):
+    results = request.getfixturevalue("two_rank" if case in TWO_RANK else "four_rank")
+    copies = results[f"{case}:copies"]
+    assert copies["names"] == sorted(TIED_NAMES)  # both names really live on some rank: the tie was split
+    dp = (TWO_RANK | FOUR_RANK)[case].get("dp", 1)
+    assert copies["count"] == 2 * dp
+    assert copies["identical"]
+    assert results[f"{case}:reloaded"]  # a checkpoint saves both copies and loads both back
 
 
 @pytest.mark.distributed
