@@ -1,4 +1,5 @@
-"""Every layout gives the single-process loss: gpt-tiny, fp32, SGD, 3 steps, gloo on CPU, 2 and 4 real processes.
+"""Every layout gives the single-process loss: gpt-tiny (and a GPT-2 layout with a tied head), fp32, SGD, 3 steps,
+gloo on CPU, 2 and 4 real processes.
 
 To stay inside the time budget each world size is one torchrun launch that runs all its layouts one after another
 (this file is also the worker program); the tests then compare each layout's losses with a single-process run of
@@ -63,7 +64,6 @@ OWN_LOOP_BUILD_SEED = 7
 
 def _tied_copies(parts) -> dict:
     """This rank's whole copies of the tied parameter by name (collective over the dp axis for FSDP/replicate)."""
-    import torch
     from torch.distributed.tensor import DTensor
 
     out = {}
