@@ -151,6 +151,12 @@ class CandidateCosts:
         state = estimate_state_bytes(dtype, cfg.zero, d.dp)
         self.state = state
         fwd, bwd, rc, tpc, window, elems, act = layer_table(profile, cluster, d.tp, b, cfg.recompute, self.tp_group)
+        if cfg.num_stages > 1:
+            # A tied weight is held again by the stage of each layer that uses it (the executor keeps one copy per
+            # stage and sums their gradients), split by TP when the using layer is TP-able. Charged whenever the model is
+            # cut: exact when a cut separates user and owner (GPT's head and embedding), an overestimate otherwise.
+            elems = [e + layer.shared_param_count / (d.tp if layer.tp is not None else 1)
+                     for e, layer in zip(elems, profile.layers)]
         grad = [n * dtype.itemsize for n in elems]
         static = [int(n * state.total + 0.999999) for n in elems]
         self.fwd, self.bwd, self.rc, self.tpc = fwd, bwd, rc, tpc

@@ -118,7 +118,7 @@ def gpt_profile(
     layers.append(
         LayerProfile(
             index=num_layers + 1, name="head", module_type="GPTHead",
-            param_count=head_params, param_bytes=head_params * e,
+            param_count=head_params, param_bytes=head_params * e, shared_param_count=V * h if tie_embeddings else 0,
             fwd_flops=2 * s * h * V, bwd_flops=4 * s * h * V,
             fwd_bytes=2 * sh + s * V * e, bwd_bytes=2 * sh + 2 * s * V * e,
             saved_activation_bytes=2 * sh + 4 * s * V, input_bytes=sh, output_bytes=s * V * e,

@@ -97,6 +97,11 @@ class LayerProfile(_Strict):
     param_count: int = Field(ge=0, description="Parameters owned by this layer (a shared parameter counts once).")
     param_bytes: int = Field(ge=0, description="Bytes of those parameters in the profiled dtype.")
     buffer_bytes: int = Field(default=0, ge=0, description="Bytes of registered buffers.")
+    shared_param_count: int = Field(
+        default=0, ge=0,
+        description="Parameters this layer uses that an earlier layer owns (a tied weight); a pipeline stage "
+        "without that owner holds its own copy, with gradients and optimizer state.",
+    )
     fwd_flops: float = Field(ge=0, description="Forward FLOPs per sample.")
     bwd_flops: float = Field(ge=0, description="Backward FLOPs per sample.")
     fwd_bytes: float = Field(

@@ -249,6 +249,7 @@ def _layer_profiles(meta_model, names, signature, costs, tp, times, batch) -> li
     for index, n in enumerate(names):
         module = meta_model.get_submodule(n)
         params = [p for p in module.parameters() if id(p) not in seen]
+        shared = [p for p in module.parameters() if id(p) in seen]
         buffers = [b for b in module.buffers() if id(b) not in seen]
         seen.update(id(t) for t in params + buffers)
         cost = costs[signature[n]]
@@ -258,6 +259,7 @@ def _layer_profiles(meta_model, names, signature, costs, tp, times, batch) -> li
             name=n,
             module_type=type(module).__name__,
             param_count=sum(p.numel() for p in params),
+            shared_param_count=sum(p.numel() for p in shared),
             param_bytes=sum(p.numel() * p.element_size() for p in params),
             buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
             fwd_flops=cost.fwd_flops / batch,
