@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from profiler.zoo.layers import InitByName, SelfAttention
+
 
 class BertConfig(BaseModel):
     """Size of a BERT model."""
@@ -29,30 +31,6 @@ class BertConfig(BaseModel):
     mlp_ratio: int = Field(default=4, ge=1, description="MLP width over model width.")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout probability (0 keeps runs deterministic).")
     layer_norm_eps: float = Field(default=1e-12, gt=0, description="LayerNorm epsilon.")
-
-
-class BertSelfAttention(nn.Module):
-    """Bidirectional multi-head attention; infers the local head count, so it runs on a TP shard of heads."""
-
-    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        if hidden % heads:
-            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-        self.head_dim = hidden // heads
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.o_proj = nn.Linear(hidden, hidden)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
 class BertMLP(nn.Module):
@@ -72,7 +50,7 @@ class BertBlock(nn.Module):
 
     def __init__(self, cfg: BertConfig) -> None:
         super().__init__()
-        self.attn = BertSelfAttention(cfg.hidden, cfg.heads, cfg.dropout)
+        self.attn = SelfAttention(cfg.hidden, cfg.heads, cfg.dropout, causal=False)
         self.ln_1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.mlp = BertMLP(cfg.hidden, cfg.mlp_ratio)
         self.ln_2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
@@ -110,7 +88,7 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(x[:, 0]))
 
 
-class Bert(nn.Module):
+class Bert(InitByName):
     """embed -> blocks -> head (pooler); returns pooled vectors of shape (batch, hidden)."""
 
     def __init__(self, cfg: BertConfig) -> None:
@@ -122,13 +100,6 @@ class Bert(nn.Module):
         self.blocks = nn.ModuleList(BertBlock(cfg) for _ in range(cfg.num_layers))
         self.head = BertPooler(cfg)
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise every parameter not on the meta device (see `init_parameter`)."""
-        for name, p in self.named_parameters():
-            if p.device.type != "meta":
-                self.init_parameter(name, p)
 
     @torch.no_grad()
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:

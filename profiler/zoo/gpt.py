@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from profiler.zoo.layers import InitByName, SelfAttention
+
 
 class GPTConfig(BaseModel):
     """Size of a GPT model."""
@@ -32,31 +34,6 @@ class GPTConfig(BaseModel):
     tie_embeddings: bool = Field(default=True, description="Share the token embedding with the output head.")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout probability (0 keeps runs deterministic).")
     layer_norm_eps: float = Field(default=1e-5, gt=0)
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal attention; works unchanged on a tensor-parallel shard of the heads."""
-
-    def __init__(self, hidden: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        if hidden % heads:
-            raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
-        self.head_dim = hidden // heads
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.o_proj = nn.Linear(hidden, hidden)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, s, _ = x.shape
-        # -1 heads: under tensor parallelism each rank holds only its share of the heads.
-        q = self.q_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, self.head_dim).transpose(1, 2)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, -1))
 
 
 class MLP(nn.Module):
@@ -77,7 +54,7 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.attn = CausalSelfAttention(cfg.hidden, cfg.heads, cfg.dropout)
+        self.attn = SelfAttention(cfg.hidden, cfg.heads, cfg.dropout, causal=True)
         self.ln_2 = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg.hidden, cfg.mlp_ratio)
         self.drop = nn.Dropout(cfg.dropout)
@@ -113,7 +90,7 @@ class GPTHead(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-class GPT(nn.Module):
+class GPT(InitByName):
     """embed -> blocks -> head; returns logits of shape (batch, seq, vocab)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
@@ -127,13 +104,6 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.head.lm_head.weight = self.embed.wte.weight
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """GPT-2 initialisation (see `init_parameter`); parameters still on the meta device are left alone."""
-        for name, p in self.named_parameters():
-            if p.device.type != "meta":
-                self.init_parameter(name, p)
 
     @torch.no_grad()
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from profiler.zoo.layers import InitByName
+
 
 class LlamaConfig(BaseModel):
     """Size of a Llama-style model."""
@@ -149,7 +151,7 @@ class LlamaHead(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-class Llama(nn.Module):
+class Llama(InitByName):
     """embed -> blocks -> head; returns logits of shape (batch, seq, vocab)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
@@ -159,13 +161,6 @@ class Llama(nn.Module):
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_layers))
         self.head = LlamaHead(cfg)
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise every parameter and buffer not on the meta device (see `init_parameter`)."""
-        for name, t in [*self.named_parameters(), *self.named_buffers()]:
-            if t.device.type != "meta":
-                self.init_parameter(name, t)
 
     @torch.no_grad()
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:

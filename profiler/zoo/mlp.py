@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from profiler.zoo.layers import InitByName
+
 
 class MLPConfig(BaseModel):
     """Size of an MLP classifier."""
@@ -52,7 +54,7 @@ class MLPHead(nn.Module):
         return self.fc(self.norm(x))
 
 
-class MLP(nn.Module):
+class MLP(InitByName):
     """embed -> blocks -> head; returns class logits of shape (batch, num_classes)."""
 
     def __init__(self, cfg: MLPConfig) -> None:
@@ -62,13 +64,6 @@ class MLP(nn.Module):
         self.blocks = nn.ModuleList(MLPBlock(cfg.hidden, cfg.mlp_ratio) for _ in range(cfg.num_layers))
         self.head = MLPHead(cfg.hidden, cfg.num_classes)
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise every parameter not on the meta device (see `init_parameter`)."""
-        for name, p in self.named_parameters():
-            if p.device.type != "meta":
-                self.init_parameter(name, p)
 
     @torch.no_grad()
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:

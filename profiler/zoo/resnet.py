@@ -14,6 +14,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from profiler.zoo.layers import InitByName
+
 _STAGES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
@@ -103,7 +105,7 @@ class ClassifierHead(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class ResNet(nn.Module):
+class ResNet(InitByName):
     """stem -> blocks -> head; returns class logits of shape (batch, num_classes)."""
 
     def __init__(self, cfg: ResNetConfig) -> None:
@@ -121,13 +123,6 @@ class ResNet(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.head = ClassifierHead(inplanes, cfg.num_classes)
         self.reset_parameters()
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Initialise every parameter and buffer not on the meta device (see `init_parameter`)."""
-        for name, t in [*self.named_parameters(), *self.named_buffers()]:
-            if t.device.type != "meta":
-                self.init_parameter(name, t)
 
     @torch.no_grad()
     def init_parameter(self, name: str, tensor: torch.Tensor, generator: torch.Generator | None = None) -> None:
