@@ -3,8 +3,9 @@
 This package never imports torch, so a plan can be made from a profile file alone.
 """
 
-from planner.errors import AutoparError
 from planner.cluster import ClusterError, ClusterSpec, DeviceSpec, LinkSpec, load_cluster, preset_names
+from planner.errors import AutoparError
+from planner.evaluate import PlanError, evaluate
 from planner.model_profile import (
     DType,
     InputSpec,
@@ -17,6 +18,8 @@ from planner.model_profile import (
     TensorSpec,
     TPShard,
 )
+from planner.planning import PLANNER_VERSION, plan
+from planner.search import Objective
 from planner.strategy import (
     MeshAxis,
     ParallelDims,
@@ -30,16 +33,39 @@ from planner.strategy import (
     ZeroStage,
 )
 
-from planner.evaluate import PlanError, evaluate
-from planner.planning import PLANNER_VERSION, plan
-from planner.search import Objective
-
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoparError", "ClusterError", "ClusterSpec", "DeviceSpec", "LinkSpec", "load_cluster", "preset_names",
-    "DType", "InputSpec", "LayerEdge", "LayerProfile", "ModelProfile", "ProfileMode", "ShardStyle",
-    "TensorParallelSpec", "TensorSpec", "TPShard",
-    "MeshAxis", "ParallelDims", "Plan", "PlanKind", "Prediction", "Recompute", "Schedule", "StageSpec", "Strategy",
-    "ZeroStage", "plan", "evaluate", "PlanError", "Objective", "PLANNER_VERSION",
+    "PLANNER_VERSION",
+    "AutoparError",
+    "ClusterError",
+    "ClusterSpec",
+    "DType",
+    "DeviceSpec",
+    "InputSpec",
+    "LayerEdge",
+    "LayerProfile",
+    "LinkSpec",
+    "MeshAxis",
+    "ModelProfile",
+    "Objective",
+    "ParallelDims",
+    "Plan",
+    "PlanError",
+    "PlanKind",
+    "Prediction",
+    "ProfileMode",
+    "Recompute",
+    "Schedule",
+    "ShardStyle",
+    "StageSpec",
+    "Strategy",
+    "TPShard",
+    "TensorParallelSpec",
+    "TensorSpec",
+    "ZeroStage",
+    "evaluate",
+    "load_cluster",
+    "plan",
+    "preset_names",
 ]

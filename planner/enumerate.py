@@ -7,7 +7,7 @@ pruning by bound never discards the optimum. Per-layer sums are cached per (tp, 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from planner.candidate import Config, _strides, layer_table
 from planner.cluster import ClusterSpec
@@ -131,7 +131,7 @@ class Bounder:
         return estimate_comm_buffer_bytes(self.profile.layers, self.view.cut_bytes, dtype=self.profile.dtype, dp=dp,
                                           tp=tp, pp=pp, zero=zero, micro_batch=b)
 
-    @lru_cache(maxsize=None)  # noqa: B019 - one Bounder lives for one search
+    @cache  # noqa: B019 - one Bounder lives for one search
     def _dp_coefficients(self, dp: int, stride: int, gpus_per_node: int) -> tuple[tuple[float, float], ...]:
         if dp == 1:
             return ((0.0, 0.0),) * 3

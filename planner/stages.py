@@ -132,7 +132,7 @@ def _segments(costs: CandidateCosts) -> list[_Segment]:
     c, L = costs, costs.profile.num_layers
 
     def sig(i: int) -> tuple:
-        d = lambda P: P[i + 1] - P[i]  # noqa: E731
+        d = lambda P: P[i + 1] - P[i]
         return (d(c.P_time), d(c.P_window), d(c.P_grad), d(c.P_elems), d(c.P_static), d(c.P_act),
                 c.cut_bytes[i + 1] if i + 1 < L else None)
 
