@@ -38,11 +38,10 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from profiler.loss import TrainingLoss
-from profiler.recording import LayerCall, tensor_bytes, tensors_of
+from profiler.recording import LayerCall, fresh_leaf_args, tensor_bytes, tensors_of
 
 aten = torch.ops.aten
 _MATMULS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
@@ -261,22 +260,6 @@ class _UnfusedAttention(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _prepare_args(call: LayerCall) -> tuple[tuple, dict]:
-    """Fresh leaf copies of the recorded arguments; floating ones need grad unless they are model inputs."""
-    flags = iter(call.from_input)
-
-    def prep(v):
-        if not isinstance(v, torch.Tensor):
-            return v
-        from_input = next(flags, False)
-        leaf = v.detach()
-        if leaf.is_floating_point() and not from_input:
-            leaf.requires_grad_(True)
-        return leaf
-
-    return tree_map(prep, (call.args, call.kwargs))
-
-
 def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss | None = None) -> LayerCost:
     """Count one layer (on meta) called with its recorded arguments: FLOPs, bytes, saved activations.
 
@@ -284,7 +267,7 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
     it, and what it saves counts as the layer's (one count per storage, so a tensor the layer already keeps is not
     counted twice).
     """
-    args, kwargs = _prepare_args(call)
+    args, kwargs = fresh_leaf_args(call)
     excluded = {_key(t) for t in list(module.parameters()) + list(module.buffers())}
     saved: dict[int, float] = {}
 

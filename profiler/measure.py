@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from profiler.loss import TrainingLoss
-from profiler.recording import LayerCall, tensors_of
+from profiler.recording import LayerCall, fresh_leaf_args, tensors_of
 
 
 class _Stopwatch:
@@ -43,19 +42,6 @@ class _Stopwatch:
         return time.perf_counter() - t0, result
 
 
-def _fresh_args(call: LayerCall) -> tuple[tuple, dict]:
-    flags = iter(call.from_input)
-
-    def prep(v):
-        if not isinstance(v, torch.Tensor):
-            return v
-        from_input = next(flags, False)
-        leaf = v.detach()
-        return leaf.requires_grad_(leaf.is_floating_point() and not from_input)
-
-    return tree_map(prep, (call.args, call.kwargs))
-
-
 def _clear_grads(module: nn.Module) -> None:
     for p in module.parameters():
         p.grad = None
@@ -71,7 +57,7 @@ def _time_layer_once(
     watch: _Stopwatch, module: nn.Module, call: LayerCall, loss: TrainingLoss | None
 ) -> tuple[float, float]:
     _clear_grads(module)
-    args, kwargs = _fresh_args(call)
+    args, kwargs = fresh_leaf_args(call)
     if watch.cuda:
         torch.cuda.synchronize()
 

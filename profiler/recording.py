@@ -125,3 +125,17 @@ def _detached_clone(v: Any) -> Any:
 
 def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
+
+
+def fresh_leaf_args(call: LayerCall) -> tuple[tuple, dict]:
+    """Detached copies of a call's recorded arguments; floating ones need grad unless they are model inputs."""
+    flags = iter(call.from_input)
+
+    def prep(v):
+        if not isinstance(v, torch.Tensor):
+            return v
+        from_input = next(flags, False)
+        leaf = v.detach()
+        return leaf.requires_grad_(leaf.is_floating_point() and not from_input)
+
+    return tree_map(prep, (call.args, call.kwargs))
