@@ -7,7 +7,7 @@
     autopar serve --port 8000 --db plans.db
     autopar demo
 
-Each command lives in its own module (`api.cli_*`); this one wires them together and turns user mistakes
+Each command lives in its own module (`api.cli_*`); this one registers them on `app` and turns user mistakes
 (`AutoparError`) into a one-line message and exit code 2 instead of a traceback.
 """
 
@@ -18,6 +18,7 @@ import sys
 import typer
 from rich.console import Console
 
+from api import cli_demo, cli_plan, cli_profile, cli_run, cli_serve
 from planner.errors import AutoparError
 
 app = typer.Typer(
@@ -29,17 +30,12 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 
-
-def _register() -> None:
-    from api import cli_demo, cli_plan, cli_profile, cli_run, cli_serve
-
-    for module in (cli_profile, cli_plan, cli_run, cli_serve, cli_demo):
-        module.register(app)
+for _module in (cli_profile, cli_plan, cli_run, cli_serve, cli_demo):
+    _module.register(app)
 
 
 def main() -> None:
     """Console-script entry point."""
-    _register()
     try:
         app()
     except AutoparError as exc:

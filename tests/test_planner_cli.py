@@ -4,14 +4,9 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from api import cli
+from api.cli import app
 from planner.gpt_formula import gpt_profile
 from planner.strategy import Plan
-
-
-def _app():
-    cli._register()
-    return cli.app
 
 
 def test_plan_writes_a_plan_that_show_prints_and_charts(tmp_path):
@@ -19,12 +14,12 @@ def test_plan_writes_a_plan_that_show_prints_and_charts(tmp_path):
     gpt_profile(num_layers=8, hidden=1024, heads=16, seq_len=1024, vocab_size=50257).to_json(prof)
     out, chart = tmp_path / "plan.json", tmp_path / "plan.png"
     runner = CliRunner()
-    r = runner.invoke(_app(), ["plan", str(prof), "--cluster", "dgx-a100-40gb", "--nodes", "2", "--global-batch",
+    r = runner.invoke(app, ["plan", str(prof), "--cluster", "dgx-a100-40gb", "--nodes", "2", "--global-batch",
                                "64", "--top-k", "3", "--out", str(out)])
     assert r.exit_code == 0, r.output
     saved = Plan.from_json(out)
     assert saved.kind.value in r.output and "alternatives" in r.output
-    r = runner.invoke(_app(), ["show", str(out), "--chart", str(chart)])
+    r = runner.invoke(app, ["show", str(out), "--chart", str(chart)])
     assert r.exit_code == 0, r.output
     assert saved.strategy.describe() in r.output.replace("\n", " ") or "parallelism" in r.output
     assert chart.stat().st_size > 10_000
@@ -33,6 +28,6 @@ def test_plan_writes_a_plan_that_show_prints_and_charts(tmp_path):
 def test_show_refuses_a_file_that_is_not_a_plan(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"not": "a plan"}')
-    r = CliRunner().invoke(_app(), ["show", str(bad)])
+    r = CliRunner().invoke(app, ["show", str(bad)])
     assert r.exit_code != 0
     assert "not a valid plan" in str(r.exception) or "not a valid plan" in r.output

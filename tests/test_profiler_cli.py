@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import typer
 from typer.testing import CliRunner
 
-from api import cli_profile
+from api.cli import app
 from planner.errors import AutoparError
 from planner.model_profile import ModelProfile
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Keeps `profile` a subcommand."""
-
-    cli_profile.register(app)
-    return app
-
-
 def test_cli_profile_prints_a_layer_table_and_writes_a_loadable_json(tmp_path) -> None:
     out = tmp_path / "tiny.json"
-    result = CliRunner().invoke(_app(), ["profile", "gpt-tiny", "--batch-size", "2", "--out", str(out), "--no-cache"],
+    result = CliRunner().invoke(app, ["profile", "gpt-tiny", "--batch-size", "2", "--out", str(out), "--no-cache"],
                                 terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "blocks.3" in result.output and "total" in result.output
@@ -40,13 +28,13 @@ def test_cli_profiles_a_factory_from_a_file(tmp_path) -> None:
         "    return model, (torch.randn(batch_size, 8),)\n"
     )
     out = tmp_path / "p.json"
-    result = CliRunner().invoke(_app(), ["profile", f"{source}:build", "-b", "3", "--out", str(out), "--no-cache"])
+    result = CliRunner().invoke(app, ["profile", f"{source}:build", "-b", "3", "--out", str(out), "--no-cache"])
     assert result.exit_code == 0, result.output
     assert ModelProfile.from_json(out).input.batch_size == 3
 
 
 def test_cli_unknown_zoo_name_is_a_user_error_listing_known_models() -> None:
-    result = CliRunner().invoke(_app(), ["profile", "gpt-5", "--no-cache"])
+    result = CliRunner().invoke(app, ["profile", "gpt-5", "--no-cache"])
     assert isinstance(result.exception, AutoparError)
     assert "gpt2-medium" in str(result.exception) and "llama-70b" in str(result.exception)
 
@@ -54,8 +42,8 @@ def test_cli_unknown_zoo_name_is_a_user_error_listing_known_models() -> None:
 def test_cli_factory_that_fails_to_import_says_which_part_failed(tmp_path) -> None:
     source = tmp_path / "broken.py"
     source.write_text("import not_a_real_package\n")
-    result = CliRunner().invoke(_app(), ["profile", f"{source}:build", "--no-cache"])
+    result = CliRunner().invoke(app, ["profile", f"{source}:build", "--no-cache"])
     assert isinstance(result.exception, AutoparError)
     assert "importing" in str(result.exception) and "not_a_real_package" in str(result.exception)
-    result = CliRunner().invoke(_app(), ["profile", "json:no_such_factory", "--no-cache"])
+    result = CliRunner().invoke(app, ["profile", "json:no_such_factory", "--no-cache"])
     assert "has no attribute 'no_such_factory'" in str(result.exception)

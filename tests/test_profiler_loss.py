@@ -5,11 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import typer
 from torch import nn
 from typer.testing import CliRunner
 
-from api import cli_profile
+from api.cli import app
 from profiler import ProfileError, profile
 from profiler.zoo import get_model
 from profiler.zoo.gpt import gpt_loss
@@ -146,19 +145,8 @@ def test_measured_mode_runs_the_loss_with_the_last_layer_and_in_the_step() -> No
     assert p.step is not None and p.layers[-1].fwd_seconds is not None
 
 
-def _app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def _root() -> None:
-        """Keeps `profile` a subcommand."""
-
-    cli_profile.register(app)
-    return app
-
-
 def test_cli_counts_the_zoo_loss_and_a_factory_loss_only_when_it_returns_one(tmp_path) -> None:
-    result = CliRunner().invoke(_app(), ["profile", "gpt-tiny", "--no-cache"], terminal_width=200)
+    result = CliRunner().invoke(app, ["profile", "gpt-tiny", "--no-cache"], terminal_width=200)
     assert result.exit_code == 0, result.output
     assert "loss gpt_loss counted in the last layer" in " ".join(result.output.split())
     source = tmp_path / "my_model.py"
@@ -173,7 +161,7 @@ def test_cli_counts_the_zoo_loss_and_a_factory_loss_only_when_it_returns_one(tmp
     outputs = {}
     for factory in ("plain", "with_loss"):
         out = tmp_path / f"{factory}.json"
-        result = CliRunner().invoke(_app(), ["profile", f"{source}:{factory}", "-b", "2", "--no-cache", "--out",
+        result = CliRunner().invoke(app, ["profile", f"{source}:{factory}", "-b", "2", "--no-cache", "--out",
                                              str(out)], terminal_width=200)
         assert result.exit_code == 0, result.output
         outputs[factory] = " ".join(result.output.split())

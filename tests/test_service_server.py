@@ -121,14 +121,10 @@ def test_client_covers_the_whole_api(tmp_path):
 
 
 def test_cli_plan_with_server_writes_the_servers_plan(tmp_path):
-    import typer
     from typer.testing import CliRunner
 
-    from api import cli_plan
+    from api.cli import app
 
-    app = typer.Typer()
-    app.callback()(lambda: None)  # a group, so the command is addressed by name as in `autopar plan`
-    cli_plan.register(app)
     out = tmp_path / "plan.json"
     with running_server(make_app(tmp_path / "plans.db")) as url:
         args = ["plan", "gpt-tiny", "--cluster", "cpu", "--global-batch", "8", "--time-limit", "2",
