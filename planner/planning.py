@@ -19,7 +19,7 @@ PLANNER_VERSION = "0.1.0"
 GB = 1e9
 
 
-def load_profile(model: Any, *, example_inputs: Any = None, global_batch_size: int | None = None) -> ModelProfile:
+def load_profile(model: Any, *, example_inputs: Any = None) -> ModelProfile:
     """A ModelProfile from a profile, a profile JSON path, a zoo name, or an nn.Module with example inputs."""
     if isinstance(model, ModelProfile):
         return model
@@ -82,12 +82,12 @@ def _dominant_loss(alt: Scored, best: Scored) -> str:
     """The part of the alternative's step time that grew the most, in words."""
     a, b = alt.prediction, best.prediction
     step = a.step_seconds
+    top = max(a.time.comms, key=lambda c: c.exposed_seconds, default=None)
     parts = {
         "pipeline bubble": (a.time.bubble - b.time.bubble, f"pipeline bubble {a.time.bubble / step:.0%}"),
         "comm": (a.time.exposed_comm - b.time.exposed_comm,
                  f"exposed communication {a.time.exposed_comm / step:.0%}"
-                 + (f" ({max(a.time.comms, key=lambda c: c.exposed_seconds).collective} on "
-                    f"{max(a.time.comms, key=lambda c: c.exposed_seconds).axis.value})" if a.time.comms else "")),
+                 + (f" ({top.collective} on {top.axis.value})" if top is not None else "")),
         "compute": (a.time.compute - b.time.compute, f"compute {a.time.compute:.3g} s per step on its slowest rank"),
         "recompute": (a.time.recompute - b.time.recompute, f"recomputation {a.time.recompute / step:.0%}"),
         "optimizer": (a.time.optimizer - b.time.optimizer, f"optimizer step {a.time.optimizer:.3g} s"),
@@ -109,7 +109,7 @@ def reason(alt: Scored, best: Scored) -> str:
 def alternatives(result: SearchResult, top_k: int) -> list[Alternative]:
     """The best strategy of other degree groups (and faster groups that do not fit), each with its reason."""
     best = result.best
-    pool = [s for s in result.ranked[1:]]
+    pool = list(result.ranked[1:])
     pool += [s for s in result.misfits if s.prediction.step_seconds < best.prediction.step_seconds][:2]
     pool.sort(key=lambda s: (s.fits, s.prediction.step_seconds))
     pool = sorted(pool[: top_k], key=lambda s: s.prediction.step_seconds)

@@ -23,7 +23,6 @@ register_family(
         build=gpt.GPT,
         make_batch=_token_batch,
         loss=gpt.gpt_loss,
-        seq_len=lambda cfg: cfg.seq_len,
     ),
     presets={
         "gpt2-small": {"num_layers": 12, "hidden": 768, "heads": 12},
@@ -44,7 +43,6 @@ register_family(
         build=bert.Bert,
         make_batch=bert.bert_batch,
         loss=bert.bert_loss,
-        seq_len=lambda cfg: cfg.seq_len,
     ),
     presets={
         "bert-base": {"num_layers": 12, "hidden": 768, "heads": 12},
@@ -60,7 +58,6 @@ register_family(
         build=llama.Llama,
         make_batch=_token_batch,
         loss=gpt.gpt_loss,
-        seq_len=lambda cfg: cfg.seq_len,
     ),
     presets={
         "llama-7b": {"num_layers": 32, "hidden": 4096, "heads": 32, "ffn_hidden": 11008},
@@ -77,7 +74,6 @@ register_family(
         build=mlp.MLP,
         make_batch=mlp.mlp_batch,
         loss=mlp.classification_loss,
-        seq_len=lambda cfg: None,
     ),
     presets={
         "mlp": {"in_features": 1024, "hidden": 1024, "num_layers": 8, "num_classes": 1000},
@@ -92,7 +88,6 @@ register_family(
         build=resnet.ResNet,
         make_batch=resnet.image_batch,
         loss=mlp.classification_loss,
-        seq_len=lambda cfg: None,
     ),
     presets={f"resnet{d}": {"depth": d} for d in (18, 34, 50, 101, 152)},
 )

@@ -31,7 +31,6 @@ class _Family:
     # (config, batch_size, generator, device) -> (inputs, targets)
     make_batch: Callable[[Any, int, torch.Generator | None, str], tuple[tuple[torch.Tensor, ...], torch.Tensor]]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    seq_len: Callable[[Any], int | None]
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ class ZooModel:
     @property
     def seq_len(self) -> int | None:
         """Tokens per sample, or None for image/vector models."""
-        return self._family.seq_len(self.config)
+        return getattr(self.config, "seq_len", None)
 
     def synthetic_batch(
         self, batch_size: int, *, seed: int = 0, device: str | torch.device = "cpu"
