@@ -68,7 +68,7 @@ def _print_report(report) -> None:
     table.add_column("ratio", justify="right")
     pred = report.predicted_step_seconds
     meas = report.measured_step_seconds
-    ratio = f"{meas / pred:.2f}x" if meas and pred else "-"
+    ratio = f"{report.step_time_ratio:.2f}x" if report.step_time_ratio else "-"
     table.add_row("step time (ms)", f"{meas * 1e3:.1f}" if meas else "-", f"{pred * 1e3:.1f}" if pred else "-", ratio)
     if report.steps:
         table.add_row("final loss", f"{report.steps[-1].loss:.5f}", "-", "-")
