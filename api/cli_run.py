@@ -2,7 +2,10 @@
 
     autopar run plan.json --model gpt-tiny --steps 20 --nproc-per-node 2
     autopar run plan.json --model gpt-tiny --save-dir ckpt --save-every 10 --resume --report run.json
+    autopar run plan.json --model gpt-tiny --save-dir ckpt --resume --resume-fallback   # skip a damaged checkpoint
+    autopar run plan.json --model gpt-tiny --clip-grad 1.0 --lr-schedule cosine --warmup 100 --tensorboard tb/
     autopar run --plan-first gpt-tiny --cluster cpu --nodes 1 --global-batch 16 --nproc-per-node 4
+    autopar run --plan-first examples/hf_gpt2.py:model --cluster cpu --global-batch 8 --nproc-per-node 2  # own model
     autopar run plan.json --model gpt2-medium --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500   # each node
     srun --ntasks-per-node=1 autopar run plan.json --model gpt2-medium   # Slurm: nodes and ranks from the job
 
@@ -21,6 +24,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from planner.errors import AutoparError
@@ -49,9 +53,19 @@ def _profile_for(model_name: str, model, dtype: str):
     """Analytic (meta-device) profile of the model to run, at one sample per batch."""
     import profiler
 
+    import torch
+
+    from executor.batch import Batch
+    from executor.sources import UserModel
+
     if ":" not in model_name:
         options = dict(model.config)
         return profiler.profile_zoo(model_name, device="meta", dtype=dtype, **options)
+    if isinstance(model, UserModel):
+        batch = Batch.of(*model.example_batch(1)).to(torch.device("meta"))
+        return profiler.profile(model.build("meta"), batch.inputs(), device="meta", dtype=dtype, name=model_name,
+                                seq_len=model.seq_len, loss_fn=model.loss_fn,
+                                targets=batch.targets if model.loss_fn is not None else None)
     return profiler.profile(model.build("meta"), model.example_inputs(1, device="meta"), device="meta", dtype=dtype,
                             name=model_name, seq_len=getattr(model, "seq_len", None))
 
@@ -84,7 +98,9 @@ def _print_report(report) -> None:
 
 def run_command(
     plan_path: Annotated[Path | None, typer.Argument(help="Plan JSON from `autopar plan`.")] = None,
-    model: Annotated[str | None, typer.Option(help="Zoo name or package.module:attr of the model to train.")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Zoo name, or path/to/file.py:factory / package.module:factory of the model to train (the file also "
+        "defines example_batch(batch_size) and optionally loss_fn).")] = None,
     option: Annotated[list[str], typer.Option(help="Model size option key=value (repeatable).")] = [],  # noqa: B006
     steps: Annotated[int, typer.Option(min=1, help="Train until this many steps are done.")] = 10,
     data: Annotated[str, typer.Option(help="'synthetic' or package.module:fn(step, global_batch).")] = "synthetic",
@@ -96,12 +112,28 @@ def run_command(
     save_dir: Annotated[Path | None, typer.Option(help="Checkpoint directory (torch.distributed.checkpoint).")] = None,
     save_every: Annotated[int, typer.Option(min=0, help="Checkpoint every N steps (0: only at the end).")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --save-dir.")] = False,
+    resume_fallback: Annotated[bool, typer.Option(
+        help="With --resume: skip a damaged latest checkpoint (logged) and resume from the newest good one.")] = False,
     report: Annotated[Path | None, typer.Option(help="Also write the run report as JSON here.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initial weights and synthetic data.")] = 0,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-4,
-    dtype: Annotated[str, typer.Option(help="float32, or bfloat16/float16 autocast (must match the plan).")] = "float32",
-    plan_first: Annotated[str | None, typer.Option(help="Plan this model first (zoo name), then run it.")] = None,
+    dtype: Annotated[str, typer.Option(
+        help="float32, or bfloat16/float16: FSDP2 mixed precision (bf16/fp16 parameters, fp32 gradient reduction) "
+        "under FSDP/replicate, else autocast; float16 adds loss scaling, single device or DDP only (must match "
+        "the plan).")] = "float32",
+    clip_grad: Annotated[float | None, typer.Option(
+        help="Clip gradients to this L2 norm of the whole model's gradient (across every stage and shard).")] = None,
+    lr_schedule: Annotated[str, typer.Option(
+        help="constant, or cosine / linear decay from --lr to --min-lr over the steps after --warmup.")] = "constant",
+    warmup: Annotated[int, typer.Option(min=0, help="Steps of linear learning-rate warmup.")] = 0,
+    min_lr: Annotated[float, typer.Option(min=0, help="Learning rate the decay ends at (--lr-schedule).")] = 0.0,
+    tensorboard: Annotated[Path | None, typer.Option(
+        help="Write loss, lr, step time, tokens/s and grad norm per step to TensorBoard event files here.")] = None,
+    sync_batchnorm: Annotated[bool, typer.Option(
+        help="Synchronise BatchNorm statistics over data-parallel replicas (else a warning names the layers).")] = False,
+    plan_first: Annotated[str | None, typer.Option(
+        help="Plan this model first (zoo name or file.py:factory, as --model), then run it.")] = None,
     cluster: Annotated[str, typer.Option(help="Cluster preset or file for --plan-first.")] = "cpu",
     nodes: Annotated[int | None, typer.Option(help="Cluster nodes for --plan-first.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option(help="Devices per node for --plan-first.")] = None,
@@ -111,15 +143,20 @@ def run_command(
     import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from executor.launch import RankFailed, RunSpec, check_launch, launch, read_report, slurm_launch
+    from executor.launch import RankFailed, RunSpec, WorkerError, check_launch, launch, read_report, slurm_launch
     from executor.sources import OptimizerSpec, resolve_model
+    from executor.train import check_tensorboard
     from planner.strategy import Plan
 
     if (plan_path is None) == (plan_first is None):
         raise AutoparError("give a plan file or --plan-first MODEL (exactly one)")
     model_name = plan_first or model
     if model_name is None:
-        raise AutoparError("which model does the plan train? add --model NAME (zoo name or package.module:attr)")
+        raise AutoparError("which model does the plan train? add --model NAME (zoo name, path/to/file.py:factory or "
+                           "package.module:factory)")
+    from executor.sources import absolute_reference
+
+    model_name = absolute_reference(model_name)  # the workers may start in another directory
     options = _parse_options(option)
     zoo_model = resolve_model(model_name, options)
     profile = _profile_for(model_name, zoo_model, dtype)
@@ -129,7 +166,8 @@ def run_command(
 
         if global_batch is None:
             raise AutoparError("--plan-first needs --global-batch N")
-        spec_cluster = load_cluster(cluster, nodes=nodes, gpus_per_node=gpus_per_node)
+        # Plan for the processes this launch starts unless told otherwise.
+        spec_cluster = load_cluster(cluster, nodes=nodes or nnodes, gpus_per_node=gpus_per_node or nproc_per_node)
         plan = planner.plan(profile, spec_cluster, global_batch_size=global_batch)
         console.print(f"planned: {plan.strategy.describe()}")
     else:
@@ -155,19 +193,29 @@ def run_command(
         try:
             spec = RunSpec(
                 plan=plan, profile=profile, model=model_name, model_options=options, data=data, steps=steps,
-                seed=seed, optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=dtype,
+                seed=seed, optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=dtype, clip_grad=clip_grad,
+                lr_schedule={"kind": lr_schedule, "warmup": warmup, "min_lr": min_lr},
+                tensorboard=str(tensorboard) if tensorboard else None, sync_batchnorm=sync_batchnorm,
                 save_dir=str(save_dir) if save_dir else None, save_every=save_every, resume=resume,
+                resume_fallback=resume_fallback,
                 report_path=str(report_path),
             )
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
             raise AutoparError(f"invalid run options: {problems}") from None
+        if tensorboard is not None:
+            check_tensorboard()
         if resume and save_dir is None:
             raise AutoparError("--resume needs --save-dir (where the checkpoints are)")
+        if resume_fallback and not resume:
+            raise AutoparError("--resume-fallback only applies with --resume")
         console.print(f"launching {nnodes} x {nproc} processes: {plan.strategy.describe()}")
         try:
             launch(spec, nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                    run_id=run_id, workdir=tmp)
+        except WorkerError as exc:  # every rank stopped on it (loss diverged, damaged checkpoint): one line
+            err_console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)
+            sys.exit(1)
         except RankFailed as exc:
             err_console.print(f"[bold red]error:[/] rank {exc.rank} failed (exit code {exc.exitcode}); the job was stopped")
             sys.stderr.write(exc.message + "\n")

@@ -8,8 +8,8 @@
     pm = apply_plan(Plan.from_json("plan.json"), zoo_model, profile, loss_fn=zoo_model.loss, device=device)
     optimizers = [torch.optim.AdamW(part.parameters(), lr=3e-4) for part in pm.parts]
     for step in range(steps):
-        inputs, targets = pm.local_batch(*global_batch(step))       # this data-parallel replica's share
-        loss = pm.forward_backward(inputs, targets)                 # None on ranks that hold no last stage
+        batch = pm.local_batch(*global_batch(step))     # this replica's share: (inputs tuple/dict, targets or None)
+        loss = pm.forward_backward(batch)                # None on ranks that hold no last stage
         for opt in optimizers: opt.step(); opt.zero_grad()
 
 `pm.parts` are the local modules (one stage, several when interleaved, or the whole model), `pm.schedule` the
@@ -23,6 +23,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -32,9 +33,11 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map
 
 from executor import init as minit
-from executor import parallelize, pipeline, shared
+from executor import optim, parallelize, pipeline, shared
+from executor.batch import Batch, training_loss
 from executor.errors import ExecutorError
 from executor.mesh import axis_rank, build_mesh
 from planner.model_profile import ModelProfile
@@ -42,7 +45,7 @@ from planner.strategy import MeshAxis, Plan, Strategy, ZeroStage
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[..., torch.Tensor]
 
 
 @dataclass
@@ -54,11 +57,14 @@ class ParallelModel:
     device: torch.device
     #: Local modules: one per local pipeline stage, or the whole (wrapped) model without pipelining.
     parts: list[nn.Module]
-    loss_fn: LossFn
+    loss_fn: LossFn | None
     stage_indices: list[int]
     stages: list[PipelineStage] = field(default_factory=list)
     schedule: _PipelineSchedule | None = None
     autocast_dtype: torch.dtype | None = None
+    #: Loss scaler of a float16 run (autocast, whole gradients): the loss's backward is scaled by it already; the
+    #: training loop unscales before clipping, steps through it and updates it (see `executor.optim.loss_scaling`).
+    grad_scaler: torch.amp.GradScaler | None = None
     #: Copies of parameters shared across pipeline stages, whose gradients are summed after each backward.
     shared_copies: shared.SharedCopies = field(default_factory=shared.SharedCopies)
 
@@ -82,38 +88,40 @@ class ParallelModel:
         """Samples per step on one data-parallel replica."""
         return self.strategy.micro_batch_size * self.strategy.num_micro_batches
 
-    def local_batch(
-        self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """This replica's contiguous share of a global batch, moved to the device."""
+    def local_batch(self, inputs: Any, targets: Any = None) -> Batch:
+        """This replica's contiguous share of a global batch, moved to the device.
+
+        `inputs`: a tuple, a dict (keyword inputs) or one tensor; `targets`: a tensor, or None when the loss comes
+        from the model's output (see `executor.batch`).
+        """
+        batch = Batch.of(inputs, targets)
         expected = self.strategy.global_batch_size
-        if targets.shape[0] != expected:
-            raise ExecutorError(f"the data source gave {targets.shape[0]} samples, the plan's global batch is {expected}")
+        if batch.size != expected:
+            raise ExecutorError(f"the data source gave {batch.size} samples, the plan's global batch is {expected}")
         lo = self.dp_rank * self.local_batch_size
-        sl = slice(lo, lo + self.local_batch_size)
-        return tuple(t[sl].to(self.device) for t in inputs), targets[sl].to(self.device)
+        return batch.select(lo, lo + self.local_batch_size).to(self.device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def forward_backward(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor | None:
+    def forward_backward(self, batch: Batch | Any, targets: Any = None) -> torch.Tensor | None:
         """Forward and backward over this replica's batch in micro-batches; gradients end up synchronised.
 
-        Returns the mean loss over the replica's micro-batches on ranks that compute the loss, else None.
+        `batch`: from `local_batch` (or inputs, with `targets`). Returns the mean loss over the replica's
+        micro-batches on ranks that compute the loss, else None.
         """
+        batch = Batch.of(batch, targets)
         if self.schedule is not None:
-            loss = self._pipelined(inputs, targets)
+            loss = self._pipelined(batch)
             # After the schedule (and with it FSDP's / replicate's reduction) has finished, before the optimizer.
             self.shared_copies.sync_grads()
             return loss
         part = self.parts[0]
         nmb = self.strategy.num_micro_batches
-        xs = [t.chunk(nmb) for t in inputs]
-        ys = targets.chunk(nmb)
         total = torch.zeros((), device=self.device)
-        for i in range(nmb):
+        for i, micro in enumerate(batch.chunks(nmb)):
             last = i == nmb - 1
             sync = contextlib.nullcontext()
             if isinstance(part, DistributedDataParallel) and not last:
@@ -122,15 +130,18 @@ class ParallelModel:
                 part.set_requires_gradient_sync(last)
             with sync:
                 with self._autocast():
-                    loss = self.loss_fn(part(*(x[i] for x in xs)), ys[i])
+                    loss = training_loss(micro.call(part), micro.targets, self.loss_fn)
                 (loss / nmb).backward()
             total += loss.detach()
         return total / nmb
 
-    def _pipelined(self, inputs: tuple[torch.Tensor, ...], targets: torch.Tensor) -> torch.Tensor | None:
+    def _pipelined(self, batch: Batch) -> torch.Tensor | None:
         losses: list[torch.Tensor] = []
-        kwargs = {"target": targets, "losses": losses} if self.has_last_stage else {}
-        args = inputs if self.has_first_stage else ()
+        kwargs = {"target": batch.targets, "losses": losses} if self.has_last_stage else {}
+        if self.has_first_stage:
+            # Stage 0's program takes the batch's tensors by the forward's own parameter names.
+            kwargs |= {k: v for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)}
+        args = tuple(a for a in batch.args if isinstance(a, torch.Tensor)) if self.has_first_stage else ()
         with self._autocast():
             self.schedule.step(*args, **kwargs)
         if not self.has_last_stage:
@@ -161,15 +172,28 @@ def apply_plan(
     model: nn.Module | Callable[[], nn.Module],
     profile: ModelProfile,
     *,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None = None,
     device: torch.device,
     seed: int = 0,
+    example_inputs: Any = None,
     autocast_dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype | None = None,
+    sync_batchnorm: bool = False,
 ) -> ParallelModel:
     """Parallelise `model` on this rank as `plan` says; the process group must be initialised.
 
-    `model` is a factory (called on the meta device), a module on the meta device, or a module with real weights
-    (whose values become the initial weights). Initial weights never depend on the layout (see `executor.init`).
+    `model` is a factory (called on the meta device, and once on the CPU for tensors no init of the model writes), a
+    module on the meta device, or a module with real weights (whose values become the initial weights). Initial
+    weights never depend on the layout (see `executor.init`).
+
+    `compute_dtype` (bfloat16 / float16; None: float32): FSDP2 `MixedPrecisionPolicy` where FSDP2 / `replicate`
+    holds the parameters, else autocast; float16 also gets a loss scaler (`pm.grad_scaler`) and is refused where it
+    cannot run (see `executor.optim.mixed_precision`). `autocast_dtype` forces autocast instead. `sync_batchnorm`:
+    BatchNorm statistics over the data-parallel group (else, with dp > 1, a warning names the BatchNorm layers).
+
+    `loss_fn(output, targets)`, or None when the loss is the output's `.loss` / first element (see
+    `executor.batch`); a pipeline needs a loss_fn. `example_inputs` (a tuple or dict, any device; default: tensors
+    shaped as the profile's inputs) fixes how the model is called, which the pipeline's stages are traced for.
     """
     strategy = plan.strategy if isinstance(plan, Plan) else plan
     if strategy.stages[-1].stop != profile.num_layers:
@@ -177,9 +201,11 @@ def apply_plan(
             f"the plan's stages cover {strategy.stages[-1].stop} layers but the profile has {profile.num_layers}; "
             "the plan was made for another model - re-plan it"
         )
+    factory = None
     if not isinstance(model, nn.Module):
-        model = minit.build_meta(model)
-    rule = minit.resolve_init_rule(model, seed)
+        # Kept: tensors that no init of the model writes are taken from one CPU build (see executor.init).
+        factory, model = model, minit.build_meta(model)
+    rule = minit.resolve_init_rule(model, seed, factory=factory)
     aliases, groups = minit.canonical_names(model), minit.tie_groups(model)
     meta = model if minit.is_meta(model) else _meta_copy(model, groups)
     names = [layer.name for layer in profile.layers]
@@ -192,14 +218,26 @@ def apply_plan(
     dims = strategy.dims
 
     if dims.pp > 1:
-        pipeline.check_pipelinable(meta, profile, strategy.stages, tp=dims.tp)
+        if loss_fn is None:
+            raise ExecutorError(
+                "a pipeline computes the loss on its last stage from the output and the targets; give a "
+                "loss_fn(output, targets) and targets, or plan with pp=1 for a model that computes its own loss"
+            )
+        traced = pipeline.meta_inputs(profile) if example_inputs is None else _to_meta(meta, example_inputs)
+        cuts = pipeline.check_pipelinable(meta, profile, strategy.stages, tp=dims.tp, example_inputs=traced)
         stage_indices = pipeline.local_stage_indices(strategy, axis_rank(mesh, MeshAxis.PP))
         layer_sets = [names[strategy.stages[s].start:strategy.stages[s].stop] for s in stage_indices]
-        parts: list[nn.Module] = [pipeline.build_stage_module(meta, ls) for ls in layer_sets]
+        parts: list[nn.Module] = pipeline.build_stage_modules(meta, cuts, strategy, stage_indices)
     else:
         stage_indices, layer_sets, parts = [0], [names], [meta]
 
     use_ddp = dims.dp > 1 and dims.pp == 1 and dims.tp == 1 and strategy.zero_stage == ZeroStage.NONE
+    mp_policy, mp_autocast = optim.mixed_precision(strategy, compute_dtype, fsdp2=dims.dp > 1 and not use_ddp)
+    grad_scaler = None
+    if compute_dtype == torch.float16:
+        grad_scaler, loss_fn = optim.loss_scaling(loss_fn, device)
+    if dims.dp > 1:
+        parallelize.apply_batchnorm_policy(parts, mesh[MeshAxis.DP.value], sync=sync_batchnorm)
     for part, layer_names in zip(parts, layer_sets):
         layers = {n: part.get_submodule(n) for n in layer_names}
         if dims.tp > 1:
@@ -212,16 +250,16 @@ def apply_plan(
         if dims.dp > 1 and not use_ddp:
             dp_mesh = mesh[MeshAxis.DP.value]
             if strategy.zero_stage >= ZeroStage.OPTIMIZER:
-                parallelize.apply_fsdp(part, unit_layers, dp_mesh, strategy.zero_stage)
+                parallelize.apply_fsdp(part, unit_layers, dp_mesh, strategy.zero_stage, mp_policy)
             else:
-                parallelize.apply_replicate(part, unit_layers, dp_mesh)
+                parallelize.apply_replicate(part, unit_layers, dp_mesh, mp_policy)
         minit.materialize(part, rule, device=device, aliases=aliases, groups=groups)
     if use_ddp:
         parts = [parallelize.apply_ddp(parts[0], mesh[MeshAxis.DP.value], device)]
 
     pm = ParallelModel(
         strategy=strategy, mesh=mesh, device=device, parts=parts, loss_fn=loss_fn, stage_indices=stage_indices,
-        autocast_dtype=autocast_dtype,
+        autocast_dtype=mp_autocast or autocast_dtype, grad_scaler=grad_scaler,
     )
     if dims.pp > 1:
         pm.shared_copies = shared.build_shared_copies(meta, profile, strategy, mesh, parts, stage_indices)
@@ -230,6 +268,14 @@ def apply_plan(
         )
     log.info("applied %s: stages %s on this rank", strategy.describe(), stage_indices)
     return pm
+
+
+def _to_meta(model: nn.Module, example_inputs: Any) -> tuple:
+    """Example inputs as meta tensors in the model's positional order (see `profiler.partition.positional_inputs`)."""
+    from profiler.partition import positional_inputs
+
+    args = positional_inputs(model, example_inputs)
+    return tuple(tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, list(args)))
 
 
 def _meta_copy(model: nn.Module, groups: list[list[str]]) -> nn.Module:

@@ -4,6 +4,11 @@ One `launch` call runs on every node (as `torchrun` does): it writes the run des
 `nproc_per_node` workers (`python -m executor.worker SPEC`). A worker that raises records its traceback (torchelastic
 `@record`); the agent then stops the other workers (SIGTERM, then SIGKILL) and `launch` raises `RankFailed` naming
 the first rank that failed and its error. Ctrl-C reaches the agent, which stops every worker the same way.
+
+An error every rank raises together (the loss diverged, a checkpoint is damaged) is not a crash: the workers leave
+its one-line message in ERROR_FILE beside the run spec and `launch` raises `WorkerError` with it. Workers die with
+the launcher even when it is killed with SIGKILL (`executor.worker.die_with_launcher`, which reads the launcher's
+pid from LAUNCHER_PID_ENV).
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from executor.errors import ExecutorError
+from executor.optim import LRSchedule, mixed_precision, uses_fsdp2
 from executor.sources import OptimizerSpec
 from executor.train import RunReport
 from planner.model_profile import ModelProfile, write_text_atomic
@@ -28,6 +35,10 @@ from planner.strategy import Plan
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
+#: File, beside the run spec, where the workers leave the message of an error all ranks raised together.
+ERROR_FILE = "worker_error.txt"
+#: Environment variable carrying the launcher's pid to the workers (who check that it is still their parent).
+LAUNCHER_PID_ENV = "AUTOPAR_LAUNCHER_PID"
 
 
 class RunSpec(BaseModel):
@@ -49,12 +60,35 @@ class RunSpec(BaseModel):
     save_dir: str | None = Field(default=None, description="Checkpoint directory.")
     save_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     resume: bool = Field(default=False, description="Continue from the latest checkpoint in save_dir.")
+    resume_fallback: bool = Field(
+        default=False, description="With resume: skip damaged checkpoints (logged) and use the newest good one."
+    )
     report_path: str | None = Field(default=None, description="Where rank 0 writes the RunReport JSON.")
     collective_timeout_s: float = Field(default=300.0, gt=0, description="Longest wait of a collective for a peer.")
+    clip_grad: float | None = Field(
+        default=None, gt=0, description="Clip gradients to this L2 norm of the whole model's gradient (None: off)."
+    )
+    lr_schedule: LRSchedule = Field(default_factory=LRSchedule, description="Warmup and decay of the learning rate.")
+    tensorboard: str | None = Field(default=None, description="Directory where rank 0 writes TensorBoard scalars.")
+    sync_batchnorm: bool = Field(
+        default=False, description="Synchronise BatchNorm statistics over the data-parallel axis (else a warning)."
+    )
+
+    @model_validator(mode="after")
+    def _training_options(self) -> RunSpec:
+        self.lr_schedule.check(base_lr=self.optimizer.lr, total_steps=self.steps)
+        if self.dtype != "float32":  # refuses float16 where no loss scaling can run, before any rank starts
+            strategy = self.plan.strategy
+            mixed_precision(strategy, getattr(torch, self.dtype), fsdp2=uses_fsdp2(strategy))
+        return self
 
 
 class LaunchError(ExecutorError):
     """The launch itself does not match the plan (world size, model, device)."""
+
+
+class WorkerError(ExecutorError):
+    """Every rank stopped on the same user-fixable error (loss diverged, unusable checkpoint); one-line message."""
 
 
 class RankFailed(Exception):
@@ -86,6 +120,14 @@ def check_launch(
             f"{plan.provenance.profile_hash}) but the model to run, '{profile.name}' at seq_len "
             f"{profile.input.seq_len} in {profile.dtype.value}, has profile hash {profile.profile_hash}; re-plan for "
             "this model or run the model the plan was made for"
+        )
+    illegal = [st.start for st in plan.strategy.stages[1:] if st.start not in profile.cut_points]
+    if illegal:
+        k = illegal[0]
+        raise LaunchError(
+            f"the plan starts a pipeline stage at layer {k} ('{profile.layers[k].name}'), which is not a legal cut of "
+            f"this model: the stages would not compute its forward (legal cuts: {profile.cut_points or 'none'}); "
+            "re-plan, or run with pp=1"
         )
     device_type = plan.provenance.cluster.device.type
     if device_type not in ("cuda", "cpu"):
@@ -168,7 +210,8 @@ def launch(
     spec: RunSpec, *, nnodes: int = 1, nproc_per_node: int, node_rank: int | None = None,
     rdzv_endpoint: str | None = None, run_id: str | None = None, workdir: str | Path | None = None,
 ) -> None:
-    """Start this node's workers and wait for the job; raise `RankFailed` if any rank fails.
+    """Start this node's workers and wait for the job; raise `WorkerError` for an error all ranks reported (e.g. the
+    loss diverged), `RankFailed` if a rank crashed.
 
     Every node must use the same `run_id`; by default it is derived from the endpoint and the plan, which the same
     command on every node agrees on (a random id per node would keep the nodes from ever meeting).
@@ -185,14 +228,19 @@ def launch(
         workdir = tmp.name
     spec_path = Path(workdir) / "run_spec.json"
     write_text_atomic(spec_path, spec.model_dump_json())
+    error_path = spec_path.with_name(ERROR_FILE)
+    error_path.unlink(missing_ok=True)
     argv = torchrun_args(spec_path, nnodes=nnodes, nproc_per_node=nproc_per_node, node_rank=node_rank,
                          rdzv_endpoint=rdzv_endpoint, run_id=run_id)
     log.info("torchrun %s", " ".join(argv))
     # torchrun would set this too (with a warning): one thread per rank keeps ranks sharing cores from thrashing.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # the agent starts the workers from this process
     try:
         torchrun.run(torchrun.parse_args(argv))
     except ChildFailedError as exc:
+        if error_path.exists():
+            raise WorkerError(error_path.read_text().strip()) from None
         rank, failure = exc.get_first_failure()
         raise RankFailed(rank, failure.exitcode, _failure_text(failure)) from None
     finally:

@@ -12,6 +12,11 @@ ZeRO stages map onto FSDP2 like this (FSDP2 has no optimizer-only sharding):
   planned).
 - 3: `fully_shard(reshard_after_forward=True)` - parameters are freed after each layer's forward and gathered again
   for backward.
+
+Under FSDP2 / `replicate` a reduced-precision `MixedPrecisionPolicy` applies to every unit except BatchNorm layers,
+which keep fp32 parameters. BatchNorm under data parallelism: `apply_batchnorm_policy` either synchronises the
+statistics over the dp axis (`SyncedBatchNorm`: torch's SyncBatchNorm on CUDA, all-reduces over gloo on the CPU) or
+warns, naming the layers.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ import logging
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
@@ -108,27 +115,182 @@ def apply_ac(layers: Sequence[nn.Module], recompute: Recompute) -> None:
 
 
 def apply_fsdp(
-    root: nn.Module, layers: Sequence[nn.Module], dp_mesh: DeviceMesh, zero_stage: ZeroStage
+    root: nn.Module, layers: Sequence[nn.Module], dp_mesh: DeviceMesh, zero_stage: ZeroStage,
+    mp_policy: MixedPrecisionPolicy | None = None,
 ) -> None:
-    """FSDP2 `fully_shard` on each layer, then on the root, over the data-parallel mesh axis (see module docs)."""
+    """FSDP2 `fully_shard` on each layer, then on the root, over the data-parallel mesh axis (see module docs).
+
+    `mp_policy`: FSDP2 mixed precision (e.g. bf16 parameters in compute, fp32 gradient reduction); None: fp32.
+    BatchNorm layers then become units of their own that keep fp32 parameters (see `_fp32_batchnorms`).
+    """
     reshard = zero_stage >= ZeroStage.FULL
+    mp = mp_policy or MixedPrecisionPolicy()
+    for bn in _fp32_batchnorms(root, layers, mp):
+        fully_shard(bn, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=_fp32_params(mp))
     for layer in layers:
-        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard)
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp)
     # The root's own parameters are used last in forward and first in backward: keeping them is free.
-    fully_shard(root, mesh=dp_mesh, reshard_after_forward=False)
+    fully_shard(root, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp)
 
 
-def apply_replicate(root: nn.Module, layers: Sequence[nn.Module], dp_mesh: DeviceMesh) -> None:
+def apply_replicate(
+    root: nn.Module, layers: Sequence[nn.Module], dp_mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy | None = None
+) -> None:
     """The composable `replicate` (DDP semantics on FSDP2 machinery) per layer and on the root.
 
     Per-layer units let each layer's gradient all-reduce start while earlier layers still run backward.
+    `mp_policy` as for `apply_fsdp`.
     """
+    mp = mp_policy or MixedPrecisionPolicy()
+    for bn in _fp32_batchnorms(root, layers, mp):
+        replicate(bn, mesh=dp_mesh, mp_policy=_fp32_params(mp))
     for layer in layers:
-        replicate(layer, mesh=dp_mesh)
-    replicate(root, mesh=dp_mesh)
+        replicate(layer, mesh=dp_mesh, mp_policy=mp)
+    replicate(root, mesh=dp_mesh, mp_policy=mp)
+
+
+def _fp32_batchnorms(root: nn.Module, layers: Sequence[nn.Module], mp: MixedPrecisionPolicy) -> list[nn.Module]:
+    """BatchNorm layers to keep in fp32 under a reduced-precision policy.
+
+    BatchNorm's running statistics are fp32 buffers, which FSDP2 does not cast; torch's batch_norm refuses bf16
+    weights with fp32 statistics but takes a bf16 input with fp32 weights and statistics (as under autocast).
+    """
+    if mp.param_dtype is None or mp.param_dtype == torch.float32:
+        return []
+    units = {id(layer) for layer in layers}
+    return [m for m in root.modules() if isinstance(m, _BatchNorm) and id(m) not in units and m is not root]
+
+
+def _fp32_params(mp: MixedPrecisionPolicy) -> MixedPrecisionPolicy:
+    return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=mp.reduce_dtype, output_dtype=mp.param_dtype,
+                                cast_forward_inputs=False)
 
 
 def apply_ddp(module: nn.Module, dp_mesh: DeviceMesh, device: torch.device) -> DistributedDataParallel:
     """Classic DDP around a materialised, unpipelined, non-TP model."""
     device_ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids, process_group=dp_mesh.get_group())
+
+
+class SyncedBatchNorm(_BatchNorm):
+    """BatchNorm whose training statistics (mean, variance) span a data-parallel group, as one process would see them.
+
+    Not built directly: `apply_sync_batchnorm` changes an existing layer's class to a subclass of this and of the
+    layer's own class, so the layer keeps its parameters, buffers, names (checkpoints and init are keyed by name) and
+    `isinstance` checks (an `nn.BatchNorm2d` stays one). On CUDA it runs torch's `nn.SyncBatchNorm` forward; on the
+    CPU, where torch's refuses, two differentiable all-reduces over the group (sum and count, then the sum of squared
+    deviations). Evaluation mode, or a group of one, is plain BatchNorm.
+    """
+
+    #: The data-parallel group the statistics are reduced over (set by `apply_sync_batchnorm`).
+    process_group: dist.ProcessGroup | None = None
+
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """BatchNorm with statistics over the whole group's batch in training mode."""
+        group = self.process_group
+        if not self.training or group is None or dist.get_world_size(group) == 1:
+            return super().forward(input)
+        if input.device.type != "cpu":
+            return nn.SyncBatchNorm.forward(self, input)
+        return self._forward_gloo(input, group)
+
+    def _forward_gloo(self, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as BatchNorm does
+                factor = 1.0 / float(self.num_batches_tracked)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        count = torch.full((1,), x.numel() // x.size(1), dtype=torch.float32, device=x.device)
+        # Differentiable all-reduces: every rank's output depends on every rank's input, and backward sums the
+        # gradients flowing into the shared statistics over the group, as in one process.
+        stats = _AllReduceSum.apply(torch.cat([xf.sum(dims), count]), group)
+        n = stats[-1]
+        mean = stats[:-1] / n
+        centered = xf - mean.view(shape)
+        var = _AllReduceSum.apply(centered.square().sum(dims), group) / n  # biased, for normalising
+        out = centered * torch.rsqrt(var + self.eps).view(shape)
+        if self.weight is not None:
+            out = out * self.weight.float().view(shape)
+        if self.bias is not None:
+            out = out + self.bias.float().view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                self.running_mean.mul_(1 - factor).add_(mean.detach().to(self.running_mean.dtype), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(unbiased.detach().to(self.running_var.dtype), alpha=factor)
+        return out.to(x.dtype)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a process group; backward sums the incoming gradients over the group as well."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=ctx.group)
+        return out, None
+
+
+_SYNCED_CLASSES: dict[type, type] = {}
+
+
+def _synced_class(cls: type) -> type:
+    if issubclass(cls, SyncedBatchNorm):
+        return cls
+    if cls not in _SYNCED_CLASSES:
+        _SYNCED_CLASSES[cls] = type(f"Synced{cls.__name__}", (SyncedBatchNorm, cls), {})
+    return _SYNCED_CLASSES[cls]
+
+
+def batchnorm_layers(module: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers (`_BatchNorm` subclasses) inside `module`."""
+    return [name for name, m in module.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def apply_sync_batchnorm(module: nn.Module, group: dist.ProcessGroup) -> list[str]:
+    """Make every BatchNorm layer of `module` take its training statistics over `group`, in place; their names.
+
+    Works on the meta device (before materialising or sharding) and keeps every parameter and buffer name.
+    """
+    names = batchnorm_layers(module)
+    for name in names:
+        layer = module.get_submodule(name)
+        layer.__class__ = _synced_class(type(layer))
+        layer.process_group = group
+    return names
+
+
+def apply_batchnorm_policy(parts: Sequence[nn.Module], dp_mesh: DeviceMesh, *, sync: bool) -> None:
+    """Under data parallelism: synchronise BatchNorm statistics over the dp axis (`sync`), or warn naming the layers.
+
+    Without synchronisation each replica normalises with the statistics of its own share of the batch, so training
+    differs from a single-process run of the same global batch (and the running statistics are rank 0's under DDP).
+    """
+    if dp_mesh.size() == 1:
+        return
+    if sync:
+        for part in parts:
+            names = apply_sync_batchnorm(part, dp_mesh.get_group())
+            if names:
+                log.info("synchronised BatchNorm over dp=%d: %s", dp_mesh.size(), ", ".join(names))
+        return
+    names = [n for part in parts for n in batchnorm_layers(part)]
+    if names and dp_mesh.get_local_rank() == 0:
+        log.warning(
+            "BatchNorm layers %s normalise with per-replica statistics under dp=%d, so training differs from a "
+            "single-process run of the same global batch; pass --sync-batchnorm (apply_plan(sync_batchnorm=True)) "
+            "to synchronise them", ", ".join(names), dp_mesh.size(),
+        )

@@ -1,15 +1,15 @@
 """Cut a model into pipeline stages at the plan's boundaries and build the schedule that runs them.
 
-A stage module keeps the model's own parameter names (it adopts the model's top-level children, with every layer of
-other stages removed), so checkpoints and initial values are the same whatever the cut. It calls its layers in the
-profile's order, one tensor in and one out: the profile's edges must show that nothing but the previous layer's
-output crosses a cut. A parameter shared by layers of two stages ends up as one copy per stage module (each is a
-separate pruned copy of the model); `executor.shared` keeps the copies equal.
+The stages are pieces of the model's own forward, traced with torch.fx (`profiler.partition`, the same definition of
+a legal cut the profiler and the planner use): the code the model runs between its layers travels with the stage
+that owns it, so the stages composed are the model. A stage module keeps the model's own parameter names, so
+checkpoints and initial values are the same whatever the cut. A parameter shared by layers of two stages ends up as
+one copy per stage module (each stage is cut from its own copy of the model); `executor.shared` keeps the copies
+equal.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 
@@ -24,77 +24,53 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from executor.errors import ExecutorError
-from executor.shared import check_tp_layouts, layer_of, split_groups
-from planner.model_profile import INPUT_NODE, OUTPUT_NODE, ModelProfile
+from executor.shared import check_tp_layouts, split_groups
+from planner.model_profile import ModelProfile
 from planner.strategy import Schedule, StageSpec, Strategy
+from profiler.partition import Partition, PartitionError, partition
 
 log = logging.getLogger(__name__)
 
 
-class StageModule(nn.Module):
-    """Layers [start, stop) of a model, run in order; parameter names are those of the whole model."""
-
-    def __init__(self, pruned_root: nn.Module, layer_names: Sequence[str]) -> None:
-        super().__init__()
-        for name, child in pruned_root.named_children():
-            self.add_module(name, child)
-        self.layer_names = tuple(layer_names)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.layer_names:
-            x = self.get_submodule(name)(x)
-        return x
+def stage_partition(model: nn.Module, profile: ModelProfile, example_inputs: tuple) -> Partition:
+    """The model's traced forward and its legal cuts, for meta `example_inputs` (positional, see `profiler.partition`)."""
+    return partition(model, [layer.name for layer in profile.layers], example_inputs)
 
 
-def check_pipelinable(model: nn.Module, profile: ModelProfile, stages: Sequence[StageSpec], *, tp: int = 1) -> None:
-    """Refuse cuts the stage modules could not run correctly, naming the parameter or edge at fault.
+def check_pipelinable(
+    model: nn.Module, profile: ModelProfile, stages: Sequence[StageSpec], *, tp: int = 1,
+    example_inputs: tuple | None = None, cuts: Partition | None = None,
+) -> Partition:
+    """Refuse cuts the stages could not run exactly as the model does, naming the cut or parameter at fault.
 
-    A parameter shared by layers of different stages is fine (each stage gets a copy, see `executor.shared`) unless
-    tensor parallelism (degree `tp`) would shard the copies differently.
+    Every stage start must be a legal cut of this model's traced forward (`profiler.partition`). A parameter shared by
+    layers of different stages is fine (each stage gets a copy, see `executor.shared`) unless tensor parallelism
+    (degree `tp`) would shard the copies differently. Returns the partition the stages are cut from.
     """
+    if cuts is None:
+        cuts = stage_partition(model, profile, example_inputs if example_inputs is not None else meta_inputs(profile))
+    try:
+        cuts.check([st.start for st in stages[1:]])
+    except PartitionError as exc:
+        raise ExecutorError(str(exc)) from None
     names = [layer.name for layer in profile.layers]
     stage_of_layer = {names[i]: s for s, st in enumerate(stages) for i in range(st.start, st.stop)}
-    for pname, _ in model.named_parameters(remove_duplicate=False):
-        if layer_of(pname, names) is None:
-            raise ExecutorError(
-                f"parameter '{pname}' belongs to no profiled layer, so no pipeline stage can hold it; move it into a "
-                "layer or run without pipeline parallelism (pp=1)"
-            )
     for aliases, _ in split_groups(model, names, stage_of_layer):
         check_tp_layouts(aliases, profile, tp)
-    index = {n: i for i, n in enumerate(names)} | {INPUT_NODE: -1, OUTPUT_NODE: len(names)}
-    for cut in (st.start for st in stages[1:]):
-        for e in profile.edges:
-            if index[e.src] < cut <= index[e.dst] and (index[e.src], index[e.dst]) != (cut - 1, cut):
-                raise ExecutorError(
-                    f"the cut before layer '{names[cut]}' would carry {e.src} -> {e.dst}; a pipeline stage passes "
-                    "only the previous layer's output. Plan with cuts from the profile's cut_points"
-                )
+    return cuts
 
 
-def _prune(root: nn.Module, keep: set[str]) -> None:
-    """Drop every submodule that is not a kept layer, inside one, or an ancestor of one."""
-
-    def visit(module: nn.Module, prefix: str) -> None:
-        for name, child in list(module._modules.items()):
-            if child is None:
-                continue
-            path = prefix + name
-            if path in keep:
-                continue
-            if any(k.startswith(path + ".") for k in keep):
-                visit(child, path + ".")
-            else:
-                module._modules[name] = None
-
-    visit(root, "")
+def meta_inputs(profile: ModelProfile) -> tuple[torch.Tensor, ...]:
+    """Meta tensors shaped like the profile's example inputs (positional), for tracing the model."""
+    return tuple(torch.empty(t.shape, dtype=getattr(torch, t.dtype), device="meta") for t in profile.input.tensors)
 
 
-def build_stage_module(meta_model: nn.Module, layer_names: Sequence[str]) -> StageModule:
-    """A stage holding only `layer_names` (a copy of the meta model is pruned; the model itself is untouched)."""
-    root = copy.deepcopy(meta_model)
-    _prune(root, set(layer_names))
-    return StageModule(root, layer_names)
+def build_stage_modules(
+    meta_model: nn.Module, cuts: Partition, strategy: Strategy, stage_indices: Sequence[int]
+) -> list[nn.Module]:
+    """This rank's stage modules, each cut from its own copy of the meta model (the model itself is untouched)."""
+    bounds = [st.start for st in strategy.stages[1:]]
+    return list(cuts.stage_modules(meta_model, bounds, stage_indices, copy_model=True))
 
 
 def local_stage_indices(strategy: Strategy, pp_rank: int) -> list[int]:

@@ -46,7 +46,9 @@ def split_groups(
     """Tie groups whose names fall in more than one stage: (names, sorted stages), in `named_parameters` order."""
     out = []
     for names in tie_groups(model):
-        stages = sorted({stage_of_layer[layer_of(n, layer_names)] for n in names})
+        # A name outside every layer is used by glue, which `profiler.partition` keeps within one stage.
+        owners = {layer_of(n, layer_names) for n in names} - {None}
+        stages = sorted({stage_of_layer[o] for o in owners})
         if len(stages) > 1:
             out.append((names, stages))
     return out
@@ -163,7 +165,8 @@ def build_shared_copies(
         for part, s in zip(parts, stage_indices):
             seen: set[int] = set()
             for alias in aliases:
-                if stage_of_layer[layer_of(alias, names)] != s:
+                owner = layer_of(alias, names)
+                if owner is None or stage_of_layer[owner] != s:
                     continue
                 p = part.get_parameter(alias)
                 if id(p) not in seen:  # two names in one stage are still one tensor there

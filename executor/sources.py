@@ -1,52 +1,152 @@
 """Name-to-object resolution for `autopar run`: which model, which data, which optimizer.
 
-A model is a zoo name (`gpt-tiny`) or `package.module:attr`, where attr is a `ZooModel`-like object (with `build`,
-`loss`, `synthetic_batch`, `example_inputs`, `seq_len`) or a function returning one. Data is `synthetic` (the model's
-own deterministic random batches) or `package.module:fn` with fn(step, global_batch_size) -> (inputs, targets), the
-whole global batch of that step; each data-parallel replica keeps its share.
+A model is a zoo name (`gpt-tiny`), or code: `path/to/file.py:attr` or `package.module:attr`, where attr is
+- a model factory: `attr(**options)` returns the `nn.Module`. Beside it, the file defines `example_batch(batch_size)`
+  returning `(inputs, targets)` (inputs a tuple, a dict of keyword inputs, or one tensor; targets None when the
+  model computes its own loss, e.g. a Hugging Face model given `labels`), or `example_inputs(batch_size)` returning
+  the inputs alone, and optionally `loss_fn(output, targets)`. The loss is then that function, else the output's
+  `.loss` (see `executor.batch`);
+- or a `ZooModel`-like object (with `build`, `loss`, `synthetic_batch`, `example_inputs`), or a function returning one.
+
+Data is `synthetic` or `package.module:fn` / `file.py:fn` with fn(step, global_batch_size) -> (inputs, targets), the
+whole global batch of that step in the same shapes as above; each data-parallel replica keeps its share. Synthetic
+batches are the model's own (zoo) or drawn like its example batch (`executor.batch.synthetic_like`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
+from executor.batch import Batch, synthetic_like, training_loss
 from executor.errors import ExecutorError
 from executor.train import DataSource
 
 
-def _import(spec: str, what: str) -> Any:
-    module_name, _, attr = spec.partition(":")
-    if not attr:
-        raise ExecutorError(f"{what} '{spec}' is not of the form package.module:name")
+def _load_module(module_name: str, what: str) -> ModuleType:
+    if module_name.endswith(".py") or "/" in module_name:
+        path = Path(module_name).resolve()
+        if not path.is_file():
+            raise ExecutorError(f"{what} file '{module_name}' does not exist")
+        unique = "autopar_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        if unique in sys.modules:
+            return sys.modules[unique]
+        loader = importlib.util.spec_from_file_location(unique, path)
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[unique] = module
+        try:
+            loader.loader.exec_module(module)
+        except Exception as exc:
+            del sys.modules[unique]
+            raise ExecutorError(f"cannot load {what} file '{module_name}': {type(exc).__name__}: {exc}") from None
+        return module
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ImportError as exc:
         raise ExecutorError(f"cannot import {what} module '{module_name}': {exc}") from None
+
+
+def _import(spec: str, what: str) -> tuple[ModuleType, Any]:
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise ExecutorError(f"{what} '{spec}' is not of the form path/to/file.py:name or package.module:name")
+    module = _load_module(module_name, what)
     try:
-        return getattr(module, attr)
+        return module, getattr(module, attr)
     except AttributeError:
-        raise ExecutorError(f"module '{module_name}' has no '{attr}' (from {what} '{spec}')") from None
+        raise ExecutorError(f"'{module_name}' has no '{attr}' (from {what} '{spec}')") from None
+
+
+def absolute_reference(name: str) -> str:
+    """`file.py:attr` with the file's absolute path, so worker processes started elsewhere find it too."""
+    module_name, sep, attr = name.rpartition(":")
+    if sep and (module_name.endswith(".py") or "/" in module_name):
+        return f"{Path(module_name).resolve()}:{attr}"
+    return name
+
+
+@dataclass(frozen=True)
+class UserModel:
+    """A model given as code: a factory, its example batch and its loss (see the module docstring)."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+    example_batch: Callable[[int], tuple[Any, Any]]
+    loss_fn: Callable[..., torch.Tensor] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    seq_len: int | None = None
+
+    def build(self, device: str | torch.device | None = None) -> nn.Module:
+        """Construct the module on `device` (default: the current default device); on 'meta' nothing is allocated."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return self.factory(**self.options)
+
+    def example_inputs(self, batch_size: int, device: str | torch.device = "cpu") -> Any:
+        """Inputs of the example batch, on `device`."""
+        return Batch.of(*self.example_batch(batch_size)).to(torch.device(device)).inputs()
+
+    def synthetic_batch(self, batch_size: int, *, seed: int = 0) -> tuple[Any, Any]:
+        """Random batches drawn like the example batch (`executor.batch.synthetic_like`)."""
+        with torch.random.fork_rng(devices=[]):  # the example itself must not vary between calls
+            torch.manual_seed(0)
+            example = Batch.of(*self.example_batch(max(batch_size, 8)))
+        drawn = synthetic_like(example, batch_size, seed=seed)
+        return drawn.inputs(), drawn.targets
+
+    def loss(self, output: Any, targets: Any) -> torch.Tensor:
+        """The training loss (`executor.batch.training_loss`)."""
+        return training_loss(output, targets, self.loss_fn)
+
+
+def _user_model(name: str, module: ModuleType, factory: Callable, options: dict[str, Any]) -> UserModel:
+    example = getattr(module, "example_batch", None)
+    if example is None and callable(getattr(module, "example_inputs", None)):
+        inputs_fn = module.example_inputs
+
+        def example(batch_size: int) -> tuple[Any, Any]:
+            return inputs_fn(batch_size), None
+    if not callable(example):
+        raise ExecutorError(
+            f"model '{name}' is a factory but its file defines no example_batch(batch_size) -> (inputs, targets) "
+            "(or example_inputs(batch_size)); add one so autopar knows how the model is called"
+        )
+    loss_fn = getattr(module, "loss_fn", None)
+    if loss_fn is not None and not callable(loss_fn):
+        raise ExecutorError(f"'loss_fn' beside model '{name}' is not callable; define loss_fn(output, targets)")
+    return UserModel(name=name, factory=factory, example_batch=example, loss_fn=loss_fn, options=dict(options),
+                     seq_len=getattr(module, "seq_len", None))
 
 
 def resolve_model(name: str, options: dict[str, Any] | None = None) -> Any:
-    """A zoo model by name (size options applied) or an imported model description."""
+    """A zoo model by name (size options applied), a `UserModel` for a factory, or an imported model description."""
     if ":" not in name:
         from profiler.zoo import get_model
 
         return get_model(name, **(options or {}))
-    obj = _import(name, "model")
+    module, obj = _import(name, "model")
     if not hasattr(obj, "build") and callable(obj):
-        obj = obj(**(options or {}))
+        with torch.device("meta"):  # find out what the function returns without allocating a model
+            made = obj(**(options or {}))
+        if isinstance(made, nn.Module):
+            return _user_model(name, module, obj, options or {})
+        obj = made
     missing = [a for a in ("build", "loss", "synthetic_batch", "example_inputs") if not hasattr(obj, a)]
     if missing:
         raise ExecutorError(
-            f"model '{name}' lacks {', '.join(missing)}; point --model at a ZooModel-like object or a function "
-            "returning one"
+            f"model '{name}' lacks {', '.join(missing)}; point --model at a factory returning an nn.Module (with "
+            "example_batch beside it), a ZooModel-like object, or a function returning one"
         )
     return obj
 
@@ -55,7 +155,7 @@ def resolve_data(spec: str, model: Any, *, seed: int) -> DataSource:
     """The data source for a run (see the module docstring)."""
     if spec == "synthetic":
         return lambda step, batch: model.synthetic_batch(batch, seed=seed + step)
-    fn = _import(spec, "data source")
+    _, fn = _import(spec, "data source")
     if not callable(fn):
         raise ExecutorError(f"data source '{spec}' is not callable; it must be fn(step, global_batch_size)")
     return fn

@@ -1,5 +1,10 @@
 """autopar's training loop: N steps of a plan, with per-step time, loss and throughput, and the run report.
 
+A step: forward and backward (`ParallelModel.forward_backward`), then float16 unscaling, clipping by the whole
+model's gradient norm, the optimizer and LR-scheduler steps (see `executor.optim`). Rank 0 logs each step and, with
+`tensorboard_dir`, writes `train/loss`, `train/lr`, `train/step_seconds`, `train/tokens_per_second` and
+`train/grad_norm` as TensorBoard scalars (x axis: the step index).
+
 The report sets what was measured next to what the plan predicted: median step time (first step excluded, it pays
 for warm-up) and each rank's peak memory against the prediction for its pipeline rank. On CUDA peak memory is
 `torch.cuda.max_memory_allocated`; on CPU it is the process's peak resident set size, which also counts the Python
@@ -8,25 +13,32 @@ interpreter and torch itself, so it is an upper bound on what the plan's memory 
 
 from __future__ import annotations
 
+import importlib
 import logging
+import math
 import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
+from torch.optim.lr_scheduler import LRScheduler
 
+from executor import optim
 from executor.apply import ParallelModel
+from executor.errors import ExecutorError, LossDiverged
 from planner.strategy import MeshAxis, Plan
 
 log = logging.getLogger(__name__)
 
 #: (step, global batch size) -> (inputs, targets) of the whole global batch for that step.
-DataSource = Callable[[int, int], tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+#: Inputs are a tuple, a dict (keyword inputs) or one tensor; targets None when the model computes its own loss.
+DataSource = Callable[[int, int], tuple[Any, Any]]
 
 
 class _Strict(BaseModel):
@@ -43,6 +55,10 @@ class StepRecord(_Strict):
         default=0.0, ge=0, description="CPU time rank 0's process used in the step (insensitive to other load)."
     )
     tokens_per_second: float = Field(ge=0, description="Global tokens (or samples) processed per second.")
+    lr: float | None = Field(default=None, description="Learning rate the step ran with (first param group).")
+    grad_norm: float | None = Field(
+        default=None, description="Whole-model gradient norm before clipping (when clipping or TensorBoard is on)."
+    )
 
 
 class RankMemory(_Strict):
@@ -70,6 +86,9 @@ class RunReport(_Strict):
     predicted_step_seconds: float | None = Field(default=None)
     memory_kind: Literal["cuda_max_allocated", "cpu_peak_rss"]
     memory: list[RankMemory]
+    diverged_at_step: int | None = Field(
+        default=None, description="Step at which the loss (or the training state) became NaN/inf; the run stopped."
+    )
 
     @property
     def step_time_ratio(self) -> float | None:
@@ -98,6 +117,65 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
 
 
+def check_tensorboard() -> None:
+    """Raise an `ExecutorError` naming the fix when the tensorboard package is missing (`--tensorboard` needs it)."""
+    try:
+        importlib.import_module("tensorboard")
+        importlib.import_module("torch.utils.tensorboard")
+    except ImportError:
+        raise ExecutorError(
+            "--tensorboard needs the tensorboard package, which is not installed here; pip install tensorboard "
+            "(or pip install 'autopar[tensorboard]'), or drop --tensorboard"
+        ) from None
+
+
+def tensorboard_writer(log_dir: str | Path, *, start_step: int = 0):
+    """A `torch.utils.tensorboard.SummaryWriter` writing event files into `log_dir`.
+
+    A run resumed at `start_step` > 0 has TensorBoard drop what earlier event files hold from that step on (a run
+    that went further than its last checkpoint would otherwise leave two curves over those steps).
+    """
+    check_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir), flush_secs=10, purge_step=start_step or None)
+
+
+def _write_scalars(writer, rec: StepRecord) -> None:
+    values = {"loss": rec.loss, "lr": rec.lr, "step_seconds": rec.seconds,
+              "tokens_per_second": rec.tokens_per_second, "grad_norm": rec.grad_norm}
+    for name, value in values.items():
+        if value is not None:
+            writer.add_scalar(f"train/{name}", value, rec.step)
+
+
+def _optimizer_step(
+    pm: ParallelModel, optimizers: Sequence[torch.optim.Optimizer], schedulers: Sequence[LRScheduler],
+    clip_grad: float | None, want_norm: bool,
+) -> float | None:
+    """Unscale (float16), clip, step and zero the optimizers, step the schedulers; the gradient norm if computed."""
+    scaler = pm.grad_scaler
+    if scaler is not None:
+        for opt in optimizers:
+            scaler.unscale_(opt)
+    norm = None
+    if clip_grad is not None:
+        norm = optim.clip_grad_norm_(pm, clip_grad)
+    elif want_norm:
+        norm = float(optim.grad_norm(pm))
+    for opt in optimizers:
+        if scaler is not None:
+            scaler.step(opt)  # skipped when the unscaled gradients hold inf/NaN
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.update()
+    for sched in schedulers:
+        sched.step()
+    return norm
+
+
 def train(
     pm: ParallelModel,
     optimizers: Sequence[torch.optim.Optimizer],
@@ -107,30 +185,53 @@ def train(
     start_step: int = 0,
     tokens_per_sample: int = 1,
     on_step_end: Callable[[int], None] | None = None,
+    schedulers: Sequence[LRScheduler] = (),
+    clip_grad: float | None = None,
+    tensorboard_dir: str | Path | None = None,
 ) -> list[StepRecord]:
     """Run steps [start_step, steps); `on_step_end(steps_done)` runs after each (checkpointing hooks in there).
 
+    Each step: forward and backward, then (float16: unscale through `pm.grad_scaler`) clip to `clip_grad` by the
+    whole model's gradient norm (`executor.optim.clip_grad_norm_`), the optimizer steps, and each scheduler
+    (`executor.optim.build_lr_schedulers`) steps once. With `tensorboard_dir` rank 0 writes loss, lr, step time,
+    tokens/s and gradient norm per step there; pass the same arguments on every rank (the norm is a collective).
     Every rank returns the same records (the loss is all-reduced; times are rank 0's).
     """
+    if clip_grad is not None and clip_grad <= 0:
+        raise ExecutorError(f"clip_grad must be positive, got {clip_grad}; pass a max norm such as 1.0 or None")
     records = []
     gbs = pm.strategy.global_batch_size
-    for step in range(start_step, steps):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        inputs, targets = pm.local_batch(*data(step, gbs))
-        local = pm.forward_backward(inputs, targets)
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        loss = pm.global_loss(local)  # also lines the ranks up, so the time covers the slowest one
-        if pm.device.type == "cuda":
-            torch.cuda.synchronize(pm.device)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-        rec = StepRecord(step=step, loss=loss, seconds=seconds, cpu_seconds=cpu,
-                         tokens_per_second=gbs * tokens_per_sample / seconds)
-        records.append(rec)
-        log.info("step %d  loss %.5f  %.1f ms  %.0f tokens/s", step, loss, seconds * 1e3, rec.tokens_per_second)
-        if on_step_end is not None:
-            on_step_end(step + 1)
+    writer = None
+    if tensorboard_dir is not None and dist.get_rank() == 0:
+        writer = tensorboard_writer(tensorboard_dir, start_step=start_step)
+    try:
+        for step in range(start_step, steps):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            local = pm.forward_backward(pm.local_batch(*data(step, gbs)))
+            lr = optimizers[0].param_groups[0]["lr"] if optimizers else None
+            norm = _optimizer_step(pm, optimizers, schedulers, clip_grad, tensorboard_dir is not None)
+            loss = pm.global_loss(local)  # also lines the ranks up, so the time covers the slowest one
+            if not math.isfinite(loss):  # every rank sees the same all-reduced value: all stop here, unsaved
+                raise LossDiverged(step, loss)
+            if pm.device.type == "cuda":
+                torch.cuda.synchronize(pm.device)
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            rec = StepRecord(step=step, loss=loss, seconds=seconds, cpu_seconds=cpu,
+                             tokens_per_second=gbs * tokens_per_sample / seconds, lr=lr, grad_norm=norm)
+            records.append(rec)
+            log.info("step %d  loss %.5f  %.1f ms  %.0f tokens/s%s%s", step, loss, seconds * 1e3,
+                     rec.tokens_per_second, "" if lr is None else f"  lr {lr:.3g}",
+                     "" if norm is None else f"  grad norm {norm:.4g}")
+            if writer is not None:
+                _write_scalars(writer, rec)
+            if on_step_end is not None:
+                on_step_end(step + 1)
+    except ExecutorError as exc:
+        exc.records = list(records)  # the steps done before it stopped, for the run report
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
     return records
 
 

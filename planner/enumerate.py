@@ -75,6 +75,8 @@ def enumerate_configs(view: ModelView, cluster: ClusterSpec, global_batch: int, 
         zeros = [ZeroStage(z) for z in space.zero_stages] if dp > 1 else [ZeroStage.NONE]
         for b in sizes:
             m = per_replica // b
+            if pp > 1 and m < pp:  # the schedules need a micro-batch for every pipeline rank (see Strategy)
+                continue
             scheds = [(Schedule.ONE_F_ONE_B, 1)] if pp == 1 else []
             if pp > 1:
                 for s in space.schedules:

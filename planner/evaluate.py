@@ -43,7 +43,7 @@ def prepare(profile: ModelProfile, cluster: ClusterSpec) -> ModelView:
         raise PlanError(f"precision mismatch: the profile is in {profile.dtype.value} but {exc}") from None
     graph = build_layer_graph(profile)
     layer_order(graph)
-    return ModelView(profile=profile, cuts=legal_cuts(profile, graph), cut_bytes=cut_bytes(profile, graph))
+    return ModelView(profile=profile, cuts=legal_cuts(profile), cut_bytes=cut_bytes(profile, graph))
 
 
 def config_of(strategy: Strategy) -> Config:

@@ -40,20 +40,10 @@ def layer_order(graph: nx.DiGraph) -> list[str]:
     return [n for n in sorted(graph.nodes, key=lambda n: graph.nodes[n]["index"]) if n not in (INPUT_NODE, OUTPUT_NODE)]
 
 
-def legal_cuts(profile: ModelProfile, graph: nx.DiGraph | None = None) -> list[int]:
-    """Cut points k (a stage may start at layer k) the profile allows and where only layer k-1 feeds later layers.
-
-    A stage boundary forwards exactly one tensor, so a cut is legal only when every edge crossing it leaves layer
-    k-1 (model inputs may cross: every stage can read the batch).
-    """
-    g = graph if graph is not None else build_layer_graph(profile)
-    index = {n: g.nodes[n]["index"] for n in g.nodes}
-    allowed = []
-    for k in profile.cut_points:
-        crossing = [u for u, v in g.edges if u != INPUT_NODE and index[u] < k <= index[v]]
-        if all(index[u] == k - 1 for u in crossing):
-            allowed.append(k)
-    return sorted(set(allowed))
+def legal_cuts(profile: ModelProfile) -> list[int]:
+    """Layer indices k at which a pipeline stage may start: the profile's `cut_points`, the profiler's one definition
+    (`profiler.partition`: exactly one tensor crosses and the stages compose to the model's forward)."""
+    return sorted({k for k in profile.cut_points if 0 < k < profile.num_layers})
 
 
 def cut_bytes(profile: ModelProfile, graph: nx.DiGraph | None = None) -> list[float]:

@@ -130,6 +130,12 @@ class Strategy(_Strict):
                 )
         elif self.virtual_stages != 1:
             raise ValueError(f"virtual_stages={self.virtual_stages} needs schedule 'interleaved_1f1b'")
+        if self.dims.pp > 1 and self.num_micro_batches < self.dims.pp:
+            # torch.distributed.pipelining refuses it at run time; every pipeline rank needs a micro-batch in flight.
+            raise ValueError(
+                f"a {self.dims.pp}-stage pipeline needs at least {self.dims.pp} micro-batches per step, got "
+                f"num_micro_batches={self.num_micro_batches}; use a smaller micro_batch_size or a larger global batch"
+            )
         expected = self.dims.pp * self.virtual_stages
         if len(self.stages) != expected:
             raise ValueError(f"{len(self.stages)} stages given, pp*virtual_stages = {expected} expected")

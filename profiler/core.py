@@ -31,11 +31,12 @@ from planner.model_profile import (
 from profiler import cache as profile_cache
 from profiler.counting import LayerCost, estimate_layer_cost
 from profiler.errors import ProfileError
-from profiler.graph import build_layer_graph, legal_cut_points
+from profiler.graph import build_layer_graph
 from profiler.hashing import layer_signature, structure_hash
 from profiler.layers import call_order, find_layers
 from profiler.loss import TrainingLoss, loss_name, targets_signature
 from profiler.measure import estimate_times
+from profiler.partition import partition, positional_inputs
 from profiler.recording import cast_inputs, device_copy, meta_copy, record_calls, tensors_of
 from profiler.tensor_parallel import detect_tensor_parallel
 
@@ -153,7 +154,7 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     device = _check_device(device)
     if loss_fn is not None and not callable(loss_fn):
         raise ProfileError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = positional_inputs(model, example_inputs)
     dt = _resolve_dtype(model, dtype)
     spec = _input_spec(inputs, seq_len)
     batch = spec.batch_size
@@ -174,6 +175,9 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     names = find_layers(meta_model, call_order(meta_model, meta_inputs), layers)
     records = record_calls(meta_model, meta_inputs, names, clone=False)
     graph = build_layer_graph(meta_model, names, records, meta_inputs, batch)
+    cuts = partition(meta_model, names, meta_inputs)
+    if cuts.trace_error is not None and len(names) > 1:
+        logger.warning("%s can run with pp=1 only: %s", name, cuts.why_illegal(1))
 
     signature = {
         n: layer_signature(meta_model.get_submodule(n), records[n].args, records[n].kwargs, records[n].from_input)
@@ -231,7 +235,7 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
         mode=ProfileMode.MEASURED if measured else ProfileMode.ANALYTIC,
         layers=layer_profiles,
         edges=graph.edges,
-        cut_points=legal_cut_points(names, graph.edges, graph.direct),
+        cut_points=cuts.legal_cuts,
         step=step,
         profile_seconds=time.perf_counter() - started,
         torch_version=torch.__version__,

@@ -34,10 +34,12 @@ class _LayerTracer(fx.Tracer):
 
 @dataclass(frozen=True)
 class LayerGraph:
-    """Edges between layers, which of them pass a tensor unchanged (no computation between), and the method."""
+    """Edges between layers (what each layer reads from which) and how they were found ('fx' or 'hooks').
+
+    Where a pipeline may cut is decided by `profiler.partition`, not by these edges: they only size the traffic.
+    """
 
     edges: list[LayerEdge]
-    direct: set[tuple[str, str]]
     method: str
 
 
@@ -49,10 +51,10 @@ def build_layer_graph(
         out = tensor_bytes(records[""].output) / batch
         inp = tensor_bytes(inputs) / batch
         edges = [LayerEdge(src=INPUT_NODE, dst="", bytes=inp), LayerEdge(src="", dst=OUTPUT_NODE, bytes=out)]
-        return LayerGraph(edges, {(e.src, e.dst) for e in edges}, "single")
+        return LayerGraph(edges, "single")
     try:
         graph = _LayerTracer(set(layer_names)).trace(model)
-        return LayerGraph(*_edges_from_fx(graph, layer_names, records, inputs, batch), "fx")
+        return LayerGraph(_edges_from_fx(graph, layer_names, records, inputs, batch), "fx")
     except Exception as exc:  # noqa: BLE001 - fx raises many types; every one means "use the fallback"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         logger.warning(
@@ -60,12 +62,12 @@ def build_layer_graph(
             "assumes a tensor of unknown origin comes from the previous layer", type(model).__name__,
             type(exc).__name__, reason,
         )
-        return LayerGraph(*_edges_from_hooks(layer_names, records, inputs, batch), "hooks")
+        return LayerGraph(_edges_from_hooks(layer_names, records, inputs, batch), "hooks")
 
 
 def _edges_from_fx(
     graph: fx.Graph, layer_names: list[str], records: dict[str, LayerCall], inputs: tuple, batch: int
-) -> tuple[list[LayerEdge], set[tuple[str, str]]]:
+) -> list[LayerEdge]:
     layer_set = set(layer_names)
     seen = [n.target for n in graph.nodes if n.op == "call_module" and n.target in layer_set]
     if sorted(seen) != sorted(layer_names):
@@ -97,7 +99,6 @@ def _edges_from_fx(
                 merged.update(producers.get(arg, {}))
             producers[node] = merged
     totals: dict[tuple[str, str], float] = {}
-    through_glue: set[tuple[str, str]] = set()
     for node in graph.nodes:
         if node.op == "call_module" and node.target in layer_set:
             dst = node.target
@@ -108,25 +109,19 @@ def _edges_from_fx(
         incoming: dict[fx.Node, tuple[str, float]] = {}
         for arg in node.all_input_nodes:
             incoming.update(producers.get(arg, {}))
-            if arg not in producers.get(arg, {}):  # the value was computed outside any layer
-                through_glue.update((src, dst) for src, _ in producers.get(arg, {}).values())
         for src, nbytes in incoming.values():
             totals[(src, dst)] = totals.get((src, dst), 0.0) + nbytes
-    edges = [LayerEdge(src=s, dst=d, bytes=b) for (s, d), b in totals.items()]
-    return edges, set(totals) - through_glue
+    return [LayerEdge(src=s, dst=d, bytes=b) for (s, d), b in totals.items()]
 
 
 def _edges_from_hooks(
     layer_names: list[str], records: dict[str, LayerCall], inputs: tuple, batch: int
-) -> tuple[list[LayerEdge], set[tuple[str, str]]]:
+) -> list[LayerEdge]:
     origin: dict[int, tuple[str, float]] = {id(t): (INPUT_NODE, tensor_bytes(t) / batch) for t in tensors_of(inputs)}
     totals: dict[tuple[str, str], float] = {}
-    guessed: set[tuple[str, str]] = set()
 
     def connect(dst: str, values: object, previous: str) -> None:
         for t in tensors_of(values):
-            if id(t) not in origin:
-                guessed.add((previous, dst))
             src, nbytes = origin.get(id(t), (previous, tensor_bytes(t) / batch))
             totals[(src, dst)] = totals.get((src, dst), 0.0) + nbytes
 
@@ -138,31 +133,7 @@ def _edges_from_hooks(
             origin[id(t)] = (name, tensor_bytes(t) / batch)
         previous = name
     connect(OUTPUT_NODE, records[OUTPUT_NODE].output, previous)
-    edges = [LayerEdge(src=s, dst=d, bytes=b) for (s, d), b in totals.items()]
-    return edges, set(totals) - guessed
-
-
-def legal_cut_points(
-    layer_names: list[str], edges: list[LayerEdge], direct: set[tuple[str, str]] | None = None
-) -> list[int]:
-    """Stage boundaries k (between layer k-1 and k) where exactly one edge crosses, from layer k-1 to layer k.
-
-    A skip connection that jumps over the boundary, or a second tensor crossing it, rules the boundary out: a
-    pipeline stage receives one activation from the stage before it. With `direct` given, the crossing edge must
-    also be in it: computation outside the layers between k-1 and k (an add in the model's own forward) would be
-    lost by a stage that only runs layers.
-    """
-    position = {name: i for i, name in enumerate(layer_names)}
-    position[INPUT_NODE] = -1
-    position[OUTPUT_NODE] = len(layer_names)
-    cuts = []
-    for k in range(1, len(layer_names)):
-        crossing = [e for e in edges if position[e.src] < k <= position[e.dst]]
-        if len(crossing) != 1 or (crossing[0].src, crossing[0].dst) != (layer_names[k - 1], layer_names[k]):
-            continue
-        if direct is None or (layer_names[k - 1], layer_names[k]) in direct:
-            cuts.append(k)
-    return cuts
+    return [LayerEdge(src=s, dst=d, bytes=b) for (s, d), b in totals.items()]
 
 
 def layer_graph(profile: ModelProfile) -> nx.DiGraph:

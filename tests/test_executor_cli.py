@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import executor_support as sup
@@ -19,7 +20,6 @@ import executor_support as sup
 from executor.errors import ExecutorError
 from executor.launch import LaunchError, check_launch, first_host, slurm_launch, torchrun_args
 from executor.pipeline import check_pipelinable
-from planner.model_profile import LayerEdge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -215,12 +215,14 @@ def test_pp_refuses_tied_weight_copies_that_tensor_parallelism_shards_differentl
     check_pipelinable(model, sharded, [sup.StageSpec(start=0, stop=4)], tp=2)  # one stage: still one tensor
 
 
-def test_pp_refuses_cut_crossed_by_a_skip_connection():
-    from profiler.zoo import get_model
+def test_pp_refuses_a_cut_the_models_own_forward_does_not_allow():
+    import profiler
+    from user_models import FusedGPT
 
-    profile = sup.tiny_profile()
-    skip = profile.model_copy(update={"edges": [*profile.edges, LayerEdge(src="embed", dst="blocks.2", bytes=1.0)]})
-    model = get_model("gpt-tiny").build("meta")
-    with pytest.raises(ExecutorError, match="embed -> blocks.2"):
-        check_pipelinable(model, skip, sup.stages(2))
-    check_pipelinable(model, skip, sup.stages(4))  # a cut after the skip's end is fine
+    model = FusedGPT()
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    profile = profiler.profile(model, (ids,), cache=False)
+    # Between wte and wpe both the token embedding and the positions built in forward would have to cross.
+    with pytest.raises(ExecutorError, match=r"cannot start at layer 1 \('wpe'\): 2 values cross it"):
+        check_pipelinable(model, profile, sup.stages(1, num_layers=profile.num_layers), example_inputs=(ids,))
+    check_pipelinable(model, profile, sup.stages(2, num_layers=profile.num_layers), example_inputs=(ids,))

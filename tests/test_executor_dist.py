@@ -141,7 +141,7 @@ def _worker(cases_path: str, out_path: str) -> None:
         if name == OWN_LOOP:
             losses = []
             for step in range(sup.STEPS):
-                local = pm.forward_backward(*pm.local_batch(*data(step, st.global_batch_size)))
+                local = pm.forward_backward(pm.local_batch(*data(step, st.global_batch_size)))
                 for opt in opts:
                     opt.step()
                     opt.zero_grad()

@@ -24,14 +24,14 @@ def test_gpt_layers_are_embed_each_block_and_head_with_a_cut_between_every_pair(
     assert g.edges["blocks.0", "blocks.1"]["bytes"] == 32 * 64 * 4
 
 
-def test_no_cut_inside_a_gpt_block_when_its_parts_are_layers() -> None:
+def test_inside_a_gpt_block_only_cuts_where_the_residual_stream_alone_crosses() -> None:
     inside = ["blocks.0.ln_1", "blocks.0.attn", "blocks.0.ln_2", "blocks.0.mlp"]
     layers = ["embed", *inside, "blocks.1", "blocks.2", "blocks.3", "head"]
     p = profile_zoo("gpt-tiny", batch_size=2, cache=False, layers=layers)
     assert [layer.name for layer in p.layers] == layers
-    # Boundaries 1..5 touch block 0's parts: the residual stream crosses each of them beside the part's own
-    # output (and the block's adds run outside its parts), so only the boundaries between whole units remain.
-    assert p.cut_points == [6, 7, 8]
+    # Before ln_1 (1), after the attention residual add (3) and after the MLP residual add (5) the residual stream
+    # is the one value that crosses; before attn (2) and before mlp (4) the norm's output crosses beside it.
+    assert p.cut_points == [1, 3, 5, 6, 7, 8]
 
 
 class _Skip(nn.Module):
@@ -56,10 +56,12 @@ class _Merge(nn.Module):
         return self.lin(a + b)
 
 
-def test_skip_connection_across_layers_rules_out_the_cuts_it_spans() -> None:
+def test_skip_connection_rules_out_only_the_cut_where_two_values_cross() -> None:
     p = profile(_Skip(), torch.randn(3, 8), cache=False)
     assert [layer.name for layer in p.layers] == ["l0", "l1", "l2", "merge", "l4"]
-    assert p.cut_points == [1, 4]
+    # Before l2 only `a` crosses (l2 and merge both read it on the later stage); before merge both l2's output and
+    # `a` cross, which one activation cannot carry.
+    assert p.cut_points == [1, 2, 4]
     assert {(e.src, e.dst) for e in p.edges} >= {("l1", "merge"), ("l2", "merge")}
 
 
@@ -74,8 +76,15 @@ class _Glue(nn.Module):
         return self.c(torch.relu(self.b(self.a(x))))
 
 
-def test_cut_after_model_level_computation_is_not_legal() -> None:
-    assert profile(_Glue(), torch.randn(3, 8), cache=False).cut_points == [1]
+def test_glue_between_layers_travels_with_a_stage() -> None:
+    from profiler.partition import partition
+
+    model, x = _Glue(), torch.randn(3, 8)
+    assert profile(model, x, cache=False).cut_points == [1, 2]
+    first, second = partition(model, ["a", "b", "c"], (x,)).stage_modules(model, [2], copy_model=False)
+    # The relu between b and c runs on one of the stages: the composition is the model, not c(b(a(x))).
+    assert torch.equal(second(first(x)), model(x))
+    assert not torch.allclose(model.c(model.b(model.a(x))), model(x))
 
 
 class _ShapeBranch(nn.Module):
@@ -92,12 +101,13 @@ class _ShapeBranch(nn.Module):
         return self.c(self.b(h))
 
 
-def test_untraceable_model_falls_back_to_hooks_with_a_warning(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="profiler.graph"):
+def test_untraceable_model_falls_back_to_hooks_and_gets_no_pipeline_cuts(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
         p = profile(_ShapeBranch(), torch.randn(3, 8), cache=False)
     assert any("torch.fx could not trace" in r.getMessage() and "hooks" in r.getMessage() for r in caplog.records)
+    assert any("pp=1 only" in r.getMessage() for r in caplog.records)
     assert [layer.name for layer in p.layers] == ["a", "b", "c"]
-    assert p.cut_points == [1, 2]
+    assert p.cut_points == []  # without a traced graph no cut can be shown to keep the forward
     assert p.fwd_flops == 2 * (8 * 8 + 8 * 8 + 8 * 4)
 
 

@@ -7,6 +7,7 @@ make example inputs and synthetic batches, and compute the training loss. Adding
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +44,8 @@ class ZooModel:
     _family: _Family = field(repr=False)
 
     def build(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-        """Construct the module; on device='meta' nothing is allocated."""
-        with torch.device(device or "cpu"):
+        """Construct the module on `device` (default: the current default device); on 'meta' nothing is allocated."""
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             module = self._family.build(self.config)
         return module.to(dtype) if dtype is not None else module
 
