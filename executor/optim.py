@@ -154,7 +154,10 @@ def grad_norm(pm: ParallelModel) -> torch.Tensor:
     grads = [p.grad for p in _trainable(pm) if p.grad is not None]
     squares = torch.zeros(1 << len(_AXES), dtype=torch.float32, device=pm.device)
     for key, pieces in _local_pieces(grads).items():
-        squares[key] = torch.stack(torch._foreach_norm(pieces)).float().square().sum()
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in pieces:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        squares[key] = sum(torch.stack(torch._foreach_norm(ts)).float().square().sum() for ts in by_dtype.values())
     for bit, axis in enumerate(_AXES):
         group_size = pm.mesh[axis].size()
         if group_size == 1:

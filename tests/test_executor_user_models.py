@@ -1,4 +1,5 @@
-"""Every layout trains exactly the user's model, or is refused before launch: models written by others
+"""Every layout trains exactly the user's model, or is refused before launch: models written by others, built on
+the meta device from their factories
 (tests/user_models.py: glue in forward, a CNN with BatchNorm and flatten, a fused-qkv GPT with a tied head and a
 hand-written RMSNorm, dict inputs with a `.loss` output, Hugging Face GPT-2 / Llama / BERT), fp32, SGD, 3 steps,
 gloo on CPU, 2 and 4 real processes.
@@ -109,8 +110,10 @@ def reference_losses(model: str, strategy) -> list[float]:
     """The single-process run, each step's batch grouped as the layout groups it (see the module docstring)."""
     from executor.batch import Batch, training_loss
 
+    from executor.init import build_initialized
+
     case = um.CASES[model]
-    net = case.build(seed=sup.SEED)
+    net = build_initialized(case.factory, seed=sup.SEED)  # the weights every layout starts from for this seed
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     dp, mbs, nmb = strategy.dims.dp, strategy.micro_batch_size, strategy.num_micro_batches
     local = mbs * nmb
@@ -146,7 +149,8 @@ def _worker(cases_path: str, out_path: str) -> None:
         st = Strategy.model_validate(spec["strategy"])
         profile = ModelProfile.model_validate(payload["profiles"][spec["model"]])
         example = case.batch(0, st.micro_batch_size)[0]
-        pm = apply_plan(st, case.build(seed=sup.SEED), profile, loss_fn=case.loss_fn, device=device,
+        # The factory, not a built model: every rank builds on the meta device and initialises only its shards.
+        pm = apply_plan(st, case.factory, profile, loss_fn=case.loss_fn, device=device,
                         seed=sup.SEED, example_inputs=example, sync_batchnorm=case.has_batchnorm)
         opts = [torch.optim.SGD(p.parameters(), lr=LR) for p in pm.parts]
         losses = []
