@@ -51,10 +51,9 @@ def _parse_options(items: list[str]) -> dict[str, object]:
 
 def _profile_for(model_name: str, model, dtype: str):
     """Analytic (meta-device) profile of the model to run, at one sample per batch."""
-    import profiler
-
     import torch
 
+    import profiler
     from executor.batch import Batch
     from executor.sources import UserModel
 
@@ -143,7 +142,15 @@ def run_command(
     import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from executor.launch import RankFailed, RunSpec, WorkerError, check_launch, launch, read_report, slurm_launch
+    from executor.launch import (
+        RankFailed,
+        RunSpec,
+        WorkerError,
+        check_launch,
+        launch,
+        read_report,
+        slurm_launch,
+    )
     from executor.sources import OptimizerSpec, resolve_model
     from executor.train import check_tensorboard
     from planner.strategy import Plan

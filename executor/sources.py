@@ -48,7 +48,7 @@ def _load_module(module_name: str, what: str) -> ModuleType:
         sys.modules[unique] = module
         try:
             loader.loader.exec_module(module)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the user's file may raise anything; say which file and why
             del sys.modules[unique]
             raise ExecutorError(f"cannot load {what} file '{module_name}': {type(exc).__name__}: {exc}") from None
         return module

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from user_models import VOCAB, DictLM  # noqa: E402
+from user_models import VOCAB, DictLM
 
 
 def model() -> DictLM:

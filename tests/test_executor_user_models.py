@@ -109,7 +109,6 @@ def _strategy(kw: dict, cuts: list[int], num_layers: int) -> dict:
 def reference_losses(model: str, strategy) -> list[float]:
     """The single-process run, each step's batch grouped as the layout groups it (see the module docstring)."""
     from executor.batch import Batch, training_loss
-
     from executor.init import build_initialized
 
     case = um.CASES[model]
