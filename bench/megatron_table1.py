@@ -3,7 +3,7 @@
     .venv/bin/python bench/megatron_table1.py            # profiles from profiler.profile_zoo (meta device)
     .venv/bin/python bench/megatron_table1.py --formula  # closed-form profiles (planner.gpt_formula), no torch
 
-For every row of shared/reference/megatron_sc21_table1.csv: the published TFLOP/s per GPU, `planner.evaluate`'s
+For every row of bench/data/megatron_sc21_table1.csv: the published TFLOP/s per GPU, `planner.evaluate`'s
 prediction for the published configuration (tp, pp, dp, micro-batch, interleaving, full recompute, fp16) on Selene
 (DGX A100 80 GB nodes), the error, and the configuration `planner.plan` picks itself with its predicted TFLOP/s.
 FLOPs are counted as the paper's eq. (3) counts them, so both columns are in the paper's unit.
@@ -28,7 +28,7 @@ from planner.gpt_formula import gpt_profile  # noqa: E402
 from planner.model_profile import ShardStyle, TensorParallelSpec, TPShard  # noqa: E402
 from planner.strategy import ParallelDims, Recompute, Schedule, StageSpec, Strategy, ZeroStage  # noqa: E402
 
-TABLE = ROOT.parent / "shared" / "reference" / "megatron_sc21_table1.csv"
+TABLE = ROOT / "bench" / "data" / "megatron_sc21_table1.csv"  # see bench/data/README.md
 SEQ, VOCAB = 2048, 51200
 
 # Selene, set once for every row (not per row):

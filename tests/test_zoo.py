@@ -10,7 +10,7 @@ import torch
 
 from profiler.zoo import ZooError, get_model, list_models
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data"  # copied from the published sources, see data/README.md
 
 
 def _reference_counts() -> dict[str, dict[str, str]]:
