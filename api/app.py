@@ -57,7 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(v1, dependencies=[Depends(require_api_key)], responses=error_responses(401))
     else:
         app.include_router(v1)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, api_keys=settings.api_keys)
     return app
 
 

@@ -1,11 +1,15 @@
-"""ASGI middleware that refuses request bodies over the configured size with a structured 413.
+"""ASGI middleware in front of every route: the API key is checked, then the body is counted, before the app reads it.
 
-It checks `Content-Length` first (no bytes read), then counts the bytes of bodies sent without one (chunked), so a
-client cannot stream an unbounded body into memory either way.
+- API key: when the server has keys, a request under /v1 without a valid one (`X-API-Key` or `Authorization: Bearer`)
+  gets 401 before a byte of its body is read, so an unauthenticated client cannot make the server buffer anything.
+- Body limit: a declared `Content-Length` over the limit is refused at once; whatever the headers say (a small
+  `Content-Length` beside `Transfer-Encoding: chunked`, or none), the bytes are counted as they arrive and the request
+  is refused with 413 as soon as they pass the limit. The body is buffered (at most the limit) and replayed to the app.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 from typing import Any
 
@@ -13,25 +17,42 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 
-class BodyLimitMiddleware:
-    """Answer 413 to any HTTP request whose body exceeds `max_bytes`."""
+def _error(status: int, code: str, message: str, field: str, extra_headers: list | None = None) -> list[Message]:
+    body = json.dumps({"error": {"code": code, "message": message, "field": field}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"connection", b"close"), *(extra_headers or [])]
+    return [{"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body}]
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
+
+def key_is_valid(headers: dict[bytes, bytes], keys: tuple[str, ...]) -> bool:
+    """Whether the request carries one of `keys` (compare_digest on every key: timing reveals nothing)."""
+    given = headers.get(b"x-api-key")
+    auth = headers.get(b"authorization", b"")
+    if given is None and auth[:7].lower() == b"bearer ":
+        given = auth[7:].strip()
+    if not given:
+        return False
+    return any(hmac.compare_digest(given, k.encode()) for k in keys)
+
+
+class BodyLimitMiddleware:
+    """Answer 401 to unauthenticated /v1 requests and 413 to bodies over `max_bytes` (see the module docstring)."""
+
+    def __init__(self, app: Any, max_bytes: int, api_keys: tuple[str, ...] | None = None) -> None:
         """Wrap the ASGI `app`."""
         self.app = app
         self.max_bytes = max_bytes
+        self.api_keys = tuple(api_keys or ())
 
-    async def _reject(self, send: Any) -> None:
-        body = json.dumps({"error": {
-            "code": "body_too_large",
-            "message": f"request body is larger than the server's limit of {self.max_bytes} bytes; send a smaller "
-                       "profile (or upload it once with POST /v1/profiles and refer to it by id)",
-            "field": "body",
-        }}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _send_all(self, send: Any, messages: list[Message]) -> None:
+        for message in messages:
+            await send(message)
+
+    def _too_large(self) -> list[Message]:
+        return _error(413, "body_too_large",
+                      f"request body is larger than the server's limit of {self.max_bytes} bytes; send a smaller "
+                      "profile (or upload it once with POST /v1/profiles and refer to it by id)", "body")
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         """ASGI entry point."""
@@ -39,6 +60,11 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
+        if self.api_keys and scope.get("path", "").startswith("/v1") and not key_is_valid(headers, self.api_keys):
+            await self._send_all(send, _error(
+                401, "unauthorized", "missing or wrong API key; send it as 'X-API-Key: <key>' or "
+                "'Authorization: Bearer <key>'", "X-API-Key", [(b"www-authenticate", b"Bearer")]))
+            return
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -46,14 +72,9 @@ class BodyLimitMiddleware:
             except ValueError:
                 declared = self.max_bytes + 1
             if declared > self.max_bytes:
-                await self._reject(send)
+                await self._send_all(send, self._too_large())
                 return
-            await self.app(scope, receive, send)
-            return
-        if scope.get("method") not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        # No Content-Length: buffer up to the limit, then replay the body to the app as one message.
+        # Count what actually arrives: a declared length is only a claim.
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -63,7 +84,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._reject(send)
+                await self._send_all(send, self._too_large())
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -67,6 +67,8 @@ class ParallelModel:
     grad_scaler: torch.amp.GradScaler | None = None
     #: Copies of parameters shared across pipeline stages, whose gradients are summed after each backward.
     shared_copies: shared.SharedCopies = field(default_factory=shared.SharedCopies)
+    #: Pipelined: the forward's arguments that are not tensors, fixed at their traced values (see profiler.partition).
+    fixed_inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dp_rank(self) -> int:
@@ -136,6 +138,13 @@ class ParallelModel:
         return total / nmb
 
     def _pipelined(self, batch: Batch) -> torch.Tensor | None:
+        for name, value in batch.kwargs.items():
+            if not isinstance(value, torch.Tensor) and name in self.fixed_inputs and value != self.fixed_inputs[name]:
+                raise ExecutorError(
+                    f"the batch passes {name}={value!r}, but the pipeline stages were traced with "
+                    f"{name}={self.fixed_inputs[name]!r} (non-tensor inputs are fixed in the traced stages); give "
+                    "example_inputs with the same value, or keep it constant"
+                )
         losses: list[torch.Tensor] = []
         kwargs = {"target": batch.targets, "losses": losses} if self.has_last_stage else {}
         if self.has_first_stage:
@@ -263,6 +272,7 @@ def apply_plan(
     )
     if dims.pp > 1:
         pm.shared_copies = shared.build_shared_copies(meta, profile, strategy, mesh, parts, stage_indices)
+        pm.fixed_inputs = dict(cuts.constants)
         pm.stages, pm.schedule = pipeline.build_schedule(
             parts, stage_indices, strategy, device=device, group=mesh[MeshAxis.PP.value].get_group(), loss_fn=loss_fn
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import accumulate
 
+from planner.attention import layers_for_cluster
 from planner.cluster import ClusterSpec
 from planner.cost import (
     CommModel,
@@ -120,7 +121,7 @@ def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batc
     cols: tuple[list, ...] = tuple([] for _ in range(7))
     fwd, bwd, rc, tpc, window, elems, act = cols
     passes = 3 if recompute == Recompute.FULL else 2  # forward, backward (+ the recomputed forward)
-    for layer in profile.layers:
+    for layer in layers_for_cluster(profile, cluster):  # attention counted as the cluster's device runs it
         c = estimate_layer_compute(layer, cluster, dtype, tp=tp, micro_batch=micro_batch, recompute=recompute.value,
                                    measured=measured)
         n_ar = layer.tp.allreduces_per_forward if (layer.tp is not None and tp > 1) else 0
@@ -193,7 +194,8 @@ class CandidateCosts:
                                     virtual_stages=cfg.virtual_stages) for r in range(d.pp)]
         self.const_bytes = estimate_comm_buffer_bytes(
             profile.layers, cut_bytes, dtype=dtype, dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero, micro_batch=b
-        ) + estimate_working_set_bytes(profile.layers, tp=d.tp, micro_batch=b, recompute=cfg.recompute)
+        ) + estimate_working_set_bytes(layers_for_cluster(profile, cluster), tp=d.tp, micro_batch=b,
+                                     recompute=cfg.recompute)
         self.comm_buffer_bytes = self.const_bytes
         self.capacity = int(cluster.device.memory_bytes * (1 - cluster.memory_margin))
 

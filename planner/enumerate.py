@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 
+from planner.attention import layers_for_cluster
 from planner.candidate import Config, _strides, layer_table
 from planner.cluster import ClusterSpec
 from planner.cost import CommModel, place_group, uses_measured_times
@@ -124,9 +125,10 @@ class Bounder:
         group = place_group(tp, tp_group_key[0], tp_group_key[1])
         fwd, bwd, rcs, tpc, window, elems, act = layer_table(p, self.cluster, tp, b, rc, group)
         times = [f + g + r + t for f, g, r, t in zip(fwd, bwd, rcs, tpc)]
+        working = estimate_working_set_bytes(layers_for_cluster(p, self.cluster), tp=tp, micro_batch=b, recompute=rc)
         return LayerTotals(time=sum(times), max_time=max(times), window=sum(window),
                            grad=sum(elems) * p.dtype.itemsize, elems=sum(elems), act=sum(act),
-                           working=estimate_working_set_bytes(p.layers, tp=tp, micro_batch=b, recompute=rc),
+                           working=working,
                            max_static_elems=max(elems))
 
     def _comm_buffers(self, dp: int, tp: int, pp: int, zero: ZeroStage, b: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from planner.attention import layers_for_cluster
 from planner.candidate import CandidateCosts, Config, PartitionCosts
 from planner.cluster import ClusterError, ClusterSpec
 from planner.errors import AutoparError
@@ -97,10 +98,11 @@ def build_prediction(costs: CandidateCosts, pc: PartitionCosts) -> Prediction:
     )
     batch = cfg.micro_batch * m * d.dp
     model_flops = batch * (profile.fwd_flops + profile.bwd_flops)
+    run = layers_for_cluster(profile, cluster)  # recomputed as the device runs attention (no scores with flash)
     if cfg.recompute == Recompute.FULL:
-        extra = profile.fwd_flops
+        extra = sum(x.fwd_flops for x in run)
     elif cfg.recompute == Recompute.SELECTIVE:
-        extra = sum(x.selective_fwd_flops for x in profile.layers)
+        extra = sum(x.selective_fwd_flops for x in run)
     else:
         extra = 0.0
     world = d.world_size

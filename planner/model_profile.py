@@ -15,7 +15,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
+#: Versions this autopar still reads: 1 (before `LayerProfile.attention`) loads with no attention calls recorded.
+READABLE_PROFILE_SCHEMA_VERSIONS = (1, 2)
 
 #: Node names that stand for the model's inputs and outputs in `ModelProfile.edges`.
 INPUT_NODE = "<input>"
@@ -88,8 +90,57 @@ class TensorParallelSpec(_Strict):
     allreduce_bytes: float = Field(ge=0, description="Bytes per sample of each of those all-reduces.")
 
 
+class AttentionMask(str, Enum):
+    """The attn_mask a scaled_dot_product_attention call got: none, boolean, or an additive float bias."""
+
+    NONE = "none"
+    BOOL = "bool"
+    FLOAT = "float"
+
+
+class AttentionCall(_Strict):
+    """One `F.scaled_dot_product_attention` call of a layer: what decides which kernel a device runs it with."""
+
+    heads: int = Field(ge=1, description="Query heads per sample (the call's batch x heads over the batch size).")
+    kv_heads: int = Field(ge=1, description="Key/value heads per sample (fewer than heads: grouped-query).")
+    q_len: int = Field(ge=1, description="Query sequence length.")
+    kv_len: int = Field(ge=1, description="Key/value sequence length.")
+    head_dim: int = Field(ge=1, description="Query/key head dimension.")
+    v_head_dim: int = Field(ge=1, description="Value head dimension.")
+    causal: bool = Field(description="is_causal=True.")
+    mask: AttentionMask = Field(description="The attn_mask given.")
+    dropout: float = Field(ge=0, description="dropout_p of the call (training).")
+    dtype: DType = Field(description="dtype of the query.")
+
+
+class FusedAttentionCosts(_Strict):
+    """A layer's counted costs (per sample, same meaning as the `LayerProfile` fields of the same names) when its
+    scaled_dot_product_attention calls run as fused kernels: no scores stored, a log-sum-exp per query row saved,
+    scores recomputed in backward, causal FLOPs limited to the kept entries."""
+
+    fwd_flops: float = Field(ge=0, description="As LayerProfile.fwd_flops.")
+    bwd_flops: float = Field(ge=0, description="As LayerProfile.bwd_flops.")
+    fwd_bytes: float = Field(ge=0, description="As LayerProfile.fwd_bytes.")
+    bwd_bytes: float = Field(ge=0, description="As LayerProfile.bwd_bytes.")
+    saved_activation_bytes: float = Field(ge=0, description="As LayerProfile.saved_activation_bytes.")
+    selective_saved_bytes: float = Field(ge=0, description="As LayerProfile.selective_saved_bytes (0: no scores).")
+    selective_fwd_flops: float = Field(ge=0, description="As LayerProfile.selective_fwd_flops.")
+    fwd_actmm_flops: float = Field(ge=0, description="As LayerProfile.fwd_actmm_flops.")
+    fwd_actmm_bytes: float = Field(ge=0, description="As LayerProfile.fwd_actmm_bytes.")
+    fwd_membound_bytes: float = Field(ge=0, description="As LayerProfile.fwd_membound_bytes.")
+    fwd_membound_fused_bytes: float = Field(ge=0, description="As LayerProfile.fwd_membound_fused_bytes.")
+    bwd_actmm_flops: float = Field(ge=0, description="As LayerProfile.bwd_actmm_flops.")
+    bwd_actmm_bytes: float = Field(ge=0, description="As LayerProfile.bwd_actmm_bytes.")
+    bwd_membound_bytes: float = Field(ge=0, description="As LayerProfile.bwd_membound_bytes.")
+    bwd_membound_fused_bytes: float = Field(ge=0, description="As LayerProfile.bwd_membound_fused_bytes.")
+
+
 class LayerProfile(_Strict):
-    """Cost of one pipeline-cuttable unit of the model. Batch-dependent fields are per sample."""
+    """Cost of one pipeline-cuttable unit of the model. Batch-dependent fields are per sample.
+
+    The cost fields count scaled_dot_product_attention as the math kernel (matmul-softmax-matmul, scores saved);
+    `fused_attention` holds them for fused kernels, and `planner.attention` picks per target device.
+    """
 
     index: int = Field(ge=0, description="Position in execution order.")
     name: str = Field(description="Module path in the model, e.g. 'blocks.3'.")
@@ -145,6 +196,13 @@ class LayerProfile(_Strict):
     fwd_seconds: float | None = Field(default=None, ge=0, description="Measured forward time per sample, or None.")
     bwd_seconds: float | None = Field(default=None, ge=0, description="Measured backward time per sample, or None.")
     tp: TensorParallelSpec | None = Field(default=None, description="How the layer shards under TP; None = cannot.")
+    attention: list[AttentionCall] = Field(
+        default_factory=list, description="The layer's scaled_dot_product_attention calls, in call order."
+    )
+    fused_attention: FusedAttentionCosts | None = Field(
+        default=None,
+        description="The cost fields with those calls as fused kernels; None: no call, or one no fused kernel takes.",
+    )
 
 
 class LayerEdge(_Strict):
@@ -184,10 +242,10 @@ class ModelProfile(_Strict):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> ModelProfile:
-        if self.schema_version != PROFILE_SCHEMA_VERSION:
+        if self.schema_version not in READABLE_PROFILE_SCHEMA_VERSIONS:
             raise ValueError(
                 f"profile schema_version {self.schema_version} is not supported (this autopar reads "
-                f"{PROFILE_SCHEMA_VERSION}); re-create the profile with `autopar profile`"
+                f"{', '.join(map(str, READABLE_PROFILE_SCHEMA_VERSIONS))}); re-create the profile with `autopar profile`"
             )
         if not self.layers:
             raise ValueError("a profile needs at least one layer")

@@ -8,6 +8,7 @@ solved only while its bound can still beat the best time found in its (dp, tp, p
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from planner.cluster import ClusterSpec
 from planner.enumerate import Bounder, SearchSpace, enumerate_configs, legal_degrees
 from planner.evaluate import ModelView, PlanError, build_prediction, strategy_of
 from planner.stages import StageOptions, greedy_bounds, solve_stages
-from planner.strategy import Prediction, Strategy
+from planner.strategy import Prediction, Recompute, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +89,34 @@ class Scored:
         return (t, simple)
 
 
+#: Default `simplicity_tolerance`: strategies predicted within 3% of the fastest count as equally fast. The cost
+#: model's measured error band: |error| <= 2.6% on the six Megatron-LM SC'21 Table 1 rows without deep pipelines
+#: (bench/megatron_table1.py, docs/planner.md), so it cannot tell apart strategies closer than that.
+SIMPLICITY_TOLERANCE = 0.03
+
+
+def simplicity(cfg: Config) -> tuple:
+    """Sort key, simpler first: lower ZeRO stage (DDP < ZeRO-1 < ZeRO-3), then fewer pipeline stages, then less
+    recomputation, then less tensor parallelism."""
+    return (int(cfg.zero), cfg.dims.pp, cfg.virtual_stages, list(Recompute).index(cfg.recompute), cfg.dims.tp)
+
+
 @dataclass
 class SearchResult:
     """Everything `planner.plan` needs to write a Plan."""
 
     best: Scored
-    ranked: list[Scored]  #: best candidate of each (dp, tp, pp) group that fits, best first
+    ranked: list[Scored]  #: best candidate of each (dp, tp, pp) group that fits, best first (plus `fastest`)
     misfits: list[Scored]  #: groups whose best candidate does not fit, most promising first
     evaluated: int
     seconds: float
-    status: str
+    status: str  #: the chosen placement's CP-SAT status, and the proved gap when the budget ran out
     pure_dp: Scored | None = None
     notes: list[str] = field(default_factory=list)
+    gap: float = 0.0  #: proved bound on how much faster the optimum can be, as a fraction of `fastest`'s time
+    proved: bool = True  #: whether the search closed (gap <= relative_gap) before its time budget ran out
+    fastest: Scored | None = None  #: the fastest strategy found, when a simpler one within the tolerance was chosen
+    tolerance: float = 0.0  #: the simplicity tolerance the choice was made with
 
 
 def _group(cfg: Config) -> tuple[int, int, int]:
@@ -109,9 +126,18 @@ def _group(cfg: Config) -> tuple[int, int, int]:
 def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top_k: int = 5,
            time_limit_s: float = 10.0, seed: int = 0, workers: int = 1,
            objective: Objective = Objective.THROUGHPUT, space: SearchSpace | None = None,
-           solve_limit_s: float = 0.2, relative_gap: float = 1e-3, max_solves: int = 16) -> SearchResult:
-    """Best strategy under the cost model, the best of the other degree groups, and the search's statistics."""
+           solve_limit_s: float = 0.2, relative_gap: float = 1e-3,
+           simplicity_tolerance: float = SIMPLICITY_TOLERANCE) -> SearchResult:
+    """Best strategy under the cost model, the best of the other degree groups, and the search's statistics.
+
+    Anytime branch and bound: it stops when the smallest lower bound of the configurations still open reaches the
+    best time found (optimal within `relative_gap`) or when `time_limit_s` is spent, and reports the gap it proved.
+    A CP-SAT solve first gets `solve_limit_s`; a configuration it does not close goes back in the queue with four
+    times that. With the throughput objective, the simplest strategy within `simplicity_tolerance` of the fastest
+    is chosen (see `simplicity`).
+    """
     t0 = time.perf_counter()
+    deadline = t0 + max(0.5, time_limit_s)
     space = space or SearchSpace()
     configs = enumerate_configs(view, cluster, global_batch_size, space)
     if not configs:
@@ -127,11 +153,14 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
     fit_possible.sort(key=lambda x: (x[0], x[1]))
     group_best: dict[tuple, Scored] = {}
     misfit_best: dict[tuple, Scored] = {}
+    seen: dict[Config, Scored] = {}
     evaluated = 0
-    budget = max(0.5, time_limit_s)
 
     def record(res: Scored) -> None:
         g = _group(res.cfg)
+        if res.pc is not None and (res.cfg not in seen or not seen[res.cfg].fits
+                                   or (res.fits and res.key(objective) < seen[res.cfg].key(objective))):
+            seen[res.cfg] = res
         if res.fits:
             if g not in group_best or res.key(objective) < group_best[g].key(objective):
                 group_best[g] = res
@@ -140,6 +169,9 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
 
     def overall() -> float:
         return min((s.key(objective)[0] for s in group_best.values()), default=float("inf"))
+
+    def options(limit: float) -> StageOptions:
+        return StageOptions(time_limit_s=max(0.05, limit), seed=seed, workers=workers, relative_gap=relative_gap)
 
     # Pass 1: every configuration whose bound can still matter gets the balanced (greedy) partition, an upper
     # bound; single-stage ones are exact already.
@@ -157,39 +189,49 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
         record(res)
         if cfg.num_stages > 1:
             pending.append((key, cfg, r_lb))
-    # Pass 2: CP-SAT for the multi-stage configurations whose bound is below the best time found, in bound order,
-    # until the bound reaches the best (then the best is optimal) or the time budget is spent.
+    # Pass 2: CP-SAT for the multi-stage configurations, smallest lower bound first, until that bound reaches the
+    # best time found (then the best is optimal) or the budget is spent. A solve that does not close its
+    # configuration returns it to the queue with a longer limit.
     bounder_v1 = _BottleneckBound()
-    solves, closed = 0, True
-    for key, cfg, r_lb in sorted(pending, key=lambda x: x[0]):
-        if key >= overall():
-            break
-        if solves >= max_solves:
-            closed = False
-            break
-        if objective == Objective.THROUGHPUT and bounder_v1.bound(view, cluster, cfg, key, r_lb) >= overall():
+    queue = [(key, i, cfg, r_lb, solve_limit_s, False) for i, (key, cfg, r_lb) in enumerate(pending)]
+    heapq.heapify(queue)
+    while queue and queue[0][0] < overall() * (1 - relative_gap):
+        lb, i, cfg, r_lb, limit, tight = heapq.heappop(queue)
+        if not tight and objective == Objective.THROUGHPUT:  # tighten lazily, keeping smallest-bound-first order
+            heapq.heappush(queue, (max(lb, bounder_v1.bound(view, cluster, cfg, lb, r_lb)), i, cfg, r_lb, limit,
+                                   True))
             continue
-        remaining = budget - (time.perf_counter() - t0)
+        remaining = deadline - time.perf_counter()
         if remaining <= 0:
-            closed = False
+            heapq.heappush(queue, (lb, i, cfg, r_lb, limit, tight))
             break
-        res = _solve(view, cluster, cfg, key, StageOptions(time_limit_s=max(0.05, min(remaining, solve_limit_s)),
-                                                           seed=seed, workers=workers, relative_gap=relative_gap),
-                     objective, True)
+        res = _solve(view, cluster, cfg, lb, options(min(limit, remaining)), objective, True)
         evaluated += 1
-        solves += 1
-        closed = closed and res.status in ("OPTIMAL", "INFEASIBLE")
         record(res)
-    # The chosen configuration always gets a CP-SAT placement, so its status is the solver's word.
-    if group_best:
-        top = min(group_best.values(), key=lambda s: s.key(objective))
-        if top.status == "GREEDY":
-            res = _solve(view, cluster, top.cfg, top.bound, StageOptions(time_limit_s=solve_limit_s, seed=seed,
-                         workers=workers, relative_gap=relative_gap), objective, True)
+        if res.status not in ("OPTIMAL", "INFEASIBLE"):
+            heapq.heappush(queue, (lb, i, cfg, r_lb, limit * 4, tight))
+    if not group_best:
+        ranked: list[Scored] = []
+    else:
+        incumbent = overall()
+        open_lb = min((q[0] for q in queue), default=incumbent)
+        gap = max(0.0, 1 - open_lb / incumbent) if incumbent > 0 else 0.0
+        fastest = min(group_best.values(), key=lambda s: s.key(objective))
+        best = fastest
+        if objective == Objective.THROUGHPUT and simplicity_tolerance > 0:
+            best, solved = _prefer_simpler(view, cluster, fit_possible, seen, fastest, simplicity_tolerance,
+                                           deadline, options, record)
+            evaluated += solved
+        # The chosen configuration always gets a CP-SAT placement, so its status is the solver's word.
+        if best.status == "GREEDY":
+            res = _solve(view, cluster, best.cfg, best.bound, options(solve_limit_s), objective, True)
             evaluated += 1
-            if res.fits and res.key(objective) <= top.key(objective):
-                group_best[_group(top.cfg)] = res
-    ranked = sorted(group_best.values(), key=lambda s: s.key(objective))
+            if res.fits and res.key(objective) <= best.key(objective):
+                best = res
+        others = [s for s in group_best.values() if _group(s.cfg) != _group(best.cfg)]
+        if best.cfg != fastest.cfg:
+            others.append(fastest)
+        ranked = [best, *sorted(others, key=lambda s: s.key(objective))]
     # Groups that only failed the memory bound: score their fastest-looking configuration on a balanced split so
     # the plan can say by how much they miss.
     unsolved: dict[tuple, tuple] = {}
@@ -205,28 +247,69 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
     if not ranked:
         raise PlanError(_no_fit_message(view, cluster, scored, misfits, space))
     best = ranked[0]
+    proved = gap <= relative_gap
+    status = best.status if proved else (f"{best.status} (search stopped by its {max(0.5, time_limit_s):g} s budget;"
+                                         f" proved within {gap:.1%} of optimal)")
     pure = next((s for s in ranked if s.cfg.dims.tp == 1 and s.cfg.dims.pp == 1), None)
-    status = best.status if closed else f"{best.status} (search stopped by its budget before proving optimality)"
     return SearchResult(best=best, ranked=ranked, misfits=misfits, evaluated=evaluated,
-                        seconds=time.perf_counter() - t0, status=status, pure_dp=pure)
+                        seconds=time.perf_counter() - t0, status=status, pure_dp=pure, gap=gap, proved=proved,
+                        fastest=fastest if best.cfg != fastest.cfg else None,
+                        tolerance=simplicity_tolerance if objective == Objective.THROUGHPUT else 0.0)
+
+
+def _prefer_simpler(view: ModelView, cluster: ClusterSpec, fit_possible: list, seen: dict, fastest: Scored,
+                    tolerance: float, deadline: float, options, record) -> tuple[Scored, int]:
+    """The simplest configuration predicted within `tolerance` of `fastest` (the fastest of its simplicity class),
+    and how many configurations it evaluated. Multi-stage ones get CP-SAT while the budget lasts."""
+    window = fastest.step * (1 + tolerance)
+    solved = 0
+    classes: dict[tuple, list] = {}
+    for _, t_lb, _, cfg, _ in fit_possible:
+        if t_lb <= window and simplicity(cfg) < simplicity(fastest.cfg):
+            classes.setdefault(simplicity(cfg), []).append((t_lb, cfg))
+    for cls in sorted(classes):
+        pick = None
+        for t_lb, cfg in sorted(classes[cls], key=lambda x: x[0]):
+            if pick is not None and t_lb >= pick.step:
+                break
+            res = seen.get(cfg)
+            remaining = deadline - time.perf_counter()
+            if res is None or (remaining > 0 and cfg.num_stages > 1 and res.status not in ("OPTIMAL", "TRIVIAL")):
+                res = _solve(view, cluster, cfg, t_lb, options(remaining), Objective.THROUGHPUT,
+                             may_solve=remaining > 0)
+                solved += 1
+                record(res)
+            if res.fits and res.step <= window and (pick is None or res.key(Objective.THROUGHPUT) <
+                                                    pick.key(Objective.THROUGHPUT)):
+                pick = res
+        if pick is not None:
+            return pick, solved
+    return fastest, solved
 
 
 class _BottleneckBound:
-    """Tighter step-time bound for 1F1B/GPipe: the slowest stage is at least the min-max contiguous split."""
+    """Tighter step-time bound from the slowest pipeline rank: at least the average rank's compute plus its share of
+    the pipeline sends (every cut sends an activation forward and a gradient back, at least the smallest legal cut's
+    bytes), and for 1F1B/GPipe at least the min-max contiguous split of the compute."""
 
     def __init__(self) -> None:
         self._cache: dict[tuple, float] = {}
 
     def bound(self, view: ModelView, cluster: ClusterSpec, cfg: Config, lower: float, slowest: float) -> float:
-        """`lower` raised by (m - 1) (B* - slowest), B* the min-max stage time (no memory), `slowest` the one
-        `lower` assumed."""
-        if cfg.virtual_stages != 1 or cfg.dims.pp == 1:
+        """`lower` raised by (m - 1/v) (R - slowest), R the bound above on the slowest rank's time per micro-batch,
+        `slowest` the one `lower` assumed."""
+        if cfg.dims.pp == 1:
             return lower
         costs = CandidateCosts(view.profile, cluster, cfg, view.cut_bytes)
-        key = (tuple(costs.P_time), cfg.dims.pp)
-        if key not in self._cache:
-            self._cache[key] = minmax_split(costs.P_time, view.cuts, cfg.dims.pp)
-        return lower + (cfg.num_micro_batches - 1) * max(0.0, self._cache[key] - slowest)
+        smallest = min(costs.cut_bytes[k] for k in view.cuts)
+        sends = 2 * sum(costs.comm.p2p(smallest, link) for link in costs.p2p_link)
+        rank = (costs.P_time[-1] + sends) / cfg.dims.pp
+        if cfg.virtual_stages == 1:
+            key = (tuple(costs.P_time), cfg.dims.pp)
+            if key not in self._cache:
+                self._cache[key] = minmax_split(costs.P_time, view.cuts, cfg.dims.pp)
+            rank = max(rank, self._cache[key])
+        return lower + (cfg.num_micro_batches - 1 / cfg.virtual_stages) * max(0.0, rank - slowest) * (1 - 1e-12)
 
 
 def minmax_split(P: list[float], cuts: list[int], n: int) -> float:

@@ -19,7 +19,7 @@ from planner.model_profile import InputSpec, ModelProfile
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the profiler counts something differently, so old cache entries stop matching.
-PROFILER_VERSION = 4
+PROFILER_VERSION = 5
 
 
 def cache_key(

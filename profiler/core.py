@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 from planner.model_profile import (
+    AttentionCall,
+    AttentionMask,
     DType,
+    FusedAttentionCosts,
     InputSpec,
     LayerProfile,
     ModelProfile,
@@ -29,6 +32,7 @@ from planner.model_profile import (
     TensorSpec,
 )
 from profiler import cache as profile_cache
+from profiler.attention import AttentionCallInfo
 from profiler.counting import LayerCost, estimate_layer_cost
 from profiler.errors import ProfileError
 from profiler.graph import build_layer_graph
@@ -286,8 +290,26 @@ def _layer_profiles(meta_model, names, signature, costs, tp, times, batch) -> li
             fwd_seconds=None if fwd_s is None else fwd_s / batch,
             bwd_seconds=None if bwd_s is None else bwd_s / batch,
             tp=tp[signature[n]],
+            attention=[_attention_call(c, batch) for c in cost.attention],
+            fused_attention=None if cost.fused is None else _fused_costs(cost.fused, batch),
         ))
     return out
+
+
+def _attention_call(c: AttentionCallInfo, batch: int) -> AttentionCall:
+    dtype = next((d for d, t in _TORCH_DTYPES.items() if t == c.dtype and d != DType.TF32), DType.FP32)
+    return AttentionCall(
+        heads=max(c.batch_heads // batch, 1), kv_heads=max(c.kv_batch_heads // batch, 1), q_len=c.q_len,
+        kv_len=c.kv_len, head_dim=c.head_dim, v_head_dim=c.v_head_dim, causal=c.causal,
+        mask=AttentionMask(c.mask), dropout=c.dropout, dtype=dtype,
+    )
+
+
+def _fused_costs(cost: LayerCost, batch: int) -> FusedAttentionCosts:
+    """The fused-attention count per sample (`LayerCost.saved_bytes` is the profile's saved_activation_bytes)."""
+    per_sample = {name: getattr(cost, name) / batch for name in FusedAttentionCosts.model_fields
+                  if name != "saved_activation_bytes"}
+    return FusedAttentionCosts(saved_activation_bytes=cost.saved_bytes / batch, **per_sample)
 
 
 def profile_zoo(

@@ -19,9 +19,10 @@ Everything here is for the whole batch the layer was called with; the caller div
 - Attention core (for selective recompute): a softmax's output and everything elementwise derived from it (dropout,
   masks) is the core; its saved bytes are what selective recompute drops, and the activation-by-activation matmuls
   that feed or consume it (QK^T and scores x V) are the forward FLOPs it repeats.
-- `scaled_dot_product_attention` is counted as a non-fused matmul-softmax-matmul in the profiled dtype (torch's own
-  math path would upcast 16-bit inputs to float32 here, which no GPU kernel does), so its FLOPs and its
-  `heads x s x s` probabilities are visible; a fused (flash) kernel saves less than this.
+- `scaled_dot_product_attention`: a layer that calls it is counted twice, as a non-fused matmul-softmax-matmul
+  (`heads x s x s` probabilities saved) and as the fused kernel a GPU would run (no scores stored; causal FLOPs
+  halved), and each call is described, so the planner can pick the count of the kernel its device runs
+  (see `profiler.attention`).
 - Dropout is counted as the GPU kernel runs it (`native_dropout`: one read, one write and a 1-byte mask; backward one
   kernel), not as the CPU/meta decomposition (allocate, bernoulli, divide, multiply with a mask in the input dtype).
 - Ops that only alias their input (`_unsafe_view`) or only allocate (`empty_like`) move no data and count no bytes.
@@ -29,17 +30,16 @@ Everything here is for the whole batch the layer was called with; the caller div
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from profiler.attention import AttentionCallInfo, AttentionRouting, causal_flop_fraction
 from profiler.loss import TrainingLoss
 from profiler.recording import LayerCall, fresh_leaf_args, tensor_bytes, tensors_of
 
@@ -71,6 +71,10 @@ class LayerCost:
     bwd_actmm_bytes: float = 0.0
     bwd_membound_bytes: float = 0.0
     bwd_membound_fused_bytes: float = 0.0
+    # Each scaled_dot_product_attention call, and the layer counted with them as fused kernels (None: no call, or
+    # one the fused ops cannot take).
+    attention: tuple[AttentionCallInfo, ...] = ()
+    fused: LayerCost | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class _OpMeter(TorchDispatchMode):
         super().__init__()
         self.excluded = excluded
         self.bytes = 0.0
+        self.flops_skipped = 0.0  # counted by torch's FLOP formulas but skipped by a causal fused kernel
         self.outputs: list[tuple[int, float]] = []
         self.ops: list[_Op] = []
         self._record_of: dict[int, int] = {}  # storage key -> record id of the op output that last wrote it
@@ -132,6 +137,10 @@ class _OpMeter(TorchDispatchMode):
         if not func._schema.is_mutable and {_key(t) for t in outs} & {_key(t) for t in ins}:
             return  # returns an alias of an input (e.g. _unsafe_view): no data moves
         flops = float(flop_registry[packet](*args, **kwargs, out_val=out)) if packet in flop_registry else 0.0
+        if flops:
+            kept = flops * causal_flop_fraction(func, args, kwargs)
+            self.flops_skipped += flops - kept
+            flops = kept
         reads, reads_param = [], False
         for t in ins:
             k = _key(t)
@@ -217,56 +226,27 @@ class _OpMeter(TorchDispatchMode):
         return sum(self.mm_flops[i] for i in self.core_mms)
 
 
-def _attention_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False):
-    """scaled_dot_product_attention as plain ops in the input dtype (same result, unfused)."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(query.shape[-1])
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
-    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
-    # Masks are added, not masked_fill'ed: an add saves nothing for backward, like a real attention kernel.
-    if is_causal:
-        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
-        attn_mask = keep if attn_mask is None else attn_mask & keep
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=scores.dtype, device=scores.device).masked_fill(
-            ~attn_mask, float("-inf"))
-    if attn_mask is not None:
-        scores = scores + attn_mask
-    probs = torch.softmax(scores, dim=-1)
-    return torch.matmul(_gpu_dropout(probs, dropout_p), value)
-
-
-def _gpu_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout as the CUDA kernel runs it (one op, boolean mask) instead of the CPU/meta decomposition."""
-    return torch.native_dropout(x, p, True)[0] if p > 0 else x
-
-
-class _UnfusedAttention(TorchFunctionMode):
-    """Routes scaled_dot_product_attention to `_attention_math` and training dropout to `_gpu_dropout` while a
-    layer is counted."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            return _attention_math(*args, **kwargs)
-        if func is F.dropout and not kwargs.get("inplace", False) and len(args) < 4:
-            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
-            training = kwargs.get("training", args[2] if len(args) > 2 else True)
-            if training:
-                return _gpu_dropout(args[0] if args else kwargs["input"], p)
-        return func(*args, **kwargs)
-
-
 def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss | None = None) -> LayerCost:
     """Count one layer (on meta) called with its recorded arguments: FLOPs, bytes, saved activations.
 
     With `loss` (the last layer only), the loss of the layer's output is part of the forward, backward starts from
     it, and what it saves counts as the layer's (one count per storage, so a tensor the layer already keeps is not
     counted twice).
+
+    A layer that calls scaled_dot_product_attention is counted again with the fused kernels (`LayerCost.fused`).
     """
+    routing = AttentionRouting(fused=False)
+    cost = _count_layer(module, call, loss, routing)
+    if not routing.calls:
+        return cost
+    fused = None
+    if all(c.fusable for c in routing.calls):
+        fused = _count_layer(module, call, loss, AttentionRouting(fused=True))
+    return dataclasses.replace(cost, attention=tuple(routing.calls), fused=fused)
+
+
+def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, routing: AttentionRouting
+                 ) -> LayerCost:
     args, kwargs = fresh_leaf_args(call)
     excluded = {_key(t) for t in list(module.parameters()) + list(module.buffers())}
     saved: dict[int, float] = {}
@@ -278,7 +258,7 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
         return t
 
     fwd_meter = _OpMeter(excluded)
-    with torch.enable_grad(), _UnfusedAttention(), FlopCounterMode(display=False) as fwd_counter, fwd_meter, \
+    with torch.enable_grad(), routing, FlopCounterMode(display=False) as fwd_counter, fwd_meter, \
             saved_tensors_hooks(pack, lambda t: t):
         output = module(*args, **kwargs)
         if loss is not None:
@@ -294,13 +274,13 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
             torch.autograd.backward(needs_grad, grads)
         grad_keys = {_key(p.grad) for p in module.parameters() if p.grad is not None}
         bwd_bytes = bwd_meter.bytes - sum(b for k, b in bwd_meter.outputs if k in grad_keys)
-        bwd_flops = float(bwd_counter.get_total_flops())
+        bwd_flops = float(bwd_counter.get_total_flops()) - bwd_meter.flops_skipped
         input_grads = {_key(t.grad) for t in tensors_of((args, kwargs)) if t.grad is not None}
         bwd_cls = bwd_meter.classes(input_grads, grad_keys)
     for p in module.parameters():
         p.grad = None
     return LayerCost(
-        fwd_flops=float(fwd_counter.get_total_flops()),
+        fwd_flops=float(fwd_counter.get_total_flops()) - fwd_meter.flops_skipped,
         bwd_flops=bwd_flops,
         fwd_bytes=fwd_meter.bytes,
         bwd_bytes=max(bwd_bytes, 0.0),

@@ -93,12 +93,13 @@ def test_search_finds_the_brute_force_optimum_on_small_random_instances(seed):
     view = prepare(profile, cluster)
     if expected == float("inf"):
         with pytest.raises(PlanError):
-            search(view, cluster, global_batch_size=batch, space=space, relative_gap=0.0, solve_limit_s=30,
-                   time_limit_s=120, max_solves=10**6)
+            search(view, cluster, global_batch_size=batch, space=space, relative_gap=0.0, simplicity_tolerance=0.0,
+                   time_limit_s=120)
         return
-    result = search(view, cluster, global_batch_size=batch, space=space, relative_gap=0.0, solve_limit_s=30,
-                    time_limit_s=120, max_solves=10**6)
+    result = search(view, cluster, global_batch_size=batch, space=space, relative_gap=0.0, simplicity_tolerance=0.0,
+                    time_limit_s=120)
     assert result.best.prediction.step_seconds == pytest.approx(expected, rel=1e-6)
+    assert result.proved and result.gap == 0.0
     # the plan's own prediction is exactly what evaluate() says about its strategy
     again = evaluate(profile, cluster, result.best.strategy)
     assert again.step_seconds == pytest.approx(result.best.prediction.step_seconds, rel=1e-12)
