@@ -6,7 +6,7 @@ pruning by bound never discards the optimum. Per-layer sums are cached per (tp, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cache, lru_cache
 
 from planner.attention import layers_for_cluster
@@ -106,7 +106,6 @@ class LayerTotals:
     act: int
     working: int
     max_static_elems: float = 0.0
-    extra: dict = field(default_factory=dict)
 
 
 class Bounder:

@@ -29,11 +29,6 @@ def estimate_pipeline_seconds(rank_seconds: list[float], *, num_micro_batches: i
     return num_micro_batches * slowest + (sum(rank_seconds) - slowest) / virtual_stages
 
 
-def estimate_bubble_seconds(rank_seconds: list[float], *, virtual_stages: int) -> float:
-    """Idle time of the slowest rank: the other ranks' warm-up and drain."""
-    return (sum(rank_seconds) - max(rank_seconds)) / virtual_stages
-
-
 @dataclass(frozen=True)
 class Slot:
     """One box of the timeline: `rank` runs the forward (or backward) of `micro_batch` on model chunk `chunk`."""

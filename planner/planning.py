@@ -10,8 +10,8 @@ from planner.cluster import ClusterSpec, load_cluster
 from planner.enumerate import SearchSpace
 from planner.evaluate import PlanError, prepare
 from planner.model_profile import ModelProfile
-from planner.search import Objective, Scored, SearchResult, search
-from planner.strategy import Alternative, Plan, Provenance, Recompute, Schedule
+from planner.search import SIMPLICITY_TOLERANCE, Objective, Scored, SearchResult, search
+from planner.strategy import Alternative, Plan, Provenance, Recompute, Schedule, ZeroStage
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +44,20 @@ def load_profile(model: Any, *, example_inputs: Any = None) -> ModelProfile:
 
 def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: int, example_inputs: Any = None,
          top_k: int = 5, time_limit_s: float = 10.0, seed: int = 0, objective: str = "throughput",
-         workers: int = 1, **search_options: Any) -> Plan:
+         workers: int = 1, simplicity_tolerance: float = SIMPLICITY_TOLERANCE, **search_options: Any) -> Plan:
     """The best parallel strategy for training `model` on `cluster` with `global_batch_size` samples per step.
 
     `search_options` restrict the search space (see `planner.enumerate.SearchSpace`: zero_stages, schedules,
-    virtual_stages, recompute, micro_batch_sizes, tp_degrees, pp_degrees).
+    virtual_stages, recompute, micro_batch_sizes, tp_degrees, pp_degrees). `time_limit_s` is the search budget: it
+    stops earlier only once the choice is proved optimal, and the provenance gives the gap it proved otherwise.
+    `simplicity_tolerance` (default 3%, the cost model's measured error): among strategies predicted within this
+    fraction of the fastest, the simplest is chosen (DDP over ZeRO-1 over ZeRO-3, no pipeline over a pipeline, less
+    recomputation, less tensor parallelism); 0 always takes the fastest. The memory objective ignores it.
     """
     if global_batch_size < 1:
         raise PlanError(f"global_batch_size must be >= 1, got {global_batch_size}")
+    if not 0 <= simplicity_tolerance < 1:
+        raise PlanError(f"simplicity_tolerance must be in [0, 1), got {simplicity_tolerance}; use 0.03 for 3%")
     try:
         obj = Objective(objective)
     except ValueError:
@@ -64,7 +70,8 @@ def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: in
     space = SearchSpace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in search_options.items()})
     view = prepare(profile, spec)
     result = search(view, spec, global_batch_size=global_batch_size, top_k=top_k, time_limit_s=time_limit_s,
-                    seed=seed, workers=workers, objective=obj, space=space)
+                    seed=seed, workers=workers, objective=obj, space=space,
+                    simplicity_tolerance=simplicity_tolerance)
     best = result.best
     log.info("planned %s on %s in %.2fs (%d candidates solved)", profile.name, spec.name, result.seconds,
              result.evaluated)
@@ -100,6 +107,9 @@ def reason(alt: Scored, best: Scored) -> str:
     if not alt.fits:
         return f"does not fit: {alt.over_bytes / GB:.1f} GB over on stage {alt.over_rank}"
     slower = alt.prediction.step_seconds / best.prediction.step_seconds - 1
+    if slower <= -0.0005:
+        return (f"{-slower:.1%} faster, within the error the cost model cannot resolve; the simpler "
+                f"{_simpler_words(alt, best)[1]} was chosen")
     if slower < 0.0005:
         return (f"same predicted time; needs {alt.prediction.peak_memory / GB:.1f} GB per device vs "
                 f"{best.prediction.peak_memory / GB:.1f} GB, ranked lower")
@@ -157,8 +167,35 @@ def explain(result: SearchResult, cluster: ClusterSpec, profile: ModelProfile, o
                    "extra compute for activation memory.")
     if int(s.zero_stage) and d.dp < cluster.world_size:
         out.append(f"ZeRO stage {int(s.zero_stage)} shards training state over the {d.dp} data-parallel ranks.")
+    if result.fastest is not None:
+        fast, simple = _simpler_words(result.fastest, b)
+        gain = 1 - result.fastest.prediction.step_seconds / p.step_seconds
+        out.append(f"{fast[0].upper() + fast[1:]} ({result.fastest.strategy.describe()}) was predicted {gain:.1%} "
+                   f"faster, within the {result.tolerance:.0%} the cost model cannot resolve; {simple} chosen as "
+                   "simpler.")
+    if not result.proved:
+        out.append(f"The search stopped at its time budget with this choice proved within {result.gap:.1%} of the "
+                   "cost model's optimum; a larger time limit may find a faster strategy.")
     if objective == Objective.MEMORY:
         out.append("Objective: least peak memory among strategies that fit, then step time.")
     if s.schedule == Schedule.GPIPE:
         out.append("GPipe keeps every micro-batch's activations until the backward pass.")
     return " ".join(out)
+
+
+def _simpler_words(fast: Scored, simple: Scored) -> tuple[str, str]:
+    """How the faster and the simpler strategy differ, in the first respect of `planner.search.simplicity`."""
+    f, s = fast.cfg, simple.cfg
+
+    def zero(c) -> str:
+        return "DDP" if c.zero == ZeroStage.NONE else f"ZeRO-{int(c.zero)}"
+
+    def pipe(c) -> str:
+        return "no pipeline" if c.dims.pp == 1 else (
+            f"a {c.dims.pp}-stage pipeline" + (f" with {c.virtual_stages} chunks per rank" if c.virtual_stages > 1
+                                              else ""))
+
+    for words in (zero, pipe, lambda c: f"{c.recompute.value} recomputation", lambda c: f"tensor parallelism {c.dims.tp}"):
+        if words(f) != words(s):
+            return words(f), words(s)
+    return "the faster strategy", "this one"

@@ -42,6 +42,7 @@ class Scored:
     bound: float
     costs: CandidateCosts | None = None
     pc: PartitionCosts | None = None
+    lower: float | None = None  #: CP-SAT's proved lower bound on the step time of any partition, when it gave one
 
     @cached_property
     def strategy(self) -> Strategy | None:
@@ -209,7 +210,7 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
         evaluated += 1
         record(res)
         if res.status not in ("OPTIMAL", "INFEASIBLE"):
-            heapq.heappush(queue, (lb, i, cfg, r_lb, limit * 4, tight))
+            heapq.heappush(queue, (max(lb, res.lower or lb), i, cfg, r_lb, limit * 4, tight))
     if not group_best:
         ranked: list[Scored] = []
     else:
@@ -341,6 +342,7 @@ def _solve(view: ModelView, cluster: ClusterSpec, cfg: Config, bound: float, opt
            objective: Objective, may_solve: bool) -> Scored:
     """Stage boundaries for one configuration: CP-SAT, or the greedy hint when the time budget is spent."""
     costs = CandidateCosts(view.profile, cluster, cfg, view.cut_bytes)
+    sol = None
     if cfg.num_stages == 1:
         bounds, status = (0, view.profile.num_layers), "TRIVIAL"
     else:
@@ -354,7 +356,8 @@ def _solve(view: ModelView, cluster: ClusterSpec, cfg: Config, bound: float, opt
                 return Scored(cfg=cfg, bounds=None, status="INFEASIBLE", bound=bound)
             bounds, status = tuple(hint), (sol.status if sol is not None else "GREEDY")
     pc = costs.evaluate_bounds(list(bounds))
-    return Scored(cfg=cfg, bounds=tuple(bounds), status=status, bound=bound, costs=costs, pc=pc)
+    return Scored(cfg=cfg, bounds=tuple(bounds), status=status, bound=bound, costs=costs, pc=pc,
+                  lower=sol.lower_bound if sol is not None else None)
 
 
 def _batch_message(view: ModelView, cluster: ClusterSpec, batch: int, space: SearchSpace) -> str:

@@ -58,15 +58,9 @@ class FactoryModel:
     """What a factory returned: the module, its example inputs and, optionally, its loss and targets."""
 
     module: nn.Module
-    inputs: tuple
+    inputs: tuple | dict
     loss_fn: Callable | None = None
     targets: Any = None
-
-
-def load_factory_model(spec: str, *, batch_size: int, seq_len: int | None = None) -> tuple[nn.Module, tuple]:
-    """Import and call the factory named by `spec`; returns (module, example_inputs) (any loss is dropped)."""
-    loaded = load_factory(spec, batch_size=batch_size, seq_len=seq_len)
-    return loaded.module, loaded.inputs
 
 
 def load_factory(spec: str, *, batch_size: int, seq_len: int | None = None) -> FactoryModel:
@@ -104,9 +98,15 @@ def load_factory(spec: str, *, batch_size: int, seq_len: int | None = None) -> F
         if callable(getattr(result, "example_inputs", None)):
             inputs = result.example_inputs(batch_size)
             return FactoryModel(result, inputs if isinstance(inputs, tuple) else (inputs,))
+        example_batch = getattr(source, "example_batch", None)
+        if callable(example_batch):  # the `autopar run --model file.py:factory` contract (executor.sources)
+            inputs, targets = example_batch(batch_size)
+            loss_fn = getattr(source, "loss_fn", None)
+            return FactoryModel(result, inputs if isinstance(inputs, (tuple, dict)) else (inputs,),
+                                loss_fn if callable(loss_fn) else None, targets if callable(loss_fn) else None)
         raise ProfileError(
-            f"'{spec}' returned a module but no example inputs; return (module, example_inputs) so autopar knows "
-            "the input shapes"
+            f"'{spec}' returned a module but no example inputs; return (module, example_inputs), or define "
+            "example_batch(batch_size) -> (inputs, targets) beside the factory, so autopar knows the input shapes"
         )
     raise ProfileError(f"'{spec}' returned {type(result).__name__}; it must return an nn.Module, "
                        "(module, example_inputs) or (module, example_inputs, loss_fn[, targets])")

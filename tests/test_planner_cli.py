@@ -21,7 +21,7 @@ def test_plan_writes_a_plan_that_show_prints_and_charts(tmp_path):
     assert saved.kind.value in r.output and "alternatives" in r.output
     r = runner.invoke(app, ["show", str(out), "--chart", str(chart)])
     assert r.exit_code == 0, r.output
-    assert saved.strategy.describe() in r.output.replace("\n", " ") or "parallelism" in r.output
+    assert saved.strategy.describe() in " ".join(r.output.split())  # rich may wrap the line anywhere
     assert chart.stat().st_size > 10_000
 
 

@@ -62,3 +62,15 @@ def test_a_factory_without_an_example_batch_is_refused_with_the_fix(tmp_path):
     f.write_text("import torch\ndef model():\n    return torch.nn.Linear(2, 2)\n")
     with pytest.raises(ExecutorError, match="example_batch"):
         resolve_model(f"{f}:model")
+
+
+def test_profile_and_run_read_the_same_model_file_to_the_same_profile_hash():
+    import profiler
+    from api.cli_run import _profile_for
+    from executor.sources import resolve_model
+    from profiler.factory import load_factory
+
+    name = str(ROOT / MODEL)
+    loaded = load_factory(name, batch_size=1)
+    profiled = profiler.profile(loaded.module, loaded.inputs, cache=False)
+    assert _profile_for(name, resolve_model(name), "float32").profile_hash == profiled.profile_hash
