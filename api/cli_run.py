@@ -151,7 +151,7 @@ def run_command(
         read_report,
         slurm_launch,
     )
-    from executor.sources import OptimizerSpec, resolve_model
+    from executor.sources import OptimizerSpec, resolve_data, resolve_model
     from executor.train import check_tensorboard
     from planner.strategy import Plan
 
@@ -194,6 +194,7 @@ def run_command(
     nproc = nproc_per_node or max(1, world // nnodes)
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     check_launch(plan, profile, nnodes=nnodes, nproc_per_node=nproc, cuda_devices=cuda)
+    resolve_data(data, zoo_model, seed=seed)  # a --data spec that cannot be imported fails here, not in every rank
 
     with tempfile.TemporaryDirectory(prefix="autopar-run-") as tmp:
         report_path = report or Path(tmp) / "report.json"

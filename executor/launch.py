@@ -121,6 +121,11 @@ def check_launch(
             f"{profile.input.seq_len} in {profile.dtype.value}, has profile hash {profile.profile_hash}; re-plan for "
             "this model or run the model the plan was made for"
         )
+    if plan.strategy.stages[-1].stop != profile.num_layers:
+        raise LaunchError(
+            f"the plan's stages cover layers 0..{plan.strategy.stages[-1].stop} but the model has "
+            f"{profile.num_layers} layers; re-plan for this model"
+        )
     illegal = [st.start for st in plan.strategy.stages[1:] if st.start not in profile.cut_points]
     if illegal:
         k = illegal[0]

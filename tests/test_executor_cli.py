@@ -55,6 +55,21 @@ def test_run_refuses_plan_made_for_another_model_without_starting_ranks(tmp_path
     assert "launching" not in proc.stdout
 
 
+def test_run_refuses_a_data_source_it_cannot_import_without_starting_ranks(tmp_path):
+    plan_path = tmp_path / "plan.json"
+    sup.make_plan(sup.strategy(dp=2), sup.tiny_profile()).to_json(plan_path)
+    proc = _autopar(str(plan_path), "--model", "gpt-tiny", "--steps", "1", "--data", "no_such_module:batches")
+    assert proc.returncode == 2, proc.stderr
+    assert "no_such_module" in proc.stderr and "launching" not in proc.stdout
+
+
+def test_launch_refuses_stages_that_do_not_cover_the_model():
+    profile = sup.tiny_profile()
+    short = sup.strategy(pp=2, cuts=(3,), schedule="gpipe", num_layers=5)  # the model has 6 layers
+    with pytest.raises(LaunchError, match="cover layers 0..5 but the model has 6"):
+        check_launch(sup.make_plan(short, profile), profile, nnodes=1, nproc_per_node=2, cuda_devices=0)
+
+
 # --- faults ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.distributed
