@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from planner.attention import describe_attention
 from planner.model_profile import ModelProfile
 
 console = Console()
@@ -58,7 +59,7 @@ def render_profile(profile: ModelProfile, loss: str | None = None) -> Table:
         caption=f"per batch of {b}" + (f" x {profile.input.seq_len} tokens" if profile.input.seq_len else "")
         + (f"; loss {loss.rsplit('.', 1)[-1]} counted in the last layer" if loss else "; no training loss counted")
         + f"; TP /d: tensor-parallel degree must divide d; pipeline cuts allowed before {len(profile.cut_points)} "
-        "of the layers",
+        "of the layers" + _attention_caption(profile),
     )
     table.add_column("layer", no_wrap=True)
     for col in ("params", "fwd FLOPs"):
@@ -80,6 +81,15 @@ def render_profile(profile: ModelProfile, loss: str | None = None) -> Table:
     total += [_bytes(profile.saved_activation_bytes * b), "", ""]
     table.add_row(*total, style="bold")
     return table
+
+
+def _attention_caption(profile: ModelProfile) -> str:
+    """Which kernel the model's scaled_dot_product_attention runs with on each device type ('' without SDPA)."""
+    on = {device: describe_attention(profile, device) for device in ("cuda", "cpu")}
+    if on["cuda"] is None:
+        return ""
+    return (f"; attention: {on['cuda']} on cuda, {on['cpu']} on cpu (the planner counts that kernel; this table "
+            "counts math, scores saved)")
 
 
 def _split_layers(layers: str | None) -> list[str] | None:

@@ -174,8 +174,11 @@ def explain(result: SearchResult, cluster: ClusterSpec, profile: ModelProfile, o
                    f"faster, within the {result.tolerance:.0%} the cost model cannot resolve; {simple} chosen as "
                    "simpler.")
     if not result.proved:
-        out.append(f"The search stopped at its time budget with this choice proved within {result.gap:.1%} of the "
-                   "cost model's optimum; a larger time limit may find a faster strategy.")
+        out.append(f"The search stopped at its time budget: no strategy is predicted more than {result.gap:.1%} faster "
+                   "than the fastest it found, and a larger time limit may find one.")
+    if not result.checked:
+        out.append(f"The time budget ran out before every simpler strategy predicted within {result.tolerance:.0%} "
+                   "of the fastest was checked; a larger time limit may find a simpler one.")
     if objective == Objective.MEMORY:
         out.append("Objective: least peak memory among strategies that fit, then step time.")
     if s.schedule == Schedule.GPIPE:
@@ -188,14 +191,22 @@ def _simpler_words(fast: Scored, simple: Scored) -> tuple[str, str]:
     f, s = fast.cfg, simple.cfg
 
     def zero(c) -> str:
-        return "DDP" if c.zero == ZeroStage.NONE else f"ZeRO-{int(c.zero)}"
+        if c.zero == ZeroStage.NONE:
+            return "DDP" if c.dims.dp > 1 else "no ZeRO"
+        return f"ZeRO-{int(c.zero)}"
 
     def pipe(c) -> str:
         return "no pipeline" if c.dims.pp == 1 else (
             f"a {c.dims.pp}-stage pipeline" + (f" with {c.virtual_stages} chunks per rank" if c.virtual_stages > 1
                                               else ""))
 
-    for words in (zero, pipe, lambda c: f"{c.recompute.value} recomputation", lambda c: f"tensor parallelism {c.dims.tp}"):
+    def recompute(c) -> str:
+        return f"{c.recompute.value} recomputation"
+
+    def tp(c) -> str:
+        return f"tensor parallelism {c.dims.tp}"
+
+    for words in (zero, pipe, recompute, tp):
         if words(f) != words(s):
             return words(f), words(s)
     return "the faster strategy", "this one"

@@ -1,8 +1,10 @@
 """The search: enumerate configurations, prune by lower bounds, place stages with CP-SAT, rank, explain.
 
 `search(view, cluster, ...)` is a pure function of its inputs (no I/O); `planner.plan` wraps it with model and
-cluster loading. Branch and bound: configurations are visited in order of their step-time lower bound and one is
-solved only while its bound can still beat the best time found in its (dp, tp, pp) group or the top-k groups.
+cluster loading. Anytime branch and bound: configurations are visited in order of their step-time lower bound and
+one is solved only while its bound can still beat the best time found; the search ends when no open bound can (the
+choice is proved optimal) or when its time budget is spent (the proved gap is reported). Among strategies predicted
+within `simplicity_tolerance` of the fastest, the simplest is chosen.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class Scored:
 
 #: Default `simplicity_tolerance`: strategies predicted within 3% of the fastest count as equally fast. The cost
 #: model's measured error band: |error| <= 2.6% on the six Megatron-LM SC'21 Table 1 rows without deep pipelines
-#: (bench/megatron_table1.py, docs/planner.md), so it cannot tell apart strategies closer than that.
+#: (bench/megatron_table1.py with attention unfused as Megatron ran it, docs/planner.md), so it cannot tell apart
+#: strategies closer than that.
 SIMPLICITY_TOLERANCE = 0.03
 
 
@@ -116,6 +119,7 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
     gap: float = 0.0  #: proved bound on how much faster the optimum can be, as a fraction of `fastest`'s time
     proved: bool = True  #: whether the search closed (gap <= relative_gap) before its time budget ran out
+    checked: bool = True  #: whether every simpler strategy within the tolerance was checked before the budget ran out
     fastest: Scored | None = None  #: the fastest strategy found, when a simpler one within the tolerance was chosen
     tolerance: float = 0.0  #: the simplicity tolerance the choice was made with
 
@@ -218,10 +222,11 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
         open_lb = min((q[0] for q in queue), default=incumbent)
         gap = max(0.0, 1 - open_lb / incumbent) if incumbent > 0 else 0.0
         fastest = min(group_best.values(), key=lambda s: s.key(objective))
-        best = fastest
+        best, checked = fastest, True
         if objective == Objective.THROUGHPUT and simplicity_tolerance > 0:
-            best, solved = _prefer_simpler(view, cluster, fit_possible, seen, fastest, simplicity_tolerance,
-                                           deadline, options, record)
+            best, solved, checked = _prefer_simpler(
+                view, cluster, fit_possible, seen, fastest, simplicity_tolerance, deadline, solve_limit_s, options,
+                record, lambda cfg, lb, r_lb: bounder_v1.bound(view, cluster, cfg, lb, r_lb))
             evaluated += solved
         # The chosen configuration always gets a CP-SAT placement, so its status is the solver's word.
         if best.status == "GREEDY":
@@ -249,43 +254,58 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
         raise PlanError(_no_fit_message(view, cluster, scored, misfits, space))
     best = ranked[0]
     proved = gap <= relative_gap
-    status = best.status if proved else (f"{best.status} (search stopped by its {max(0.5, time_limit_s):g} s budget;"
-                                         f" proved within {gap:.1%} of optimal)")
+    cut_short = ([] if proved else [f"proved within {gap:.1%} of optimal"]) + (
+        [] if checked else [f"not every simpler strategy within {simplicity_tolerance:.0%} checked"])
+    status = best.status + (f" (search stopped by its {max(0.5, time_limit_s):g} s budget; {'; '.join(cut_short)})"
+                            if cut_short else "")
     pure = next((s for s in ranked if s.cfg.dims.tp == 1 and s.cfg.dims.pp == 1), None)
     return SearchResult(best=best, ranked=ranked, misfits=misfits, evaluated=evaluated,
                         seconds=time.perf_counter() - t0, status=status, pure_dp=pure, gap=gap, proved=proved,
+                        checked=checked,
                         fastest=fastest if best.cfg != fastest.cfg else None,
                         tolerance=simplicity_tolerance if objective == Objective.THROUGHPUT else 0.0)
 
 
 def _prefer_simpler(view: ModelView, cluster: ClusterSpec, fit_possible: list, seen: dict, fastest: Scored,
-                    tolerance: float, deadline: float, options, record) -> tuple[Scored, int]:
+                    tolerance: float, deadline: float, first_limit: float, options, record, tighten
+                    ) -> tuple[Scored, int, bool]:
     """The simplest configuration predicted within `tolerance` of `fastest` (the fastest of its simplicity class),
-    and how many configurations it evaluated. Multi-stage ones get CP-SAT while the budget lasts."""
+    how many configurations it evaluated, and whether it checked every simpler one before the deadline.
+
+    Multi-stage configurations get CP-SAT like pass 2: `first_limit` seconds, four times more while the solver
+    neither closes them nor finds a partition inside the window nor proves one impossible.
+    """
     window = fastest.step * (1 + tolerance)
-    solved = 0
+    solved, complete = 0, True
     classes: dict[tuple, list] = {}
-    for _, t_lb, _, cfg, _ in fit_possible:
+    for _, t_lb, _, cfg, r_lb in fit_possible:
         if t_lb <= window and simplicity(cfg) < simplicity(fastest.cfg):
-            classes.setdefault(simplicity(cfg), []).append((t_lb, cfg))
+            t_lb = tighten(cfg, t_lb, r_lb)
+            if t_lb <= window:
+                classes.setdefault(simplicity(cfg), []).append((t_lb, cfg))
     for cls in sorted(classes):
         pick = None
         for t_lb, cfg in sorted(classes[cls], key=lambda x: x[0]):
             if pick is not None and t_lb >= pick.step:
                 break
-            res = seen.get(cfg)
-            remaining = deadline - time.perf_counter()
-            if res is None or (remaining > 0 and cfg.num_stages > 1 and res.status not in ("OPTIMAL", "TRIVIAL")):
-                res = _solve(view, cluster, cfg, t_lb, options(remaining), Objective.THROUGHPUT,
+            res, limit = seen.get(cfg), first_limit
+            while res is None or (cfg.num_stages > 1 and res.status not in ("OPTIMAL", "INFEASIBLE")
+                                  and not (res.fits and res.step <= window)
+                                  and (res.lower is None or res.lower <= window)):
+                remaining = deadline - time.perf_counter()
+                if res is not None and remaining <= 0:
+                    complete = False
+                    break
+                res = _solve(view, cluster, cfg, t_lb, options(min(limit, remaining)), Objective.THROUGHPUT,
                              may_solve=remaining > 0)
-                solved += 1
+                solved, limit = solved + 1, limit * 4
                 record(res)
             if res.fits and res.step <= window and (pick is None or res.key(Objective.THROUGHPUT) <
                                                     pick.key(Objective.THROUGHPUT)):
                 pick = res
         if pick is not None:
-            return pick, solved
-    return fastest, solved
+            return pick, solved, complete
+    return fastest, solved, complete
 
 
 class _BottleneckBound:

@@ -24,7 +24,7 @@ from planner.model_profile import (
     ProfileMode,
     TensorParallelSpec,
 )
-from planner.search import search
+from planner.search import SIMPLICITY_TOLERANCE, search, simplicity
 from planner.strategy import ParallelDims, PlanKind, Recompute, Schedule, StageSpec, Strategy, ZeroStage
 
 
@@ -69,18 +69,23 @@ def _random_instance(seed: int) -> tuple[ModelProfile, ClusterSpec, int]:
     return profile, cluster, rng.choice([4, 8, 16])
 
 
-def _brute_force(profile: ModelProfile, cluster: ClusterSpec, batch: int, space: SearchSpace) -> float:
-    """Min step time over every configuration (GPipe included) and every contiguous partition at legal cuts."""
+def _brute_force_by_config(profile: ModelProfile, cluster: ClusterSpec, batch: int, space: SearchSpace) -> dict:
+    """Min step time of every configuration (GPipe included) that fits, over every contiguous partition."""
     view = prepare(profile, cluster)
     full = SearchSpace(**{**space.__dict__, "schedules": (*space.schedules, Schedule.GPIPE)})
-    best = float("inf")
+    out = {}
     for cfg in enumerate_configs(view, cluster, batch, full):
         costs = CandidateCosts(profile, cluster, cfg, view.cut_bytes)
         for inner in itertools.combinations(view.cuts, cfg.num_stages - 1):
             pc = costs.evaluate_bounds([0, *inner, profile.num_layers])
             if pc.fits:
-                best = min(best, pc.step)
-    return best
+                out[cfg] = min(out.get(cfg, float("inf")), pc.step)
+    return out
+
+
+def _brute_force(profile: ModelProfile, cluster: ClusterSpec, batch: int, space: SearchSpace) -> float:
+    """Min step time over every configuration and every contiguous partition at legal cuts."""
+    return min(_brute_force_by_config(profile, cluster, batch, space).values(), default=float("inf"))
 
 
 @pytest.mark.parametrize("seed", range(50))
@@ -89,7 +94,8 @@ def test_search_finds_the_brute_force_optimum_on_small_random_instances(seed):
     rng = random.Random(1000 + seed)
     space = SearchSpace(zero_stages=tuple(sorted(rng.sample([0, 1, 2, 3], 2))),
                         recompute=tuple(rng.sample(list(Recompute), rng.randint(1, 2))), virtual_stages=(2,))
-    expected = _brute_force(profile, cluster, batch, space)
+    by_config = _brute_force_by_config(profile, cluster, batch, space)
+    expected = min(by_config.values(), default=float("inf"))
     view = prepare(profile, cluster)
     if expected == float("inf"):
         with pytest.raises(PlanError):
@@ -105,6 +111,13 @@ def test_search_finds_the_brute_force_optimum_on_small_random_instances(seed):
     assert again.step_seconds == pytest.approx(result.best.prediction.step_seconds, rel=1e-12)
     for s in [result.best, *result.ranked]:
         assert all(m.total <= m.capacity for m in s.prediction.memory)
+    # with the default tolerance: the simplest configuration within 3% of the optimum, the fastest of its kind
+    window = expected * (1 + SIMPLICITY_TOLERANCE)
+    simplest = min(simplicity(c) for c, t in by_config.items() if t <= window)
+    fastest_simple = min(t for c, t in by_config.items() if t <= window and simplicity(c) == simplest)
+    lenient = search(view, cluster, global_batch_size=batch, space=space, relative_gap=0.0, time_limit_s=120)
+    assert simplicity(lenient.best.cfg) == simplest
+    assert lenient.best.step == pytest.approx(fastest_simple, rel=1e-6)
 
 
 def test_pure_data_parallel_step_is_compute_plus_all_reduce_by_hand():
@@ -146,7 +159,8 @@ def test_model_that_cannot_fit_one_device_gets_model_or_hybrid_parallelism():
     # 18B parameters: 295 GB of replicated training state (ZeRO-3 sharding would be 'data' by definition).
     p = gpt_profile(num_layers=40, hidden=6144, heads=48, seq_len=2048, vocab_size=51200)
     assert p.param_count * 16 > 80 * 2**30
-    result = plan(p, load_cluster("dgx-a100-80gb", nodes=2), global_batch_size=64, zero_stages=(0,), top_k=3)
+    result = plan(p, load_cluster("dgx-a100-80gb", nodes=2), global_batch_size=64, zero_stages=(0,), top_k=3,
+                  time_limit_s=2)  # the kind is settled long before the (anytime) search could prove its optimum
     assert result.kind in (PlanKind.MODEL, PlanKind.HYBRID)
     assert all(m.total <= m.capacity for m in result.prediction.memory)
 
@@ -155,7 +169,7 @@ def test_tp_never_spans_nodes_on_a_slow_network():
     p = gpt_profile(num_layers=24, hidden=4096, heads=32, seq_len=2048, vocab_size=51200)
     slow = load_cluster("dgx-a100-80gb").with_overrides(
         nodes=4, gpus_per_node=2, inter_node={"bandwidth": 1e9, "latency": 1e-4})
-    result = plan(p, slow, global_batch_size=64, top_k=5)
+    result = plan(p, slow, global_batch_size=64, top_k=5, time_limit_s=2)
     for s in [result.strategy, *(a.strategy for a in result.alternatives)]:
         assert not place_group(s.dims.tp, 1, slow.gpus_per_node).spans_nodes
 
@@ -223,3 +237,64 @@ def test_evaluate_rejects_a_strategy_for_another_cluster_size():
                  num_micro_batches=1, stages=[StageSpec(start=0, stop=4)])
     with pytest.raises(PlanError, match="uses 2 devices"):
         evaluate(p, load_cluster("dgx-a100-80gb"), s)
+
+
+def _two_layer_ddp_vs_zero3(memory_bandwidth: float) -> tuple[ModelProfile, ClusterSpec, float, float]:
+    """Two fp32 layers on 2 GPUs, one micro-batch of 8, no overlap: DDP vs ZeRO-3 steps by hand."""
+    F, P, M, W, B = 1e9, 1e12, memory_bandwidth, 1e6, 1e10
+    layers = [LayerProfile(index=i, name=f"l{i}", module_type="L", param_count=W, param_bytes=4 * W,
+                           fwd_flops=F, bwd_flops=2 * F, fwd_bytes=0, bwd_bytes=0, saved_activation_bytes=1e6,
+                           input_bytes=1e6, output_bytes=1e6) for i in range(2)]
+    profile = ModelProfile(name="two", structure_hash="z", input=InputSpec(batch_size=1), dtype=DType.FP32,
+                           device="meta", mode=ProfileMode.ANALYTIC, layers=layers, edges=[], cut_points=[],
+                           profile_seconds=0.0)
+    cluster = ClusterSpec.model_validate(dict(
+        name="hand", nodes=1, gpus_per_node=2,
+        device=dict(name="d", memory_bytes=10**10, peak_flops={"float32": P}, memory_bandwidth=M),
+        intra_node=dict(bandwidth=B, latency=0.0), inter_node=dict(bandwidth=1e9, latency=0.0),
+        compute_efficiency=1.0, memory_efficiency=1.0, comm_efficiency=1.0, overlap_dp_comm=False))
+    compute = 2 * (3 * 8 * F / P + 3 * 4 * W / M)  # fwd + bwd flops, weight reads and gradient writes
+    S = 2 * 4 * W  # gradient bytes
+    optimizer = 2 * W * 28 / M  # AdamW fp32: 28 bytes touched per parameter
+    ddp = compute + S / B + optimizer  # ring all-reduce on 2 devices moves S bytes
+    zero3 = compute + 1.5 * S / B + optimizer / 2  # 2 all-gathers + reduce-scatter of S/2; half the optimizer
+    return profile, cluster, ddp, zero3
+
+
+@pytest.mark.parametrize("memory_bandwidth, zero3_gain, chosen", [(2.5e10, 0.014, 0), (9e9, 0.049, 3)])
+def test_ddp_is_chosen_when_zero3_is_faster_only_within_the_tolerance(memory_bandwidth, zero3_gain, chosen):
+    profile, cluster, ddp, zero3 = _two_layer_ddp_vs_zero3(memory_bandwidth)
+    assert ddp / zero3 - 1 == pytest.approx(zero3_gain, abs=5e-4)
+    space = {"zero_stages": (0, 3), "recompute": (Recompute.NONE,), "micro_batch_sizes": (8,)}
+    result = plan(profile, cluster, global_batch_size=16, **space)
+    assert int(result.strategy.zero_stage) == chosen
+    assert result.prediction.step_seconds == pytest.approx(ddp if chosen == 0 else zero3, rel=1e-9)
+    if chosen == 0:
+        assert f"ZeRO-3 (dp=2 tp=1 pp=1 zero=3 mb=8x1 1f1b recompute=none) was predicted {zero3_gain:.1%}" \
+               in result.explanation
+        assert "within the 3% the cost model cannot resolve; DDP chosen as simpler" in result.explanation
+        assert result.alternatives[0].reason.startswith(f"{zero3_gain:.1%} faster")
+    else:
+        assert "simpler" not in result.explanation
+    strict = plan(profile, cluster, global_batch_size=16, simplicity_tolerance=0.0, **space)
+    assert int(strict.strategy.zero_stage) == 3
+    least_memory = plan(profile, cluster, global_batch_size=16, objective="memory", **space)
+    assert int(least_memory.strategy.zero_stage) == 3
+
+
+def test_a_larger_time_budget_finds_the_faster_plan_that_a_small_one_misses():
+    # The issue's case: a 96-layer GPT-3-175B shape on 64 A100s, where 16 capped solves chose ZeRO-3 dp64 (818 s)
+    # although dp2 tp4 pp8 (728 s) exists. The space is cut to ZeRO-3, 1F1B and selective/full recompute (where
+    # both live) to keep the test short.
+    p = gpt_profile(num_layers=96, hidden=12288, heads=96, seq_len=2048, vocab_size=51200)
+    cluster = load_cluster("dgx-a100-80gb", nodes=8)
+    space = {"zero_stages": (3,), "recompute": (Recompute.SELECTIVE, Recompute.FULL),
+             "schedules": (Schedule.ONE_F_ONE_B,)}
+    quick = plan(p, cluster, global_batch_size=3072, top_k=1, time_limit_s=0.5, simplicity_tolerance=0.0, **space)
+    ample = plan(p, cluster, global_batch_size=3072, top_k=1, time_limit_s=60, simplicity_tolerance=0.0, **space)
+    assert ample.prediction.step_seconds < quick.prediction.step_seconds * 0.95
+    assert (ample.strategy.dims.pp, ample.strategy.dims.tp) != (1, 1)
+    assert "search stopped by its 0.5 s budget; proved within" in quick.provenance.solver_status
+    assert "time budget" in quick.explanation
+    assert "stopped" not in ample.provenance.solver_status  # closed: the bound met the best time, long before 60 s
+    assert ample.provenance.search_seconds < 30
