@@ -31,6 +31,7 @@ Everything here is for the whole batch the layer was called with; the caller div
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,8 @@ _MATMULS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
 _SOFTMAXES = {aten._softmax, aten._safe_softmax, aten.softmax}
 # Allocation without initialisation: no memory traffic on a GPU.
 _ALLOCATIONS = {aten.empty_like, aten.empty, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -241,7 +244,14 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
         return cost
     fused = None
     if all(c.fusable for c in routing.calls):
-        fused = _count_layer(module, call, loss, AttentionRouting(fused=True))
+        try:
+            fused = _count_layer(module, call, loss, AttentionRouting(fused=True))
+        except RuntimeError as exc:
+            # A layer whose arguments carry state the first count changed (a Hugging Face key/value cache object
+            # passed in kwargs) cannot be run again; its attention is then costed as the math kernel.
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.warning("%s: attention counted as the unfused kernel only (a second count failed: %s)",
+                           type(module).__name__, reason[:160])
     return dataclasses.replace(cost, attention=tuple(routing.calls), fused=fused)
 
 
