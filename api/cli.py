@@ -14,21 +14,57 @@ Each command lives in its own module (`api.cli_*`); this one registers them on `
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import typer
-from rich.console import Console
+from typer.core import TyperGroup
 
 from api import cli_demo, cli_plan, cli_profile, cli_run, cli_serve
 from planner.errors import AutoparError
 
+
+def _fail(message: str, hint: str = "") -> None:
+    """Print `error: MESSAGE` as one line on stderr (never wrapped) and exit with code 2."""
+    text = "; ".join(line.strip() for line in str(message).splitlines() if line.strip()) or "unknown error"
+    typer.echo(f"error: {text}{hint}", err=True)
+    sys.exit(2)
+
+
+class _OneLineErrors(TyperGroup):
+    """The contract of every command: a user mistake is one line naming the problem and the fix, and exit code 2.
+
+    Covers both option parsing (a value out of its range, a missing argument) and `AutoparError` raised by a
+    command, so the same holds whether `autopar` runs from the console script or from `CliRunner` in a test.
+    """
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # typer's (vendored click) usage errors: bad option values and the like
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()  # type: ignore[attr-defined]  # `autopar` alone: the help text, as usual
+                sys.exit(2)
+            ctx = getattr(exc, "ctx", None)
+            _fail(exc.format_message(), f" (see `{ctx.command_path} --help`)" if ctx is not None else "")
+        except AutoparError as exc:
+            _fail(str(exc))
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="autopar",
     help="Plan and run data / tensor / pipeline parallel training for PyTorch models.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
 
 for _module in (cli_profile, cli_plan, cli_run, cli_serve, cli_demo):
     _module.register(app)
@@ -38,9 +74,8 @@ def main() -> None:
     """Console-script entry point."""
     try:
         app()
-    except AutoparError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
-        sys.exit(2)
+    except AutoparError as exc:  # only reached when a caller runs the app with standalone_mode=False
+        _fail(str(exc))
 
 
 if __name__ == "__main__":

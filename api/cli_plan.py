@@ -17,11 +17,64 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from planner.cluster import load_cluster
+from planner.cluster import ClusterSpec, load_cluster
+from planner.errors import AutoparError
+from planner.model_profile import ModelProfile
 from planner.strategy import Plan
 
 console = Console()
 GB = 1e9
+
+
+def _cluster(name: str, **overrides: int | None) -> ClusterSpec:
+    """`load_cluster`, with a file that cannot be read (a directory, no permission) reported as a one-line error."""
+    try:
+        return load_cluster(name, **overrides)
+    except IsADirectoryError:
+        raise AutoparError(f"--cluster {name} is a directory; give a preset name or a YAML/JSON cluster file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AutoparError(f"cannot read cluster file {name} ({exc}); give a preset name or a readable YAML/JSON "
+                           "cluster file") from None
+
+
+def _load_profile(path: str | Path) -> ModelProfile:
+    """A profile JSON written by `autopar profile`, with every way it can be unusable turned into one line."""
+    fix = "give a profile JSON written by `autopar profile --out` (or a zoo name)"
+    if Path(path).is_dir():
+        raise AutoparError(f"{path} is a directory, not a model profile; {fix}")
+    try:
+        profile = ModelProfile.from_json(Path(path))
+    except AutoparError:
+        raise  # already names the problem and the fix (planner.model_profile.ProfileError)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AutoparError(f"cannot read model profile {path} ({exc}); {fix}") from None
+    except ValueError as exc:
+        first = str(exc).splitlines()
+        detail = "; ".join(line.strip() for line in first[:3]) if first else type(exc).__name__
+        raise AutoparError(f"{path} is not a valid model profile ({detail}); {fix}") from None
+    if profile.fwd_flops <= 0 or profile.param_count + profile.saved_activation_bytes <= 0:
+        raise AutoparError(f"{path} is a model profile with no compute (zero FLOPs, parameters and activations); "
+                           f"profile the model again, {fix}")
+    return profile
+
+
+def _write(what: str, path: Path, write: object) -> object:
+    """Run `write()`; a path that cannot be written becomes a one-line error naming it."""
+    try:
+        return write()  # type: ignore[operator]
+    except IsADirectoryError:
+        raise AutoparError(f"cannot write the {what} to {path}: it is a directory; give a file path") from None
+    except OSError as exc:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        raise AutoparError(f"cannot write the {what} to {path} ({reason}); give a path in a writable "
+                           "directory") from None
+
+
+def _positive(value: float) -> float:
+    """Option callback: a number of seconds must be finite and above zero."""
+    if not value > 0 or value == float("inf"):
+        raise typer.BadParameter(f"{value} is not a positive number of seconds")
+    return value
 
 
 def _make_plan(model: str, cluster_name: str, *, nodes: int | None, gpus_per_node: int | None, global_batch: int,
@@ -29,13 +82,12 @@ def _make_plan(model: str, cluster_name: str, *, nodes: int | None, gpus_per_nod
                objective: str) -> Plan:
     """Plan in this process (the place a `--server URL` option would send the same request instead)."""
     from planner import plan
-    from planner.model_profile import ModelProfile
 
-    cluster = load_cluster(cluster_name, nodes=nodes, gpus_per_node=gpus_per_node)
+    cluster = _cluster(cluster_name, nodes=nodes, gpus_per_node=gpus_per_node)
     if profile_path is not None:
-        model_arg: object = ModelProfile.from_json(profile_path)
+        model_arg: object = _load_profile(profile_path)
     elif Path(model).suffix == ".json" or Path(model).exists():
-        model_arg = model
+        model_arg = _load_profile(model)
     else:
         import profiler  # torch is imported only when a zoo model must be profiled here
 
@@ -51,13 +103,12 @@ def _plan_on_server(server: str, api_key: str | None, model: str, cluster_name: 
     """The same request as `_make_plan`, answered by an `autopar serve` instance (stored and cached there)."""
     from api.client import Client
     from planner.cluster import PRESETS
-    from planner.model_profile import ModelProfile
 
     # Files are read here: the server only accepts zoo names, preset names and JSON data, never paths.
-    cluster_arg: object = cluster_name if cluster_name in PRESETS else load_cluster(cluster_name)
+    cluster_arg: object = cluster_name if cluster_name in PRESETS else _cluster(cluster_name)
     options = {"seq_len": seq_len, "max_positions": seq_len} if seq_len else {}
     if profile_path is not None or Path(model).suffix == ".json" or Path(model).exists():
-        model_arg: object = ModelProfile.from_json(profile_path or model)
+        model_arg: object = _load_profile(profile_path or model)
         options = {}
     else:
         model_arg = model
@@ -114,33 +165,42 @@ def register(app: typer.Typer) -> None:
     def plan_cmd(
         model: str = typer.Argument(..., help="Zoo name (e.g. gpt2-medium) or a profile JSON path."),
         cluster: str = typer.Option(..., "--cluster", help="Preset name or a YAML/JSON cluster file."),
-        global_batch: int = typer.Option(..., "--global-batch", help="Samples per optimizer step."),
-        nodes: int | None = typer.Option(None, "--nodes", help="Override the cluster's node count."),
-        gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", help="Override GPUs per node."),
-        seq_len: int | None = typer.Option(None, "--seq-len", help="Sequence length of a zoo model."),
+        global_batch: int = typer.Option(..., "--global-batch", min=1, help="Samples per optimizer step."),
+        nodes: int | None = typer.Option(None, "--nodes", min=1, help="Override the cluster's node count."),
+        gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", min=1, help="Override GPUs per node."),
+        seq_len: int | None = typer.Option(None, "--seq-len", min=1, help="Sequence length of a zoo model."),
         dtype: str | None = typer.Option(None, "--dtype", help="Precision to profile a zoo model in (float16)."),
         profile: Path | None = typer.Option(None, "--profile", help="Use this profile JSON for MODEL."),
-        top_k: int = typer.Option(5, "--top-k", help="Alternatives to list."),
-        time_limit: float = typer.Option(10.0, "--time-limit", help="Search time budget in seconds."),
+        top_k: int = typer.Option(5, "--top-k", min=1, help="Alternatives to list."),
+        time_limit: float = typer.Option(10.0, "--time-limit", callback=_positive,
+                                         help="Search time budget in seconds (> 0)."),
         objective: str = typer.Option("throughput", "--objective", help="throughput or memory."),
         out: Path | None = typer.Option(None, "--out", help="Write the plan JSON here."),
         chart: Path | None = typer.Option(None, "--chart", help="Draw the timeline and memory bars (PNG)."),
         server: str | None = typer.Option(None, "--server", help="Ask an `autopar serve` URL instead of planning here."),
-        api_key: str | None = typer.Option(None, "--api-key", envvar="AUTOPAR_API_KEY", help="Key for --server."),
+        api_key: str | None = typer.Option(None, "--api-key", envvar="AUTOPAR_API_KEY",
+                                           help="Key for --server; prefer AUTOPAR_API_KEY or --api-key-file, since "
+                                                "a key on the command line shows in `ps`."),
+        api_key_file: Path | None = typer.Option(None, "--api-key-file", help="Read the key for --server from this "
+                                                                               "file (its first line)."),
     ) -> None:
         """Find the fastest data / tensor / pipeline parallel strategy that fits."""
+        if api_key_file is not None:
+            from api.settings import read_api_keys
+
+            api_key = read_api_keys(api_key_file)[0]
         make = _make_plan if server is None else partial(_plan_on_server, server, api_key)
         result = make(model, cluster, nodes=nodes, gpus_per_node=gpus_per_node, global_batch=global_batch,
                       seq_len=seq_len, dtype=dtype, profile_path=profile, top_k=top_k,
                       time_limit=time_limit, objective=objective)
         print_plan(result)
         if out is not None:
-            result.to_json(out)
+            _write("plan", out, lambda: result.to_json(out))
             console.print(f"plan written to {out}")
         if chart is not None:
             from planner.chart import draw_plan
 
-            console.print(f"chart written to {draw_plan(result, chart)}")
+            console.print(f"chart written to {_write('chart', chart, lambda: draw_plan(result, chart))}")
 
     @app.command("show")
     def show_cmd(
@@ -148,16 +208,18 @@ def register(app: typer.Typer) -> None:
         chart: Path | None = typer.Option(None, "--chart", help="Draw the timeline and memory bars (PNG)."),
     ) -> None:
         """Print a saved plan again (and optionally draw it)."""
-        from planner.errors import AutoparError
-
         if not plan_file.exists():
             raise AutoparError(f"plan file {plan_file} does not exist")
+        if plan_file.is_dir():
+            raise AutoparError(f"{plan_file} is a directory; give a plan JSON written by `autopar plan --out`")
         try:
             saved = Plan.from_json(plan_file)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AutoparError(f"cannot read plan file {plan_file} ({exc}); give a readable plan JSON") from None
         except ValueError as exc:
             raise AutoparError(f"{plan_file} is not a valid plan: {str(exc).splitlines()[0]}") from None
         print_plan(saved)
         if chart is not None:
             from planner.chart import draw_plan
 
-            console.print(f"chart written to {draw_plan(saved, chart)}")
+            console.print(f"chart written to {_write('chart', chart, lambda: draw_plan(saved, chart))}")

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from planner.attention import describe_attention
+from planner.errors import AutoparError
 from planner.model_profile import ModelProfile
 
 console = Console()
@@ -150,7 +151,11 @@ def profile_command(
             console.print(f"peak memory: {_bytes(result.step.peak_memory_bytes)}")
     console.print(f"profiled in {result.profile_seconds:.2f} s; structure hash {result.structure_hash}")
     if out is not None:
-        result.to_json(out)
+        try:
+            result.to_json(out)
+        except OSError as exc:
+            raise AutoparError(f"cannot write the profile to {out} ({exc.strerror or exc}: {exc.filename}); give a "
+                               "file path in a writable directory") from None
         console.print(f"wrote {out}")
 
 

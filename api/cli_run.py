@@ -103,7 +103,8 @@ def run_command(
     option: Annotated[list[str], typer.Option(help="Model size option key=value (repeatable).")] = [],  # noqa: B006
     steps: Annotated[int, typer.Option(min=1, help="Train until this many steps are done.")] = 10,
     data: Annotated[str, typer.Option(help="'synthetic' or package.module:fn(step, global_batch).")] = "synthetic",
-    nproc_per_node: Annotated[int | None, typer.Option(help="Processes on this node (default: plan / nnodes).")] = None,
+    nproc_per_node: Annotated[int | None, typer.Option(
+        min=1, help="Processes on this node (default: plan / nnodes).")] = None,
     nnodes: Annotated[int | None, typer.Option(help="Nodes (default: SLURM_NNODES or 1).")] = None,
     node_rank: Annotated[int | None, typer.Option(help="This node's rank (default: SLURM_NODEID).")] = None,
     rdzv_endpoint: Annotated[str | None, typer.Option(help="HOST:PORT of node 0 for multi-node runs.")] = None,
@@ -115,6 +116,8 @@ def run_command(
         help="With --resume: skip a damaged latest checkpoint (logged) and resume from the newest good one.")] = False,
     report: Annotated[Path | None, typer.Option(help="Also write the run report as JSON here.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of initial weights and synthetic data.")] = 0,
+    collective_timeout: Annotated[float, typer.Option(
+        min=1.0, help="Seconds a collective waits for a peer before the job fails (a hung rank ends the run).")] = 300.0,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-4,
     dtype: Annotated[str, typer.Option(
@@ -206,7 +209,7 @@ def run_command(
                 tensorboard=str(tensorboard) if tensorboard else None, sync_batchnorm=sync_batchnorm,
                 save_dir=str(save_dir) if save_dir else None, save_every=save_every, resume=resume,
                 resume_fallback=resume_fallback,
-                report_path=str(report_path),
+                report_path=str(report_path), collective_timeout_s=collective_timeout,
             )
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())

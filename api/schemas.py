@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from planner.cluster import ClusterSpec, preset_names
 from planner.model_profile import DType, ModelProfile
@@ -31,6 +31,8 @@ MAX_TOP_K = 50
 
 
 class _Body(BaseModel):
+    # Numbers and flags are strict (StrictInt / StrictBool / StrictFloat): `true` is not a batch size of 1 and
+    # `"yes"` is not a flag, so a client's type mistake is a 422 rather than a silently different request.
     model_config = ConfigDict(extra="forbid")
 
 
@@ -48,21 +50,27 @@ def _preset_names_in_schema(schema: dict[str, Any]) -> None:
 class ZooOptions(_Body):
     """Size options of a zoo model; each omitted one keeps the preset's value. A family rejects options it lacks."""
 
-    num_layers: int | None = Field(default=None, ge=1, le=MAX_LAYERS, description="Transformer blocks.")
-    hidden: int | None = Field(default=None, ge=1, le=MAX_HIDDEN, description="Model width.")
-    heads: int | None = Field(default=None, ge=1, le=MAX_HEADS, description="Attention heads (must divide hidden).")
-    seq_len: int | None = Field(default=None, ge=1, le=MAX_SEQ_LEN, description="Tokens per sample.")
-    max_positions: int | None = Field(default=None, ge=1, le=MAX_SEQ_LEN, description="Context length.")
-    vocab_size: int | None = Field(default=None, ge=1, le=MAX_VOCAB, description="Vocabulary size.")
-    mlp_ratio: int | None = Field(default=None, ge=1, le=64, description="MLP width over model width.")
-    tie_embeddings: bool | None = Field(default=None, description="Share the token embedding with the output head.")
-    kv_heads: int | None = Field(default=None, ge=1, le=MAX_HEADS, description="Key/value heads (Llama GQA).")
-    ffn_hidden: int | None = Field(default=None, ge=1, le=4 * MAX_HIDDEN, description="SwiGLU inner width (Llama).")
-    in_features: int | None = Field(default=None, ge=1, le=MAX_HIDDEN, description="Input features (MLP).")
-    num_classes: int | None = Field(default=None, ge=2, le=MAX_VOCAB, description="Output classes (MLP, ResNet).")
+    num_layers: StrictInt | None = Field(default=None, ge=1, le=MAX_LAYERS, description="Transformer blocks.")
+    hidden: StrictInt | None = Field(default=None, ge=1, le=MAX_HIDDEN, description="Model width.")
+    heads: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_HEADS, description="Attention heads (must divide hidden)."
+    )
+    seq_len: StrictInt | None = Field(default=None, ge=1, le=MAX_SEQ_LEN, description="Tokens per sample.")
+    max_positions: StrictInt | None = Field(default=None, ge=1, le=MAX_SEQ_LEN, description="Context length.")
+    vocab_size: StrictInt | None = Field(default=None, ge=1, le=MAX_VOCAB, description="Vocabulary size.")
+    mlp_ratio: StrictInt | None = Field(default=None, ge=1, le=64, description="MLP width over model width.")
+    tie_embeddings: StrictBool | None = Field(
+        default=None, description="Share the token embedding with the output head."
+    )
+    kv_heads: StrictInt | None = Field(default=None, ge=1, le=MAX_HEADS, description="Key/value heads (Llama GQA).")
+    ffn_hidden: StrictInt | None = Field(
+        default=None, ge=1, le=4 * MAX_HIDDEN, description="SwiGLU inner width (Llama)."
+    )
+    in_features: StrictInt | None = Field(default=None, ge=1, le=MAX_HIDDEN, description="Input features (MLP).")
+    num_classes: StrictInt | None = Field(default=None, ge=2, le=MAX_VOCAB, description="Output classes (MLP, ResNet).")
     depth: Literal[18, 34, 50, 101, 152] | None = Field(default=None, description="ResNet depth.")
-    image_size: int | None = Field(default=None, ge=32, le=4096, description="Square input image side (ResNet).")
-    width: int | None = Field(default=None, ge=1, le=1024, description="Channels of the first ResNet stage.")
+    image_size: StrictInt | None = Field(default=None, ge=32, le=4096, description="Square input image side (ResNet).")
+    width: StrictInt | None = Field(default=None, ge=1, le=1024, description="Channels of the first ResNet stage.")
 
 
 class ZooModelRef(_Body):
@@ -102,8 +110,10 @@ class PresetClusterRef(_Body):
         min_length=1, max_length=100, description="Preset name, see GET /v1/clusters.",
         json_schema_extra=_preset_names_in_schema,
     )
-    nodes: int | None = Field(default=None, ge=1, le=MAX_NODES, description="Number of nodes (preset's if omitted).")
-    gpus_per_node: int | None = Field(
+    nodes: StrictInt | None = Field(
+        default=None, ge=1, le=MAX_NODES, description="Number of nodes (preset's if omitted)."
+    )
+    gpus_per_node: StrictInt | None = Field(
         default=None, ge=1, le=MAX_GPUS_PER_NODE, description="Devices per node (preset's if omitted)."
     )
 
@@ -125,12 +135,14 @@ class PlanOptions(_Body):
         default=Objective.THROUGHPUT,
         description="'throughput': shortest step; 'memory': least peak memory among strategies that fit.",
     )
-    top_k: int = Field(default=5, ge=1, le=MAX_TOP_K, description="Alternatives to keep besides the chosen plan.")
-    time_limit_s: float | None = Field(
+    top_k: StrictInt = Field(default=5, ge=1, le=MAX_TOP_K, description="Alternatives to keep besides the chosen plan.")
+    time_limit_s: StrictFloat | None = Field(
         default=None, gt=0, le=3600,
         description="Solver time limit; clamped to the server's cap, server default when omitted.",
     )
-    seed: int = Field(default=0, ge=0, le=2**31 - 1, description="Solver seed (plans are deterministic per seed).")
+    seed: StrictInt = Field(
+        default=0, ge=0, le=2**31 - 1, description="Solver seed (plans are deterministic per seed)."
+    )
 
 
 class PlanRequest(_Body):
@@ -138,7 +150,7 @@ class PlanRequest(_Body):
 
     model: ModelRef = Field(description="Zoo model, inline profile, or stored profile id (tag: kind).")
     cluster: ClusterRef = Field(description="Preset (+ nodes) or full cluster spec (tag: kind).")
-    global_batch_size: int = Field(ge=1, le=MAX_GLOBAL_BATCH, description="Samples per optimizer step.")
+    global_batch_size: StrictInt = Field(ge=1, le=MAX_GLOBAL_BATCH, description="Samples per optimizer step.")
     options: PlanOptions = Field(default_factory=PlanOptions, description="Search options.")
 
 

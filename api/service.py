@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import planner
@@ -74,6 +75,19 @@ def _digest(data: Any) -> str:
 def profile_id(profile: ModelProfile) -> str:
     """Content id of a profile: equal profiles get equal ids."""
     return "prof-" + _digest(profile.model_dump(mode="json"))[:24]
+
+
+def _stored_json(obj: BaseModel, what: str) -> str:
+    """`obj` as JSON, checked to read back as the same type (every number finite) before anything is stored."""
+    text = obj.model_dump_json()
+    try:
+        type(obj).model_validate_json(text)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(x) for x in problem["loc"])
+        raise ApiError(422, f"invalid_{what}", f"the {what} would not read back ({where}: {problem['msg']}); "
+                       "nothing was stored: check the inputs' units and ranges", where or None) from None
+    return text
 
 
 def _timestamp(seconds: float) -> datetime:
@@ -271,7 +285,7 @@ def search_and_store(job: PlanJob, ctx: ServiceContext) -> SearchOutcome:
     row = PlanRow(
         id=uuid.uuid4().hex, request_key=job.key, created_at=time.time(), model_name=job.model.name,
         cluster_name=job.cluster.name, world_size=job.cluster.world_size, summary=plan.strategy.describe(),
-        step_seconds=plan.prediction.step_seconds, request=request_text, body=plan.model_dump_json(),
+        step_seconds=plan.prediction.step_seconds, request=request_text, body=_stored_json(plan, "plan"),
     )
     # Another process (uvicorn worker) may have stored the same key meanwhile: the first stored plan wins.
     stored = ctx.storage.insert_plan(row)
@@ -354,7 +368,7 @@ def evaluate_strategy(request: EvaluateRequest, ctx: ServiceContext) -> tuple[St
 def store_profile(profile: ModelProfile, ctx: ServiceContext) -> ProfileCreated:
     """Store an uploaded profile under its content id."""
     _check_profile(profile, ctx.settings, "layers")
-    row, created = ctx.storage.insert_profile(profile_id(profile), profile.name, profile.model_dump_json())
+    row, created = ctx.storage.insert_profile(profile_id(profile), profile.name, _stored_json(profile, "profile"))
     return ProfileCreated(id=row.id, name=profile.name, num_layers=profile.num_layers,
                           param_count=profile.param_count, created=created)
 

@@ -90,3 +90,16 @@ def _parse_keys(raw: str) -> tuple[str, ...]:
             raise SettingsError(f"{ENV_PREFIX}API_KEYS is not a JSON list: {exc}") from None
         return tuple(str(k) for k in keys if str(k))
     return tuple(k.strip() for k in raw.split(",") if k.strip())
+
+
+def read_api_keys(path: str | Path) -> tuple[str, ...]:
+    """The keys in a key file, one a line (blank lines and `#` comments skipped), so no key has to appear in argv."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read API key file {path} ({exc}); give a readable text file, one key a line"
+                            ) from None
+    keys = tuple(line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#"))
+    if not keys:
+        raise SettingsError(f"API key file {path} holds no key; write one key a line")
+    return keys

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from planner.errors import AutoparError
 from planner.model_profile import DType
+from planner.validation import BANDWIDTH_RANGE, MAX_SECONDS, PEAK_FLOPS_RANGE, check_fields, check_number
 
 CLUSTER_SCHEMA_VERSION = 1
 
@@ -27,6 +28,11 @@ class ClusterError(AutoparError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _physical_ranges(self) -> _Strict:
+        check_fields(self)  # finite, and bytes / seconds within planner.validation's bounds
+        return self
 
 
 class DeviceSpec(_Strict):
@@ -44,9 +50,13 @@ class DeviceSpec(_Strict):
         if not v:
             raise ValueError("peak_flops needs at least one dtype, e.g. {'bfloat16': 312e12}")
         for dtype, rate in v.items():
-            if rate <= 0:
-                raise ValueError(f"peak_flops[{dtype.value}] must be > 0, got {rate}")
+            check_number(f"peak_flops[{dtype.value}]", rate, *PEAK_FLOPS_RANGE, "FLOP/s")
         return v
+
+    @field_validator("memory_bandwidth")
+    @classmethod
+    def _bandwidth_range(cls, v: float) -> float:
+        return check_number("memory_bandwidth", v, *BANDWIDTH_RANGE, "bytes/s")
 
 
 class LinkSpec(_Strict):
@@ -54,6 +64,12 @@ class LinkSpec(_Strict):
 
     bandwidth: float = Field(gt=0, description="Bytes/s per GPU per direction.")
     latency: float = Field(ge=0, description="Seconds of fixed cost per message.")
+
+    @model_validator(mode="after")
+    def _link_ranges(self) -> LinkSpec:
+        check_number("bandwidth", self.bandwidth, *BANDWIDTH_RANGE, "bytes/s")
+        check_number("latency", self.latency, 0.0, MAX_SECONDS, "s")
+        return self
 
 
 class ClusterSpec(_Strict):

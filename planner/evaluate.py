@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import ValidationError
+
 from planner.attention import layers_for_cluster
 from planner.candidate import CandidateCosts, Config, PartitionCosts
 from planner.cluster import ClusterError, ClusterSpec
@@ -84,7 +86,18 @@ def evaluate(profile: ModelProfile, cluster: ClusterSpec, strategy: Strategy) ->
 
 
 def build_prediction(costs: CandidateCosts, pc: PartitionCosts) -> Prediction:
-    """Turn the cost model's per-rank numbers into a `Prediction`."""
+    """Turn the cost model's per-rank numbers into a `Prediction`; a PlanError if a number overflowed to inf/NaN."""
+    try:
+        return _build_prediction(costs, pc)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(str(x) for x in problem["loc"]) or "prediction"
+        raise PlanError(f"the cost model overflowed ({where}: {problem['msg']}) for {costs.profile.name} on "
+                        f"'{costs.cluster.name}': the profile's FLOPs/bytes or the cluster's rates are out of any "
+                        "physical range; check their units") from None
+
+
+def _build_prediction(costs: CandidateCosts, pc: PartitionCosts) -> Prediction:
     cfg, profile, cluster = costs.cfg, costs.profile, costs.cluster
     m, v, d = cfg.num_micro_batches, cfg.virtual_stages, cfg.dims
     slow, tail = pc.ranks[pc.slowest], pc.ranks[pc.tail_rank]

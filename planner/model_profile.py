@@ -13,7 +13,10 @@ import json
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from planner.errors import AutoparError
+from planner.validation import check_fields
 
 PROFILE_SCHEMA_VERSION = 2
 #: Versions this autopar still reads: 1 (before `LayerProfile.attention`) loads with no attention calls recorded.
@@ -54,6 +57,15 @@ class ShardStyle(str, Enum):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _physical_ranges(self) -> _Strict:
+        check_fields(self)  # finite, and FLOPs / bytes / seconds within planner.validation's bounds
+        return self
+
+
+class ProfileError(AutoparError):
+    """A profile file or text that is not a valid profile, with what to change."""
 
 
 class TensorSpec(_Strict):
@@ -323,12 +335,23 @@ class ModelProfile(_Strict):
         """Load from a file path or a JSON string."""
         p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
         text = p.read_text() if p is not None else str(path_or_text)
-        return cls.model_validate_json(text)
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(x) for x in e['loc']) or '(top level)'}: {e['msg']}"
+                                 for e in exc.errors()[:3])
+            more = f" (and {exc.error_count() - 3} more)" if exc.error_count() > 3 else ""
+            raise ProfileError(f"{p or 'the text'} is not a valid profile: {problems}{more}; fix those fields or "
+                               "re-create it with `autopar profile`") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a crash never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. `path` is a directory: fail without leaving the temporary file behind
+        raise

@@ -13,12 +13,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.cluster import ClusterSpec
 from planner.model_profile import write_text_atomic
+from planner.validation import check_fields
 
 PLAN_SCHEMA_VERSION = 1
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _finite(self) -> _Strict:
+        # Finite only: a prediction for large but valid inputs may exceed the profile's per-sample bounds.
+        check_fields(self, bounded=False)
+        return self
 
 
 class MeshAxis(str, Enum):
@@ -109,8 +116,10 @@ class Strategy(_Strict):
         description="Mesh axes outermost first; the last (tp) gets consecutive ranks, i.e. stays inside a node.",
     )
     zero_stage: ZeroStage = Field(default=ZeroStage.NONE, description="Sharding of the data-parallel axis.")
-    micro_batch_size: int = Field(ge=1, description="Samples per micro-batch per data-parallel replica.")
-    num_micro_batches: int = Field(ge=1, description="Micro-batches per step per replica (gradient accumulation).")
+    micro_batch_size: int = Field(ge=1, le=2**31, description="Samples per micro-batch per data-parallel replica.")
+    num_micro_batches: int = Field(
+        ge=1, le=2**31, description="Micro-batches per step per replica (gradient accumulation)."
+    )
     schedule: Schedule = Field(default=Schedule.ONE_F_ONE_B)
     virtual_stages: int = Field(default=1, ge=1, description="Stages per pipeline rank (>1 only when interleaved).")
     recompute: Recompute = Field(default=Recompute.NONE)
