@@ -16,20 +16,10 @@ import networkx as nx
 from torch import fx, nn
 
 from planner.model_profile import INPUT_NODE, OUTPUT_NODE, LayerEdge, ModelProfile
+from profiler.partition import LayerTracer
 from profiler.recording import LayerCall, tensor_bytes, tensors_of
 
 logger = logging.getLogger(__name__)
-
-
-class _LayerTracer(fx.Tracer):
-    """Traces the model with every layer as one opaque call."""
-
-    def __init__(self, layer_names: set[str]) -> None:
-        super().__init__()
-        self.layer_names = layer_names
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return module_qualified_name in self.layer_names or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass(frozen=True)
@@ -53,7 +43,7 @@ def build_layer_graph(
         edges = [LayerEdge(src=INPUT_NODE, dst="", bytes=inp), LayerEdge(src="", dst=OUTPUT_NODE, bytes=out)]
         return LayerGraph(edges, "single")
     try:
-        graph = _LayerTracer(set(layer_names)).trace(model)
+        graph = LayerTracer(set(layer_names)).trace(model)
         return LayerGraph(_edges_from_fx(graph, layer_names, records, inputs, batch), "fx")
     except Exception as exc:  # noqa: BLE001 - fx raises many types; every one means "use the fallback"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -40,7 +40,7 @@ class PartitionError(ValueError):
     """A requested cut is not legal for this model (the message names the cut and why)."""
 
 
-class _LayerTracer(fx.Tracer):
+class LayerTracer(fx.Tracer):
     """Traces the model with every layer as one opaque call."""
 
     def __init__(self, layer_names: set[str]) -> None:
@@ -215,7 +215,7 @@ def partition(model: nn.Module, layer_names: Sequence[str], args: Sequence[Any] 
         return result
     try:
         result.inputs, result.constants = _bind(model, args, kwargs)
-        gm = fx.GraphModule(model, _LayerTracer(set(names)).trace(model, concrete_args=result.constants))
+        gm = fx.GraphModule(model, LayerTracer(set(names)).trace(model, concrete_args=result.constants))
         values = _run(gm, result, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - fx and the model raise many types; every one means "no cuts"
         text = str(exc).strip()
