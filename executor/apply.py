@@ -240,8 +240,9 @@ def apply_plan(
     else:
         stage_indices, layer_sets, parts = [0], [names], [meta]
 
-    use_ddp = dims.dp > 1 and dims.pp == 1 and dims.tp == 1 and strategy.zero_stage == ZeroStage.NONE
-    mp_policy, mp_autocast = optim.mixed_precision(strategy, compute_dtype, fsdp2=dims.dp > 1 and not use_ddp)
+    fsdp2 = optim.uses_fsdp2(strategy)  # else plain DDP (dp > 1) or no data parallelism
+    use_ddp = dims.dp > 1 and not fsdp2
+    mp_policy, mp_autocast = optim.mixed_precision(strategy, compute_dtype, fsdp2=fsdp2)
     grad_scaler = None
     if compute_dtype == torch.float16:
         grad_scaler, loss_fn = optim.loss_scaling(loss_fn, device)
@@ -256,7 +257,7 @@ def apply_plan(
         parallelize.apply_ac(list(layers.values()), strategy.recompute)
         tied = _shared_layers(part, layer_names)  # within this part: a cut has already untied the others
         unit_layers = [m for n, m in layers.items() if n not in tied]
-        if dims.dp > 1 and not use_ddp:
+        if fsdp2:
             dp_mesh = mesh[MeshAxis.DP.value]
             if strategy.zero_stage >= ZeroStage.OPTIMIZER:
                 parallelize.apply_fsdp(part, unit_layers, dp_mesh, strategy.zero_stage, mp_policy)

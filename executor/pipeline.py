@@ -32,28 +32,23 @@ from profiler.partition import Partition, PartitionError, partition
 log = logging.getLogger(__name__)
 
 
-def stage_partition(model: nn.Module, profile: ModelProfile, example_inputs: tuple) -> Partition:
-    """The model's traced forward and its legal cuts, for meta `example_inputs` (positional, see `profiler.partition`)."""
-    return partition(model, [layer.name for layer in profile.layers], example_inputs)
-
-
 def check_pipelinable(
     model: nn.Module, profile: ModelProfile, stages: Sequence[StageSpec], *, tp: int = 1,
-    example_inputs: tuple | None = None, cuts: Partition | None = None,
+    example_inputs: tuple | None = None,
 ) -> Partition:
     """Refuse cuts the stages could not run exactly as the model does, naming the cut or parameter at fault.
 
-    Every stage start must be a legal cut of this model's traced forward (`profiler.partition`). A parameter shared by
-    layers of different stages is fine (each stage gets a copy, see `executor.shared`) unless tensor parallelism
-    (degree `tp`) would shard the copies differently. Returns the partition the stages are cut from.
+    Every stage start must be a legal cut of this model's forward traced for meta `example_inputs` (positional;
+    default: the profile's input shapes), see `profiler.partition`. A parameter shared by layers of different stages
+    is fine (each stage gets a copy, see `executor.shared`) unless tensor parallelism (degree `tp`) would shard the
+    copies differently. Returns the partition the stages are cut from.
     """
-    if cuts is None:
-        cuts = stage_partition(model, profile, example_inputs if example_inputs is not None else meta_inputs(profile))
+    names = [layer.name for layer in profile.layers]
+    cuts = partition(model, names, example_inputs if example_inputs is not None else meta_inputs(profile))
     try:
         cuts.check([st.start for st in stages[1:]])
     except PartitionError as exc:
         raise ExecutorError(str(exc)) from None
-    names = [layer.name for layer in profile.layers]
     stage_of_layer = {names[i]: s for s, st in enumerate(stages) for i in range(st.start, st.stop)}
     for aliases, _ in split_groups(model, names, stage_of_layer):
         check_tp_layouts(aliases, profile, tp)

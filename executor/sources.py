@@ -16,10 +16,6 @@ batches are the model's own (zoo) or drawn like its example batch (`executor.bat
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib
-import importlib.util
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,36 +29,18 @@ from torch import nn
 from executor.batch import Batch, synthetic_like, training_loss
 from executor.errors import ExecutorError
 from executor.train import DataSource
-
-
-def _load_module(module_name: str, what: str) -> ModuleType:
-    if module_name.endswith(".py") or "/" in module_name:
-        path = Path(module_name).resolve()
-        if not path.is_file():
-            raise ExecutorError(f"{what} file '{module_name}' does not exist")
-        unique = "autopar_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-        if unique in sys.modules:
-            return sys.modules[unique]
-        loader = importlib.util.spec_from_file_location(unique, path)
-        module = importlib.util.module_from_spec(loader)
-        sys.modules[unique] = module
-        try:
-            loader.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's file may raise anything; say which file and why
-            del sys.modules[unique]
-            raise ExecutorError(f"cannot load {what} file '{module_name}': {type(exc).__name__}: {exc}") from None
-        return module
-    try:
-        return importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ExecutorError(f"cannot import {what} module '{module_name}': {exc}") from None
+from profiler.errors import ProfileError
+from profiler.factory import import_user_module, is_file_reference
 
 
 def _import(spec: str, what: str) -> tuple[ModuleType, Any]:
     module_name, _, attr = spec.rpartition(":")
     if not module_name or not attr:
         raise ExecutorError(f"{what} '{spec}' is not of the form path/to/file.py:name or package.module:name")
-    module = _load_module(module_name, what)
+    try:
+        module = import_user_module(module_name, what)
+    except ProfileError as exc:
+        raise ExecutorError(str(exc)) from None
     try:
         return module, getattr(module, attr)
     except AttributeError:
@@ -72,7 +50,7 @@ def _import(spec: str, what: str) -> tuple[ModuleType, Any]:
 def absolute_reference(name: str) -> str:
     """`file.py:attr` with the file's absolute path, so worker processes started elsewhere find it too."""
     module_name, sep, attr = name.rpartition(":")
-    if sep and (module_name.endswith(".py") or "/" in module_name):
+    if sep and is_file_reference(module_name):
         return f"{Path(module_name).resolve()}:{attr}"
     return name
 

@@ -9,6 +9,7 @@ Each failure says which part (file, import, attribute, call, return value) went 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from torch import nn
@@ -28,12 +30,21 @@ def is_factory_spec(spec: str) -> bool:
     return ":" in spec
 
 
-def _import(module_part: str) -> Any:
-    if module_part.endswith(".py") or "/" in module_part or "\\" in module_part:
-        path = Path(module_part)
+def is_file_reference(module_part: str) -> bool:
+    """Whether the part before ':' names a Python file (a path) rather than an importable module."""
+    return module_part.endswith(".py") or "/" in module_part or "\\" in module_part
+
+
+def import_user_module(module_part: str, what: str = "model") -> ModuleType:
+    """The module a reference names: a Python file (loaded once per process under a name derived from its absolute
+    path, so two files with one stem do not clash) or an importable module. `what` names it in errors."""
+    if is_file_reference(module_part):
+        path = Path(module_part).resolve()
         if not path.is_file():
-            raise ProfileError(f"model file '{module_part}' does not exist")
-        name = f"_autopar_user_{path.stem}"
+            raise ProfileError(f"{what} file '{module_part}' does not exist")
+        name = "_autopar_user_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+        if name in sys.modules:
+            return sys.modules[name]
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise ProfileError(f"'{module_part}' cannot be imported as a Python file")
@@ -43,14 +54,15 @@ def _import(module_part: str) -> Any:
             spec.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - user code may raise anything; report it as one line
             sys.modules.pop(name, None)
-            raise ProfileError(f"importing '{module_part}' failed: {type(exc).__name__}: {exc}") from None
+            raise ProfileError(f"importing {what} file '{module_part}' failed: {type(exc).__name__}: {exc}") from None
         return module
     try:
         return importlib.import_module(module_part)
     except ModuleNotFoundError as exc:
-        raise ProfileError(f"module '{module_part}' cannot be imported ({exc}); check the name and PYTHONPATH") from None
+        raise ProfileError(f"{what} module '{module_part}' cannot be imported ({exc}); check the name and "
+                           "PYTHONPATH") from None
     except Exception as exc:  # noqa: BLE001
-        raise ProfileError(f"importing '{module_part}' failed: {type(exc).__name__}: {exc}") from None
+        raise ProfileError(f"importing {what} module '{module_part}' failed: {type(exc).__name__}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,7 @@ def load_factory(spec: str, *, batch_size: int, seq_len: int | None = None) -> F
     module_part, _, attr = spec.rpartition(":")
     if not module_part or not attr:
         raise ProfileError(f"'{spec}' is not 'path/to/file.py:factory' or 'package.module:factory'")
-    source = _import(module_part)
+    source = import_user_module(module_part)
     factory = getattr(source, attr, None)
     if factory is None:
         public = [n for n in dir(source) if not n.startswith("_") and callable(getattr(source, n))]

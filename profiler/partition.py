@@ -178,7 +178,8 @@ def positional_inputs(model: nn.Module, example_inputs: Any) -> tuple:
         raise TypeError(f"{type(model).__name__}.forward has no parameter '{unknown[0]}' (the batch's keys are "
                         f"{', '.join(example_inputs)})")
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    keyword_only = [k for k in example_inputs if k in sig.parameters and sig.parameters[k].kind == inspect.Parameter.KEYWORD_ONLY]
+    keyword_only = [k for k in example_inputs
+                    if k in sig.parameters and sig.parameters[k].kind == inspect.Parameter.KEYWORD_ONLY]
     if unknown or keyword_only:
         raise TypeError(f"the batch's key '{(unknown or keyword_only)[0]}' cannot be passed positionally to "
                         f"{type(model).__name__}.forward")
@@ -247,9 +248,10 @@ def _run(gm: fx.GraphModule, part: Partition, args: Sequence[Any], kwargs: Mappi
 
 def _find_cuts(part: Partition, model: nn.Module, nodes: list[fx.Node], values: dict[fx.Node, Any]) -> None:
     names = part.layer_names
+    layer_set = set(names)
     calls: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
-        if n.op == "call_module" and n.target in set(names):
+        if n.op == "call_module" and n.target in layer_set:
             calls.setdefault(n.target, []).append(i)
     bad = [n for n in names if len(calls.get(n, [])) != 1]
     if bad:
@@ -258,7 +260,6 @@ def _find_cuts(part: Partition, model: nn.Module, nodes: list[fx.Node], values: 
         return
     at = [calls[n][0] for n in names]
     params = {id(p) for p in model.parameters()}
-    layer_set = set(names)
     # Parameters each node touches: `glue` for a get_attr or a call of a module that is not a layer, `layer` for a
     # layer call. A glue parameter may not be used on both sides of a cut (each stage would train its own copy).
     glue: dict[fx.Node, set[int]] = {}
