@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import functools
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -102,6 +107,60 @@ def reference_losses(
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def run_workers(script: str, nproc: int, payload: dict, cases_path: Path, out_path: Path, *, timeout: float) -> None:
+    """Write `payload` to `cases_path` and run `script` (a test file that is also its worker program, called as
+    `script CASES OUT`) on `nproc` gloo ranks under torchrun; fail with the ranks' output if it does not succeed."""
+    cases_path.write_text(json.dumps(payload))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+         "--max-restarts", "0", script, str(cases_path), str(out_path)],
+        check=False, capture_output=True, text=True, timeout=timeout, env=env,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def autopar_run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`autopar run ARGS` in a subprocess (tests/ on PYTHONPATH for `--data executor_support:...`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "run", *args],
+                          check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def start_training(plan_path: Path, *, new_session: bool = False) -> subprocess.Popen:
+    """Start `autopar run PLAN --model gpt-tiny` for a long run (stdout piped for `wait_until_training`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "run", str(plan_path),
+                             "--model", "gpt-tiny", "--steps", "100000"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            start_new_session=new_session)
+
+
+def wait_until_training(cli: subprocess.Popen) -> None:
+    """Return once rank 0 of a `start_training` run has reported a step (or its output ended)."""
+    for line in cli.stdout:
+        if line.startswith("step "):
+            break
+
+
+def proc_text(pid: int, name: str) -> str:
+    """/proc/PID/NAME as text (NULs as spaces), or '' when the process is gone."""
+    try:
+        return (Path("/proc") / str(pid) / name).read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def process_alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie."""
+    stat = proc_text(pid, "stat")
+    return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def crash_on_rank_1(step: int, global_batch: int):

@@ -24,12 +24,6 @@ from executor.pipeline import check_pipelinable
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _autopar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "run", *args],
-                          check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-
-
 # --- refusals before launch -------------------------------------------------------------------------------------
 
 def test_launch_refuses_world_size_other_than_the_plans():
@@ -49,7 +43,7 @@ def test_launch_refuses_cuda_plan_on_node_without_gpus():
 def test_run_refuses_plan_made_for_another_model_without_starting_ranks(tmp_path):
     plan_path = tmp_path / "plan.json"
     sup.make_plan(sup.strategy(dp=2), sup.tiny_profile(), profile_hash="0123456789abcdef").to_json(plan_path)
-    proc = _autopar(str(plan_path), "--model", "gpt-tiny", "--steps", "1")
+    proc = sup.autopar_run(str(plan_path), "--model", "gpt-tiny", "--steps", "1")
     assert proc.returncode == 2, proc.stderr
     assert "profile hash" in proc.stderr and "0123456789abcdef" in proc.stderr
     assert "launching" not in proc.stdout
@@ -58,7 +52,7 @@ def test_run_refuses_plan_made_for_another_model_without_starting_ranks(tmp_path
 def test_run_refuses_a_data_source_it_cannot_import_without_starting_ranks(tmp_path):
     plan_path = tmp_path / "plan.json"
     sup.make_plan(sup.strategy(dp=2), sup.tiny_profile()).to_json(plan_path)
-    proc = _autopar(str(plan_path), "--model", "gpt-tiny", "--steps", "1", "--data", "no_such_module:batches")
+    proc = sup.autopar_run(str(plan_path), "--model", "gpt-tiny", "--steps", "1", "--data", "no_such_module:batches")
     assert proc.returncode == 2, proc.stderr
     assert "no_such_module" in proc.stderr and "launching" not in proc.stdout
 
@@ -79,7 +73,7 @@ def test_crashing_rank_fails_the_job_within_60_s_with_its_error(tmp_path):
     sup.make_plan(sup.strategy(pp=2, cuts=(3,), schedule="1f1b", num_micro_batches=4), sup.tiny_profile()
                   ).to_json(plan_path)
     start = time.monotonic()
-    proc = _autopar(str(plan_path), "--model", "gpt-tiny", "--steps", "5", "--data",
+    proc = sup.autopar_run(str(plan_path), "--model", "gpt-tiny", "--steps", "5", "--data",
                     "executor_support:crash_on_rank_1", timeout=90)
     assert time.monotonic() - start < 60
     assert proc.returncode == 1
@@ -98,14 +92,6 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
@@ -113,22 +99,17 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     plan_path = tmp_path / "plan.json"
     sup.make_plan(sup.strategy(pp=2, cuts=(3,), schedule="1f1b", num_micro_batches=4), sup.tiny_profile()
                   ).to_json(plan_path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cli = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "run", str(plan_path),
-                            "--model", "gpt-tiny", "--steps", "100000"],
-                           env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cli = sup.start_training(plan_path)
     try:
-        for line in cli.stdout:  # training has started once rank 0 reports a step
-            if line.startswith("step "):
-                break
+        sup.wait_until_training(cli)
         workers = _children(cli.pid)
         assert len(workers) == 2
         cli.send_signal(signal.SIGINT)
         assert cli.wait(timeout=45) != 0
         deadline = time.monotonic() + 15
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        while any(sup.process_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not any(_alive(w) for w in workers)
+        assert not any(sup.process_alive(w) for w in workers)
     finally:
         cli.kill()
 
@@ -151,7 +132,7 @@ def test_two_node_launch_gives_the_single_process_loss(tmp_path):
                               "--node-rank", "1"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
-        first = _autopar(*common, "--node-rank", "0", "--report", str(tmp_path / "r.json"), timeout=120)
+        first = sup.autopar_run(*common, "--node-rank", "0", "--report", str(tmp_path / "r.json"), timeout=120)
         assert first.returncode == 0, first.stderr[-3000:]
         assert other.wait(timeout=60) == 0, other.stderr.read()[-3000:]
     finally:
@@ -170,10 +151,10 @@ def test_resumed_run_continues_the_same_losses(tmp_path):
     # FSDP (ZeRO-3): sharded model and AdamW state go through DCP; AdamW makes the optimizer state matter.
     sup.make_plan(sup.strategy(dp=2, zero_stage=3), sup.tiny_profile()).to_json(plan_path)
     common = [str(plan_path), "--model", "gpt-tiny", "--steps", "4", "--save-dir", str(ckpt), "--lr", "1e-3"]
-    first = _autopar(*common, "--save-every", "2", "--report", str(tmp_path / "a.json"))
+    first = sup.autopar_run(*common, "--save-every", "2", "--report", str(tmp_path / "a.json"))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
     shutil.rmtree(ckpt / "step_00000004")  # as if the job had died after step 3
-    second = _autopar(*common, "--resume", "--report", str(tmp_path / "b.json"))
+    second = sup.autopar_run(*common, "--resume", "--report", str(tmp_path / "b.json"))
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     a = json.loads((tmp_path / "a.json").read_text())["steps"]
     b = json.loads((tmp_path / "b.json").read_text())["steps"]
@@ -231,8 +212,9 @@ def test_pp_refuses_tied_weight_copies_that_tensor_parallelism_shards_differentl
 
 
 def test_pp_refuses_a_cut_the_models_own_forward_does_not_allow():
-    import profiler
     from user_models import FusedGPT
+
+    import profiler
 
     model = FusedGPT()
     ids = torch.zeros(2, 8, dtype=torch.long)

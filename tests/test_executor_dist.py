@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -178,14 +176,7 @@ def _launch(nproc: int, cases: dict, tmp: Path) -> dict:
         "cases": {n: sup.strategy(**kw).model_dump(mode="json") for n, kw in cases.items()},
         "tp_strategy": sup.strategy(tp=2).model_dump(mode="json"),
     }
-    cases_path.write_text(json.dumps(payload))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         "--max-restarts", "0", __file__, str(cases_path), str(out_path)],
-        check=False, capture_output=True, text=True, timeout=150, env=env, cwd=Path(__file__).resolve().parents[1],
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    sup.run_workers(__file__, nproc, payload, cases_path, out_path, timeout=150)
     return json.loads(out_path.read_text())
 
 

@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,12 +42,6 @@ def nan_loss_from_step_2(step: int, global_batch: int):
     return inputs, targets
 
 
-def _autopar(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
-    return subprocess.run([sys.executable, "-c", "from api.cli import main; main()", "run", *args],
-                          check=False, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-
-
 def _fsdp_plan(tmp_path: Path) -> Path:
     path = tmp_path / "plan.json"
     sup.make_plan(sup.strategy(dp=2, zero_stage=3), sup.tiny_profile()).to_json(path)
@@ -65,7 +58,7 @@ def _last_line(text: str) -> str:
 @pytest.mark.timeout(180)
 def test_nan_loss_stops_the_run_at_that_step_and_never_saves_its_state(tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = _autopar(str(_fsdp_plan(tmp_path)), "--model", "gpt-tiny", "--steps", "6", "--save-dir", str(ckpt),
+    proc = sup.autopar_run(str(_fsdp_plan(tmp_path)), "--model", "gpt-tiny", "--steps", "6", "--save-dir", str(ckpt),
                     "--save-every", "1", "--data", "test_executor_faults:nan_loss_from_step_2",
                     "--report", str(tmp_path / "r.json"))
     out = proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -95,19 +88,19 @@ def _flip_bytes(path: Path) -> None:
 def test_damaged_shard_is_refused_and_fallback_resumes_from_the_previous_good_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     common = [str(_fsdp_plan(tmp_path)), "--model", "gpt-tiny", "--steps", "4", "--save-dir", str(ckpt), "--lr", "1e-3"]
-    first = _autopar(*common, "--save-every", "2", "--report", str(tmp_path / "a.json"))
+    first = sup.autopar_run(*common, "--save-every", "2", "--report", str(tmp_path / "a.json"))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000002", "step_00000004"]  # no .partial left over
 
     shard = ckpt / "step_00000004" / "__1_0.distcp"
     _flip_bytes(shard)
-    refused = _autopar(*common, "--resume")
+    refused = sup.autopar_run(*common, "--resume")
     assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-4000:]
     line = _last_line(refused.stderr)
     assert line.startswith("error: checkpoint") and str(shard) in line and "--resume-fallback" in line, line
     assert "step 2 " not in refused.stdout  # refused before training
 
-    second = _autopar(*common, "--resume", "--resume-fallback", "--report", str(tmp_path / "b.json"))
+    second = sup.autopar_run(*common, "--resume", "--resume-fallback", "--report", str(tmp_path / "b.json"))
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-4000:]
     assert "skipping it for an older one" in second.stdout and str(shard) in second.stdout
     a = json.loads((tmp_path / "a.json").read_text())["steps"]
@@ -184,56 +177,38 @@ def test_missing_or_resized_file_is_named(tmp_path):
 
 # --- launcher killed ----------------------------------------------------------------------------------------------
 
-def _proc_text(pid: int, name: str) -> str:
-    try:
-        return (Path("/proc") / str(pid) / name).read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    stat = _proc_text(pid, "stat")
-    return bool(stat) and stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def _workers_of(launcher_pid: int) -> list[int]:
     """Worker processes of one launch, found by the launcher pid the launcher puts in their environment."""
     marker = f"{LAUNCHER_PID_ENV}={launcher_pid} "
     pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
     return [pid for pid in pids
-            if "executor.worker" in _proc_text(pid, "cmdline") and marker in _proc_text(pid, "environ")]
+            if "executor.worker" in sup.proc_text(pid, "cmdline") and marker in sup.proc_text(pid, "environ")]
 
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; PR_SET_PDEATHSIG is Linux-only")
 def test_workers_die_when_the_launcher_is_killed_with_sigkill(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cli = subprocess.Popen([sys.executable, "-c", "from api.cli import main; main()", "run", str(_fsdp_plan(tmp_path)),
-                            "--model", "gpt-tiny", "--steps", "100000"],
-                           env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                           start_new_session=True)
+    cli = sup.start_training(_fsdp_plan(tmp_path), new_session=True)
     workers: list[int] = []
     spec_dirs: set[Path] = set()
     try:
-        for line in cli.stdout:  # training has started once rank 0 reports a step
-            if line.startswith("step "):
-                break
+        sup.wait_until_training(cli)
         workers = _workers_of(cli.pid)
         assert len(workers) == 2
         # torchrun's agent runs inside `autopar run` and starts the workers itself: the launcher is their parent.
-        assert all(int(_proc_text(w, "stat").rsplit(")", 1)[1].split()[1]) == cli.pid for w in workers)
-        spec_dirs = {Path(_proc_text(w, "cmdline").split()[-1]).parent for w in workers}
+        assert all(int(sup.proc_text(w, "stat").rsplit(")", 1)[1].split()[1]) == cli.pid for w in workers)
+        spec_dirs = {Path(sup.proc_text(w, "cmdline").split()[-1]).parent for w in workers}
         os.kill(cli.pid, signal.SIGKILL)
         cli.wait(timeout=10)
         deadline = time.monotonic() + 5
-        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        while any(sup.process_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not [w for w in workers if _alive(w)]
+        assert not [w for w in workers if sup.process_alive(w)]
     finally:
         cli.kill()
         for w in workers:
-            if _alive(w):
+            if sup.process_alive(w):
                 os.kill(w, signal.SIGKILL)
         for d in spec_dirs:  # the killed launcher could not remove its temporary directory
             if d.name.startswith("autopar-run-"):

@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -332,14 +330,7 @@ def two_rank(tmp_path_factory) -> dict:
                   for c, (m, kw) in cases.items()},
     }
     cases_path, out_path = tmp / "cases.json", tmp / "out.pt"
-    cases_path.write_text(json.dumps(payload))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts",
-         "0", __file__, str(cases_path), str(out_path)],
-        check=False, capture_output=True, text=True, timeout=150, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    sup.run_workers(__file__, 2, payload, cases_path, out_path, timeout=150)
     return torch.load(out_path)
 
 

@@ -203,14 +203,7 @@ def _launch(nproc: int, cases: dict, tmp: Path) -> dict:
         "profiles": {k: _profile(k).model_dump(mode="json") for k in kinds},
         "cases": {n: (kind, sup.strategy(**kw).model_dump(mode="json"), opts) for n, (kind, kw, opts) in cases.items()},
     }
-    cases_path.write_text(json.dumps(payload))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         "--max-restarts", "0", __file__, str(cases_path), str(out_path)],
-        check=False, capture_output=True, text=True, timeout=170, env=env, cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    sup.run_workers(__file__, nproc, payload, cases_path, out_path, timeout=170)
     return json.loads(out_path.read_text())
 
 

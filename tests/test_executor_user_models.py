@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -181,14 +179,7 @@ def _launch(nproc: int, tmp: Path) -> dict:
     payload = {"cases": cases, "refused": refused,
                "profiles": {m: profile_of(m).model_dump(mode="json") for m in models}}
     cases_path, out_path = tmp / f"cases{nproc}.json", tmp / f"out{nproc}.json"
-    cases_path.write_text(json.dumps(payload))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-         "--max-restarts", "0", __file__, str(cases_path), str(out_path)],
-        check=False, capture_output=True, text=True, timeout=280, env=env, cwd=Path(__file__).resolve().parents[1],
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    sup.run_workers(__file__, nproc, payload, cases_path, out_path, timeout=280)
     return {"results": json.loads(out_path.read_text()), "cases": cases, "refused": refused,
             "inapplicable": inapplicable}
 
