@@ -178,8 +178,8 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     meta_inputs = cast_inputs(inputs, "meta", torch_dtype)
     names = find_layers(meta_model, call_order(meta_model, meta_inputs), layers)
     records = record_calls(meta_model, meta_inputs, names, clone=False)
-    graph = build_layer_graph(meta_model, names, records, meta_inputs, batch)
     cuts = partition(meta_model, names, meta_inputs)
+    graph = build_layer_graph(meta_model, names, records, meta_inputs, batch, traced=cuts.graph)
     if cuts.trace_error is not None and len(names) > 1:
         logger.warning("%s can run with pp=1 only: %s", name, cuts.why_illegal(1))
 

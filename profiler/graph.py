@@ -34,16 +34,20 @@ class LayerGraph:
 
 
 def build_layer_graph(
-    model: nn.Module, layer_names: list[str], records: dict[str, LayerCall], inputs: tuple, batch: int
+    model: nn.Module, layer_names: list[str], records: dict[str, LayerCall], inputs: tuple, batch: int,
+    traced: fx.Graph | None = None,
 ) -> LayerGraph:
-    """The layer graph from an fx trace ('fx'), or from forward hooks when tracing fails ('hooks')."""
+    """The layer graph from an fx trace ('fx'), or from forward hooks when tracing fails ('hooks').
+
+    `traced`: the model's graph already traced with its layers as leaves (`profiler.partition`), reused as is.
+    """
     if layer_names == [""]:
         out = tensor_bytes(records[""].output) / batch
         inp = tensor_bytes(inputs) / batch
         edges = [LayerEdge(src=INPUT_NODE, dst="", bytes=inp), LayerEdge(src="", dst=OUTPUT_NODE, bytes=out)]
         return LayerGraph(edges, "single")
     try:
-        graph = LayerTracer(set(layer_names)).trace(model)
+        graph = traced if traced is not None else LayerTracer(set(layer_names)).trace(model)
         return LayerGraph(_edges_from_fx(graph, layer_names, records, inputs, batch), "fx")
     except Exception as exc:  # noqa: BLE001 - fx raises many types; every one means "use the fallback"
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
