@@ -4,8 +4,13 @@
     autopar plan my.profile.json --cluster cluster.yaml --global-batch 64 --top-k 3 --chart plan.png
     autopar show plan.json --chart plan.png
     autopar plan gpt2-medium --cluster dgx-a100-80gb --global-batch 512 --server http://127.0.0.1:8000
+    autopar plan my_model.py:build --cluster cpu --global-batch 16 --option width=64
+    autopar plan hf:configs/llama/config.json --cluster dgx-h100 --global-batch 256 --seq-len 4096
 
-MODEL is a zoo name (profiled on the meta device on the spot) or a profile JSON written by `autopar profile`.
+MODEL is any model reference (`profiler.resolve`: a zoo name, path/to/file.py:factory, package.module:factory,
+hf:path/to/config.json, profiled on the meta device on the spot) or a profile JSON written by `autopar profile`.
+It is profiled in --dtype, else in what the cluster trains in (bfloat16 on GPU presets, float32 on `cpu`); the plan
+records that precision and `autopar run` trains in it.
 """
 
 from __future__ import annotations
@@ -19,14 +24,14 @@ from rich.table import Table
 
 from planner.cluster import ClusterSpec, load_cluster
 from planner.errors import AutoparError
-from planner.model_profile import ModelProfile
+from planner.planning import read_profile
 from planner.strategy import Plan
 
 console = Console()
 GB = 1e9
 
 
-def _cluster(name: str, **overrides: int | None) -> ClusterSpec:
+def cluster_spec(name: str, **overrides: int | None) -> ClusterSpec:
     """`load_cluster`, with a file that cannot be read (a directory, no permission) reported as a one-line error."""
     try:
         return load_cluster(name, **overrides)
@@ -35,27 +40,6 @@ def _cluster(name: str, **overrides: int | None) -> ClusterSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise AutoparError(f"cannot read cluster file {name} ({exc}); give a preset name or a readable YAML/JSON "
                            "cluster file") from None
-
-
-def _load_profile(path: str | Path) -> ModelProfile:
-    """A profile JSON written by `autopar profile`, with every way it can be unusable turned into one line."""
-    fix = "give a profile JSON written by `autopar profile --out` (or a zoo name)"
-    if Path(path).is_dir():
-        raise AutoparError(f"{path} is a directory, not a model profile; {fix}")
-    try:
-        profile = ModelProfile.from_json(Path(path))
-    except AutoparError:
-        raise  # already names the problem and the fix (planner.model_profile.ProfileError)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AutoparError(f"cannot read model profile {path} ({exc}); {fix}") from None
-    except ValueError as exc:
-        first = str(exc).splitlines()
-        detail = "; ".join(line.strip() for line in first[:3]) if first else type(exc).__name__
-        raise AutoparError(f"{path} is not a valid model profile ({detail}); {fix}") from None
-    if profile.fwd_flops <= 0 or profile.param_count + profile.saved_activation_bytes <= 0:
-        raise AutoparError(f"{path} is a model profile with no compute (zero FLOPs, parameters and activations); "
-                           f"profile the model again, {fix}")
-    return profile
 
 
 def _write(what: str, path: Path, write: object) -> object:
@@ -78,44 +62,37 @@ def _positive(value: float) -> float:
 
 
 def _make_plan(model: str, cluster_name: str, *, nodes: int | None, gpus_per_node: int | None, global_batch: int,
-               seq_len: int | None, dtype: str | None, profile_path: Path | None, top_k: int, time_limit: float,
-               objective: str) -> Plan:
+               options: dict[str, object], dtype: str | None, profile_path: Path | None, top_k: int,
+               time_limit: float, objective: str) -> Plan:
     """Plan in this process (the place a `--server URL` option would send the same request instead)."""
     from planner import plan
 
-    cluster = _cluster(cluster_name, nodes=nodes, gpus_per_node=gpus_per_node)
-    if profile_path is not None:
-        model_arg: object = _load_profile(profile_path)
-    elif Path(model).suffix == ".json" or Path(model).exists():
-        model_arg = _load_profile(model)
-    else:
-        import profiler  # torch is imported only when a zoo model must be profiled here
-
-        options = {"seq_len": seq_len, "max_positions": seq_len} if seq_len else {}
-        model_arg = profiler.profile_zoo(model, device="meta", dtype=dtype or "float16", **options)
-    return plan(model_arg, cluster, global_batch_size=global_batch, top_k=top_k, time_limit_s=time_limit,
-                objective=objective)
+    cluster = cluster_spec(cluster_name, nodes=nodes, gpus_per_node=gpus_per_node)
+    # A reference is profiled by `profiler.resolve` inside `plan` (torch is imported only then).
+    return plan(str(profile_path or model), cluster, global_batch_size=global_batch, dtype=dtype,
+                model_options=options or None, top_k=top_k, time_limit_s=time_limit, objective=objective)
 
 
 def _plan_on_server(server: str, api_key: str | None, model: str, cluster_name: str, *, nodes: int | None,
-                    gpus_per_node: int | None, global_batch: int, seq_len: int | None, dtype: str | None,
+                    gpus_per_node: int | None, global_batch: int, options: dict[str, object], dtype: str | None,
                     profile_path: Path | None, top_k: int, time_limit: float, objective: str) -> Plan:
     """The same request as `_make_plan`, answered by an `autopar serve` instance (stored and cached there)."""
     from api.client import Client
     from planner.cluster import PRESETS
 
     # Files are read here: the server only accepts zoo names, preset names and JSON data, never paths.
-    cluster_arg: object = cluster_name if cluster_name in PRESETS else _cluster(cluster_name)
-    options = {"seq_len": seq_len, "max_positions": seq_len} if seq_len else {}
+    cluster_arg: object = cluster_name if cluster_name in PRESETS else cluster_spec(cluster_name)
     if profile_path is not None or Path(model).suffix == ".json" or Path(model).exists():
-        model_arg: object = _load_profile(profile_path or model)
-        options = {}
+        model_arg: object = read_profile(profile_path or model)
+        if options:
+            raise AutoparError(f"options ({', '.join(sorted(options))}) cannot change a finished profile; profile "
+                               "the model again with them, or send a zoo name")
     else:
         model_arg = model
     with Client(server, api_key=api_key) as client:
         answer = client.plan(model_arg, cluster_arg, global_batch_size=global_batch, nodes=nodes,
                              gpus_per_node=gpus_per_node, objective=objective, top_k=top_k,
-                             time_limit_s=time_limit, dtype=dtype or "float16", **options)
+                             time_limit_s=time_limit, dtype=dtype, **options)
     console.print(f"[dim]plan {answer.id} from {server}{' (cached)' if answer.cached else ''}[/]")
     return answer.plan
 
@@ -153,7 +130,8 @@ def print_plan(plan: Plan) -> None:
         for a in plan.alternatives:
             at.add_row(a.strategy.describe(), f"{a.prediction.step_seconds:.4g}", a.reason)
         console.print(at)
-    console.print(f"[dim]{prov.model_name} (profile {prov.profile_hash}) on {prov.cluster.name} "
+    precision = prov.dtype.value if prov.dtype is not None else "precision not recorded"
+    console.print(f"[dim]{prov.model_name} (profile {prov.profile_hash}, {precision}) on {prov.cluster.name} "
                   f"{prov.cluster.nodes}x{prov.cluster.gpus_per_node}; planner {prov.planner_version}; "
                   f"{prov.candidates_evaluated} candidates in {prov.search_seconds:.2f} s; CP-SAT {prov.solver_status}[/]")
 
@@ -163,13 +141,18 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plan")
     def plan_cmd(
-        model: str = typer.Argument(..., help="Zoo name (e.g. gpt2-medium) or a profile JSON path."),
+        model: str = typer.Argument(..., help="Zoo name (e.g. gpt2-medium), path/to/file.py:factory, "
+                                              "package.module:factory, hf:path/to/config.json or a profile JSON."),
         cluster: str = typer.Option(..., "--cluster", help="Preset name or a YAML/JSON cluster file."),
         global_batch: int = typer.Option(..., "--global-batch", min=1, help="Samples per optimizer step."),
         nodes: int | None = typer.Option(None, "--nodes", min=1, help="Override the cluster's node count."),
         gpus_per_node: int | None = typer.Option(None, "--gpus-per-node", min=1, help="Override GPUs per node."),
-        seq_len: int | None = typer.Option(None, "--seq-len", min=1, help="Sequence length of a zoo model."),
-        dtype: str | None = typer.Option(None, "--dtype", help="Precision to profile a zoo model in (float16)."),
+        seq_len: int | None = typer.Option(None, "--seq-len", min=1, help="Tokens per sample (a model option)."),
+        option: list[str] = typer.Option([], "--option", help="Model option key=value (zoo config field, factory "
+                                         "argument, Hugging Face config field; repeatable)."),
+        dtype: str | None = typer.Option(None, "--dtype", help="Precision to profile the model in (default: what "
+                                                               "the cluster trains in: bfloat16 on GPUs, float32 "
+                                                               "on cpu)."),
         profile: Path | None = typer.Option(None, "--profile", help="Use this profile JSON for MODEL."),
         top_k: int = typer.Option(5, "--top-k", min=1, help="Alternatives to list."),
         time_limit: float = typer.Option(10.0, "--time-limit", callback=_positive,
@@ -189,9 +172,12 @@ def register(app: typer.Typer) -> None:
             from api.settings import read_api_keys
 
             api_key = read_api_keys(api_key_file)[0]
+        from api.cli_run import parse_options
+
         make = _make_plan if server is None else partial(_plan_on_server, server, api_key)
+        options = parse_options(option) | ({"seq_len": seq_len} if seq_len is not None else {})
         result = make(model, cluster, nodes=nodes, gpus_per_node=gpus_per_node, global_batch=global_batch,
-                      seq_len=seq_len, dtype=dtype, profile_path=profile, top_k=top_k,
+                      options=options, dtype=dtype, profile_path=profile, top_k=top_k,
                       time_limit=time_limit, objective=objective)
         print_plan(result)
         if out is not None:

@@ -4,12 +4,20 @@
     autopar profile gpt-tiny --device cpu --batch-size 4                             # measured on the CPU
     autopar profile llama-70b --seq-len 2048 --dtype bfloat16
     autopar profile my_model.py:build --device cuda --layers embed,body,head
-    autopar profile mypkg.models:make_model --no-cache
+    autopar profile mypkg.models:make_model --no-cache --option width=512
+    autopar profile hf:configs/llama/config.json --option num_hidden_layers=4 --seq-len 1024
+    autopar profile gpt2-small --cluster dgx-h100                                     # in what the cluster trains in
+
+MODEL is any model reference (`profiler.resolve`): a zoo name, path/to/file.py:factory, package.module:factory or
+hf:path/to/config.json; `--option key=value` sets a zoo config field, a factory keyword argument or a Hugging Face
+config field. The precision is --dtype, else what --cluster trains in, else that of --device (float32 on cpu,
+bfloat16 on meta and cuda): `planner.precision.default_dtype`, as `autopar plan` and `autopar run` use it.
 
 Zoo models are profiled with their training loss counted in the last layer (a GPT's cross-entropy keeps a float32
 copy of the logits for backward); a factory's model only when the factory returns the loss too
 (`(module, example_inputs, loss_fn[, targets])`). The table's caption says which. The cache lives in
-$AUTOPAR_CACHE_DIR (default ~/.cache/autopar).
+$AUTOPAR_CACHE_DIR (default ~/.cache/autopar); its key includes the model's code (the factory's file and the files of
+its module classes) and every option, so an edited model is profiled again; `--no-cache` profiles again regardless.
 """
 
 from __future__ import annotations
@@ -103,20 +111,25 @@ def profile_command(
     model: Annotated[str, typer.Argument(help="Zoo name (see `autopar profile --list`), path/to/file.py:factory "
                                               "or package.module:factory.")] = "",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Samples per batch.")] = 1,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", min=1, help="Tokens per sample (zoo models).")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=1, help="Tokens per sample.")] = None,
+    option: Annotated[list[str], typer.Option(
+        "--option", help="Model option key=value (zoo config field, factory argument; repeatable).")] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="meta (analytic, no timing), cpu or cuda (measured).")] = "meta",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[str | None, typer.Option(
+        help="float32, bfloat16 or float16 (default: what --cluster trains in, else float32 on cpu and bfloat16 "
+        "on meta / cuda).")] = None,
+    cluster: Annotated[str | None, typer.Option(help="Profile in the precision this cluster trains in.")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write the profile JSON here.")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Profile again even if cached.")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Profile again even if cached (the cache key already includes the model's code).")] = False,
     layers: Annotated[str | None, typer.Option(help="Comma-separated layer module names (override).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per layer (measured mode).")] = 5,
     list_models: Annotated[bool, typer.Option("--list", help="List the zoo models and exit.")] = False,
 ) -> None:
     """Profile a model per layer: parameters, FLOPs, activation memory, the layer graph (and times off meta)."""
-    from profiler import profile, profile_zoo
-    from profiler.factory import is_factory_spec, load_factory
-    from profiler.loss import loss_name
-    from profiler.zoo import get_model
+    from api.cli_plan import cluster_spec
+    from api.cli_run import parse_options
+    from profiler.resolve import resolve_profile
     from profiler.zoo import list_models as zoo_names
 
     if list_models or not model:
@@ -131,25 +144,21 @@ def profile_command(
         def report(description: str, done: int, total: int) -> None:
             bar.update(task, description=description, completed=done, total=total)
 
-        options = {"device": device, "dtype": dtype, "cache": not no_cache, "layers": _split_layers(layers),
-                       "repeats": repeats, "progress": report}
-        if is_factory_spec(model):
-            loaded = load_factory(model, batch_size=batch_size, seq_len=seq_len)
-            loss = None if loaded.loss_fn is None else loss_name(loaded.loss_fn)
-            result = profile(loaded.module, loaded.inputs, name=model, seq_len=seq_len, loss_fn=loaded.loss_fn,
-                             targets=loaded.targets, **options)
-        else:
-            loss = loss_name(get_model(model).loss_fn)  # an unknown name fails here, listing the known ones
-            sizes = {"seq_len": seq_len} if seq_len is not None else {}
-            result = profile_zoo(model, batch_size=batch_size, **sizes, **options)
-    console.print(render_profile(result, loss))
+        options = parse_options(option) | ({"seq_len": seq_len} if seq_len is not None else {})
+        spec = cluster_spec(cluster) if cluster is not None else None
+        resolved = resolve_profile(model, options=options, cluster=spec, dtype=dtype, batch_size=batch_size,
+                                   device=device, cache=not no_cache, layers=_split_layers(layers), repeats=repeats,
+                                   progress=report)
+    result = resolved.profile
+    console.print(render_profile(result, resolved.loss))
     if result.step is not None:
         layer_sum = sum(l.fwd_seconds + l.bwd_seconds for l in result.layers) * result.input.batch_size
         console.print(f"whole step (fwd+bwd): {result.step.fwd_bwd_seconds * 1e3:.2f} ms measured, "
                       f"{layer_sum * 1e3:.2f} ms as the sum of layers")
         if result.step.peak_memory_bytes is not None:
             console.print(f"peak memory: {_bytes(result.step.peak_memory_bytes)}")
-    console.print(f"profiled in {result.profile_seconds:.2f} s; structure hash {result.structure_hash}")
+    console.print(f"profiled in {result.profile_seconds:.2f} s in {result.dtype.value}; structure hash "
+                  f"{result.structure_hash}, profile hash {result.profile_hash}")
     if out is not None:
         try:
             result.to_json(out)

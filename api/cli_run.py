@@ -9,8 +9,12 @@
     autopar run plan.json --model gpt2-medium --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500   # each node
     srun --ntasks-per-node=1 autopar run plan.json --model gpt2-medium   # Slurm: nodes and ranks from the job
 
-Before any rank starts it refuses a world size that differs from the plan's, a model whose profile hash differs
-from the plan's, and a device type this node does not have.
+--model / --plan-first take any model reference (`profiler.resolve`: a zoo name with --option key=value,
+path/to/file.py:factory, package.module:factory, hf:path/to/config.json). The run trains in the plan's precision
+(the one it was planned in) unless --dtype says otherwise; --plan-first plans in --dtype, else in what --cluster trains
+in (`planner.precision.default_dtype`). Before any rank starts it refuses a world size that differs from the plan's,
+a precision the plan was not made for (naming the --dtype that fits), a model whose profile hash differs from the
+plan's, and a device type this node does not have.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def _parse_options(items: list[str]) -> dict[str, object]:
+def parse_options(items: list[str]) -> dict[str, object]:
+    """`--option key=value` items as a dict, numbers and true/false converted."""
     out: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -49,32 +54,36 @@ def _parse_options(items: list[str]) -> dict[str, object]:
     return out
 
 
-def _profile_for(model_name: str, model, dtype: str):
-    """Analytic (meta-device) profile of the model to run, at one sample per batch."""
-    import torch
+def _profile_for(ref, plan, dtype: str | None):
+    """The meta-device profile of the model to run, in the precision to train in: --dtype, else the plan's.
 
-    import profiler
-    from executor.batch import Batch
-    from executor.sources import UserModel
+    A plan that does not record its precision (older plan files) is matched by its profile hash against each
+    precision; a --dtype the plan was not made for is refused with the flag that fits.
+    """
+    from planner.model_profile import DType
+    from planner.precision import RUN_DTYPES, default_dtype, parse_dtype
+    from profiler.resolve import resolve_profile
 
-    if ":" not in model_name:
-        options = dict(model.config)
-        return profiler.profile_zoo(model_name, device="meta", dtype=dtype, **options)
-    if isinstance(model, UserModel):
-        batch = Batch.of(*model.example_batch(1)).to(torch.device("meta"))
-        return profiler.profile(model.build("meta"), batch.inputs(), device="meta", dtype=dtype, name=model_name,
-                                seq_len=model.seq_len, loss_fn=model.loss_fn,
-                                targets=batch.targets if model.loss_fn is not None else None)
-    return profiler.profile(model.build("meta"), model.example_inputs(1, device="meta"), device="meta", dtype=dtype,
-                            name=model_name, seq_len=getattr(model, "seq_len", None))
+    wanted = parse_dtype(dtype) if dtype else (plan.provenance.dtype or default_dtype(plan.provenance.cluster))
+    profile = resolve_profile(ref, dtype=wanted).profile
+    if profile.profile_hash == plan.provenance.profile_hash:
+        return profile
+    fits = next((d for d in DType if profile.model_copy(update={"dtype": d}).profile_hash
+                 == plan.provenance.profile_hash), None)
+    if fits is None:
+        return profile  # another model or shape: `check_launch` says so
+    if dtype:
+        raise AutoparError(f"the plan was made for {fits.value} training but --dtype {dtype} was given; add --dtype "
+                           f"{RUN_DTYPES[fits]} (or re-plan with --dtype {dtype})")
+    return resolve_profile(ref, dtype=fits).profile
 
 
 def _mib(x: float | None) -> str:
     return "-" if x is None else f"{x / 2**20:,.1f}"
 
 
-def _print_report(report) -> None:
-    table = Table(title=f"autopar run: {report.strategy}", show_lines=False)
+def _print_report(report, dtype: str) -> None:
+    table = Table(title=f"autopar run: {report.strategy} in {dtype}", show_lines=False)
     table.add_column("quantity")
     table.add_column("measured", justify="right")
     table.add_column("predicted", justify="right")
@@ -98,9 +107,10 @@ def _print_report(report) -> None:
 def run_command(
     plan_path: Annotated[Path | None, typer.Argument(help="Plan JSON from `autopar plan`.")] = None,
     model: Annotated[str | None, typer.Option(
-        help="Zoo name, or path/to/file.py:factory / package.module:factory of the model to train (the file also "
-        "defines example_batch(batch_size) and optionally loss_fn).")] = None,
-    option: Annotated[list[str], typer.Option(help="Model size option key=value (repeatable).")] = [],  # noqa: B006
+        help="Zoo name, path/to/file.py:factory / package.module:factory (the file also defines "
+        "example_batch(batch_size) and optionally loss_fn) or hf:path/to/config.json.")] = None,
+    option: Annotated[list[str], typer.Option(
+        help="Model option key=value: zoo config field, factory argument, HF config field (repeatable).")] = [],  # noqa: B006
     steps: Annotated[int, typer.Option(min=1, help="Train until this many steps are done.")] = 10,
     data: Annotated[str, typer.Option(help="'synthetic' or package.module:fn(step, global_batch).")] = "synthetic",
     nproc_per_node: Annotated[int | None, typer.Option(
@@ -120,10 +130,10 @@ def run_command(
         min=1.0, help="Seconds a collective waits for a peer before the job fails (a hung rank ends the run).")] = 300.0,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-4,
-    dtype: Annotated[str, typer.Option(
+    dtype: Annotated[str | None, typer.Option(
         help="float32, or bfloat16/float16: FSDP2 mixed precision (bf16/fp16 parameters, fp32 gradient reduction) "
-        "under FSDP/replicate, else autocast; float16 adds loss scaling, single device or DDP only (must match "
-        "the plan).")] = "float32",
+        "under FSDP/replicate, else autocast; float16 adds loss scaling, single device or DDP only. Default: the "
+        "plan's precision (with --plan-first: what --cluster trains in).")] = None,
     clip_grad: Annotated[float | None, typer.Option(
         help="Clip gradients to this L2 norm of the whole model's gradient (across every stage and shard).")] = None,
     lr_schedule: Annotated[str, typer.Option(
@@ -135,7 +145,7 @@ def run_command(
     sync_batchnorm: Annotated[bool, typer.Option(
         help="Synchronise BatchNorm statistics over data-parallel replicas (else a warning names the layers).")] = False,
     plan_first: Annotated[str | None, typer.Option(
-        help="Plan this model first (zoo name or file.py:factory, as --model), then run it.")] = None,
+        help="Plan this model first (any reference, as --model), then run it.")] = None,
     cluster: Annotated[str, typer.Option(help="Cluster preset or file for --plan-first.")] = "cpu",
     nodes: Annotated[int | None, typer.Option(help="Cluster nodes for --plan-first.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option(help="Devices per node for --plan-first.")] = None,
@@ -164,27 +174,33 @@ def run_command(
     if model_name is None:
         raise AutoparError("which model does the plan train? add --model NAME (zoo name, path/to/file.py:factory or "
                            "package.module:factory)")
-    from executor.sources import absolute_reference
+    from planner.precision import RUN_DTYPES
+    from profiler.resolve import RefKind, parse_reference
 
-    model_name = absolute_reference(model_name)  # the workers may start in another directory
-    options = _parse_options(option)
+    options = parse_options(option)
+    ref = parse_reference(model_name, options)
+    if ref.kind == RefKind.PROFILE:
+        raise AutoparError(f"{model_name} is a file (a profile?), not a model a run can build; give the model "
+                           "itself (zoo name, path/to/file.py:factory, package.module:factory or hf:path/to/config.json)")
+    model_name = str(ref)  # file paths made absolute: the workers may start in another directory
     zoo_model = resolve_model(model_name, options)
-    profile = _profile_for(model_name, zoo_model, dtype)
     if plan_first is not None:
         import planner
-        from planner.cluster import load_cluster
+        from api.cli_plan import cluster_spec
 
         if global_batch is None:
             raise AutoparError("--plan-first needs --global-batch N")
         # Plan for the processes this launch starts unless told otherwise.
-        spec_cluster = load_cluster(cluster, nodes=nodes or nnodes, gpus_per_node=gpus_per_node or nproc_per_node)
-        plan = planner.plan(profile, spec_cluster, global_batch_size=global_batch)
-        console.print(f"planned: {plan.strategy.describe()}")
+        spec_cluster = cluster_spec(cluster, nodes=nodes or nnodes, gpus_per_node=gpus_per_node or nproc_per_node)
+        plan = planner.plan(ref, spec_cluster, global_batch_size=global_batch, dtype=dtype)
+        console.print(f"planned: {plan.strategy.describe()} in {plan.provenance.dtype.value}")
     else:
         try:
             plan = Plan.from_json(plan_path)
         except (OSError, ValueError) as exc:
             raise AutoparError(f"cannot read plan {plan_path}: {exc}") from None
+    profile = _profile_for(ref, plan, dtype)
+    run_dtype = RUN_DTYPES[profile.dtype]
 
     slurm = slurm_launch(os.environ)
     nnodes = nnodes or (slurm.nnodes if slurm else 1)
@@ -204,7 +220,7 @@ def run_command(
         try:
             spec = RunSpec(
                 plan=plan, profile=profile, model=model_name, model_options=options, data=data, steps=steps,
-                seed=seed, optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=dtype, clip_grad=clip_grad,
+                seed=seed, optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=run_dtype, clip_grad=clip_grad,
                 lr_schedule={"kind": lr_schedule, "warmup": warmup, "min_lr": min_lr},
                 tensorboard=str(tensorboard) if tensorboard else None, sync_batchnorm=sync_batchnorm,
                 save_dir=str(save_dir) if save_dir else None, save_every=save_every, resume=resume,
@@ -220,7 +236,7 @@ def run_command(
             raise AutoparError("--resume needs --save-dir (where the checkpoints are)")
         if resume_fallback and not resume:
             raise AutoparError("--resume-fallback only applies with --resume")
-        console.print(f"launching {nnodes} x {nproc} processes: {plan.strategy.describe()}")
+        console.print(f"launching {nnodes} x {nproc} processes: {plan.strategy.describe()} in {run_dtype}")
         try:
             launch(spec, nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
                    run_id=run_id, workdir=tmp)
@@ -235,7 +251,7 @@ def run_command(
             err_console.print("[bold red]interrupted:[/] all ranks stopped")
             sys.exit(130)
         if Path(report_path).exists():
-            _print_report(read_report(report_path))
+            _print_report(read_report(report_path), run_dtype)
 
 
 def register(app: typer.Typer) -> None:

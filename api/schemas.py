@@ -82,7 +82,8 @@ class ZooModelRef(_Body):
         json_schema_extra=_zoo_names_in_schema,
     )
     options: ZooOptions = Field(default_factory=ZooOptions, description="Size options overriding the preset.")
-    dtype: DType = Field(default=DType.BF16, description="Precision of parameters and activations.")
+    dtype: DType | None = Field(default=None, description="Precision of parameters and activations (default: what "
+                                "the cluster's devices train in: bfloat16 on GPUs, float32 on CPUs).")
 
 
 class ProfileModelRef(_Body):

@@ -44,6 +44,7 @@ from api.storage import PlanRow, Storage
 from planner.cluster import PRESETS, ClusterError, ClusterSpec, load_cluster, preset_names
 from planner.errors import AutoparError
 from planner.model_profile import ModelProfile
+from planner.precision import default_dtype
 from planner.strategy import Plan, Prediction, Strategy
 
 log = logging.getLogger(__name__)
@@ -150,10 +151,16 @@ def _check_profile(profile: ModelProfile, settings: Settings, field: str) -> Non
                        f"limit of {settings.max_profile_layers}", field)
 
 
-def resolve_model(ref: ModelRef, ctx: ServiceContext) -> ResolvedModel:
-    """Check a model reference and turn it into its cache-key part (zoo models are profiled later, in search)."""
+def resolve_model(ref: ModelRef, ctx: ServiceContext, cluster: ClusterSpec | None = None) -> ResolvedModel:
+    """Check a model reference and turn it into its cache-key part (zoo models are profiled later, in search).
+
+    A zoo model without a dtype is profiled in what `cluster` trains in (`planner.precision.default_dtype`), as
+    every other entry point does.
+    """
     if isinstance(ref, ZooModelRef):
         config = _zoo_config(ref, ctx.settings)
+        if ref.dtype is None:
+            ref = ref.model_copy(update={"dtype": default_dtype(cluster)})
         key = {"zoo": ref.name, "config": config, "dtype": ref.dtype.value}
         return ResolvedModel(key=key, name=ref.name, zoo=ref)
     if isinstance(ref, ProfileModelRef):
@@ -173,12 +180,13 @@ _PROFILE_LOCK = threading.Lock()
 
 @lru_cache(maxsize=32)
 def _profile_zoo_cached(name: str, options_json: str, dtype: str, cache_dir: str | None) -> ModelProfile:
-    import profiler
+    # The one resolver of model references (allow_code=False: never importing code here).
+    from profiler.resolve import resolve_profile
 
     # torch dispatch modes (FLOP counting) are process state: profile one model at a time.
     with _PROFILE_LOCK:
-        return profiler.profile_zoo(name, device="meta", dtype=dtype, cache=True, cache_dir=cache_dir,
-                                    **json.loads(options_json))
+        return resolve_profile(name, options=json.loads(options_json), dtype=dtype, device="meta", cache=True,
+                               cache_dir=cache_dir, allow_code=False).profile
 
 
 def profile_for(model: ResolvedModel, settings: Settings) -> ModelProfile:
@@ -235,8 +243,8 @@ class PlanJob:
 
 def prepare_plan(request: PlanRequest, ctx: ServiceContext) -> PlanJob:
     """Validate a plan request and compute its content key (equal requests after defaults get equal keys)."""
-    model = resolve_model(request.model, ctx)
     cluster = resolve_cluster(request.cluster, ctx.settings)
+    model = resolve_model(request.model, ctx, cluster)
     opts = request.options
     time_limit = min(opts.time_limit_s or ctx.settings.default_solver_seconds, ctx.settings.max_solver_seconds)
     normalised = {
@@ -351,8 +359,8 @@ def get_plan(plan_id: str, storage: Storage) -> PlanResponse:
 
 def evaluate_strategy(request: EvaluateRequest, ctx: ServiceContext) -> tuple[Strategy, Prediction]:
     """The cost model's prediction for a caller-given strategy; nothing is searched or stored."""
-    model = resolve_model(request.model, ctx)
     cluster = resolve_cluster(request.cluster, ctx.settings)
+    model = resolve_model(request.model, ctx, cluster)
     strategy = request.strategy
     if strategy.dims.world_size != cluster.world_size:
         raise ApiError(422, "strategy_mismatch", f"strategy.dims.world_size is {strategy.dims.world_size} but the "

@@ -35,8 +35,8 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
+from executor import hf_tp, optim, parallelize, pipeline, shared, tp_rewrite, vocab_parallel
 from executor import init as minit
-from executor import optim, parallelize, pipeline, shared
 from executor.batch import Batch, training_loss
 from executor.errors import ExecutorError
 from executor.mesh import axis_rank, build_mesh
@@ -69,6 +69,8 @@ class ParallelModel:
     shared_copies: shared.SharedCopies = field(default_factory=shared.SharedCopies)
     #: Pipelined: the forward's arguments that are not tensors, fixed at their traced values (see profiler.partition).
     fixed_inputs: dict[str, Any] = field(default_factory=dict)
+    #: The head's logits stay split over the TP group and the loss runs under `loss_parallel` (executor.vocab_parallel).
+    loss_parallel: bool = False
 
     @property
     def dp_rank(self) -> int:
@@ -129,12 +131,14 @@ class ParallelModel:
             if isinstance(part, DistributedDataParallel) and not last:
                 sync = part.no_sync()
             elif isinstance(part, FSDPModule):
-                part.set_requires_gradient_sync(last)
-            with sync:
+                # ZeRO-2/3 reduce-scatter every micro-batch so gradients stay sharded (as planned, planner.memory);
+                # ZeRO-1 and replicate accumulate whole gradients and sync once.
+                part.set_requires_gradient_sync(last or self.strategy.zero_stage >= ZeroStage.GRADIENTS)
+            with sync, vocab_parallel.loss_context(self.loss_parallel):  # forward and backward of the loss
                 with self._autocast():
                     loss = training_loss(micro.call(part), micro.targets, self.loss_fn)
                 (loss / nmb).backward()
-            total += loss.detach()
+            total += vocab_parallel.local_loss(loss.detach())
         return total / nmb
 
     def _pipelined(self, batch: Batch) -> torch.Tensor | None:
@@ -225,6 +229,11 @@ def apply_plan(
             raise ExecutorError(f"the profile names layer '{name}' but the model has no such module; re-profile it") from None
     mesh = build_mesh(strategy, device.type)
     dims = strategy.dims
+    tp_calls = {}  # what each TP layer receives: its forward is made to run on shards (executor.tp_rewrite)
+    if dims.tp > 1 and not hf_tp.is_hf_model(meta):  # transformers layers need no shape rewrite (executor.hf_tp)
+        tp_calls = tp_rewrite.record_tp_calls(
+            meta, profile, pipeline.meta_inputs(profile) if example_inputs is None else _to_meta(meta, example_inputs)
+        )
 
     if dims.pp > 1:
         if loss_fn is None:
@@ -243,6 +252,8 @@ def apply_plan(
     fsdp2 = optim.uses_fsdp2(strategy)  # else plain DDP (dp > 1) or no data parallelism
     use_ddp = dims.dp > 1 and not fsdp2
     mp_policy, mp_autocast = optim.mixed_precision(strategy, compute_dtype, fsdp2=fsdp2)
+    split_logits = vocab_parallel.logits_layout(profile, loss_fn, pp=dims.pp, tp=dims.tp,
+                                                micro_batch=strategy.micro_batch_size, compute_dtype=compute_dtype)
     grad_scaler = None
     if compute_dtype == torch.float16:
         grad_scaler, loss_fn = optim.loss_scaling(loss_fn, device)
@@ -253,8 +264,18 @@ def apply_plan(
         if dims.tp > 1:
             for layer in profile.layers:
                 if layer.name in layers and layer.tp is not None:
-                    parallelize.apply_tp(layers[layer.name], layer.name, layer.tp, mesh[MeshAxis.TP.value])
-        parallelize.apply_ac(list(layers.values()), strategy.recompute)
+                    spec, vocab = vocab_parallel.split_spec(layer.tp)
+                    if spec is not None and hf_tp.runs_on_shards_unchanged(layers[layer.name], spec):
+                        hf_tp.apply_hf_tp(layers[layer.name], layer.name, spec, mesh[MeshAxis.TP.value])
+                    elif spec is not None:
+                        parallelize.apply_tp(layers[layer.name], layer.name, spec, mesh[MeshAxis.TP.value],
+                                             example_call=tp_calls.get(layer.name))
+                    if vocab:
+                        parallelize.apply_vocab_parallel(layers[layer.name], layer.name, vocab,
+                                                         mesh[MeshAxis.TP.value], split_logits=split_logits)
+            vocab_parallel.retie_split(part, groups)  # before data parallelism wraps the tied tensor
+        no_ac = vocab_parallel.embedding_layers(profile) if dims.tp > 1 else set()
+        parallelize.apply_ac([m for n, m in layers.items() if n not in no_ac], strategy.recompute)
         tied = _shared_layers(part, layer_names)  # within this part: a cut has already untied the others
         unit_layers = [m for n, m in layers.items() if n not in tied]
         if fsdp2:
@@ -269,7 +290,7 @@ def apply_plan(
 
     pm = ParallelModel(
         strategy=strategy, mesh=mesh, device=device, parts=parts, loss_fn=loss_fn, stage_indices=stage_indices,
-        autocast_dtype=mp_autocast or autocast_dtype, grad_scaler=grad_scaler,
+        autocast_dtype=mp_autocast or autocast_dtype, grad_scaler=grad_scaler, loss_parallel=split_logits,
     )
     if dims.pp > 1:
         pm.shared_copies = shared.build_shared_copies(meta, profile, strategy, mesh, parts, stage_indices)

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from executor.errors import ExecutorError
+from executor.tp_rewrite import fused_layouts
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,11 @@ class Manifest(BaseModel):
     step: int = Field(ge=0, description="Steps done when the checkpoint was taken.")
     world_size: int = Field(ge=1, description="Ranks that wrote it.")
     files: dict[str, FileDigest] = Field(description="File name (inside the directory) -> digest; all but this one.")
+    fused_tp: dict[str, int] = Field(
+        default_factory=dict,
+        description="Fused projections (Linear path) saved in the row order of a tp degree (executor.tp_rewrite); "
+        "such a checkpoint resumes only under the same degree.",
+    )
 
 
 class TrainState(Stateful):
@@ -196,13 +202,14 @@ def save(state: TrainState, save_dir: str | Path) -> Path:
     dcp.save({"train": state}, checkpoint_id=partial, no_dist=not dist.is_initialized())
     rank = _rank()
     mine = {p.name: _sha256(p) for p in sorted(partial.glob(f"__{rank}_*.distcp"))}
+    layouts = _fused_layouts(state)
     everyone = _gather(mine)
     if rank == 0:
         files = {name: d for part in everyone for name, d in part.items()}
         for file in sorted(partial.iterdir()):  # .metadata, and any file DCP names otherwise than __RANK_*
             if file.name not in files:
                 files[file.name] = _sha256(file)
-        manifest = Manifest(step=state.step, world_size=_world(), files=files)
+        manifest = Manifest(step=state.step, world_size=_world(), files=files, fused_tp=layouts)
         with (partial / MANIFEST).open("w") as f:
             f.write(manifest.model_dump_json(indent=1))
             f.flush()
@@ -253,11 +260,25 @@ def verify(path: str | Path) -> None:
         raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
 
 
+def _fused_layouts(state: TrainState) -> dict[str, int]:
+    """Every rank's fused projections in tp row order, merged (collective: pipeline stages hold different ones)."""
+    return {k: v for part in _gather(fused_layouts(state.parts)) for k, v in part.items()}
+
+
 def load(state: TrainState, path: str | Path) -> None:
     """Verify checkpoint `path`, restore `state` from it in place, and check that what was loaded is finite
     (collective; raises `CheckpointError` naming the bad file or entry)."""
     path = Path(path)
     verify(path)
+    saved = Manifest.model_validate_json((path / MANIFEST).read_text()).fused_tp
+    now = _fused_layouts(state)
+    if saved != now:
+        differ = sorted(n for n in {*saved, *now} if saved.get(n) != now.get(n))
+        raise CheckpointError(
+            f"checkpoint {path} holds fused projections ({', '.join(differ)}) in the row order of tp="
+            f"{saved.get(differ[0], 1)}, and this run uses tp={now.get(differ[0], 1)}; resume it with the tensor-"
+            "parallel degree it was saved with"
+        )
     dcp.load({"train": state}, checkpoint_id=path, no_dist=not dist.is_initialized())
     bad = _first_problem(state.first_non_finite())
     if bad is not None:

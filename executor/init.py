@@ -38,6 +38,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from executor.errors import ExecutorError
+from executor.tp_rewrite import sharded_layout
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +351,7 @@ def materialize(
             continue
         seen.add(id(t))
         key = aliases.get(name, name)
-        whole = rule(key, t.shape, t.dtype)
+        whole = sharded_layout(module, name, rule(key, t.shape, t.dtype))  # fused projections: permuted rows
         if tuple(whole.shape) != tuple(t.shape):
             raise ExecutorError(f"initial value for '{key}' has shape {tuple(whole.shape)}, expected {tuple(t.shape)}")
         if isinstance(t, DTensor):

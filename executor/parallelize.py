@@ -32,23 +32,32 @@ from torch.distributed._composable import checkpoint as composable_checkpoint
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from executor.errors import ExecutorError
-from planner.model_profile import ShardStyle, TensorParallelSpec
+from executor.tp_rewrite import localize_layer
+from executor.vocab_parallel import check_vocab_module
+from planner.model_profile import ShardStyle, TensorParallelSpec, TPShard
 from planner.strategy import Recompute, ZeroStage
+from profiler.recording import LayerCall
 
 log = logging.getLogger(__name__)
 
 
-def apply_tp(layer: nn.Module, layer_name: str, spec: TensorParallelSpec, tp_mesh: DeviceMesh) -> None:
+def apply_tp(
+    layer: nn.Module, layer_name: str, spec: TensorParallelSpec, tp_mesh: DeviceMesh, *,
+    example_call: LayerCall | None = None,
+) -> None:
     """Shard the Linears the profile listed for this layer Megatron-style (colwise feeding rowwise).
 
     Every planned key must name an `nn.Linear` whose split dimension the TP degree divides; `parallelize_module`
-    itself would only warn about a key that matches nothing and leave the layer silently unsharded.
+    itself would only warn about a key that matches nothing and leave the layer silently unsharded. The layer's
+    forward is first made to run on local shards (`executor.tp_rewrite.localize_layer`, which needs the layer's
+    `example_call` from `tp_rewrite.record_tp_calls`): fused projections permuted, hard-coded sizes made local.
     """
     degree = tp_mesh.size()
     if spec.divisor % degree:
@@ -77,7 +86,30 @@ def apply_tp(layer: nn.Module, layer_name: str, spec: TensorParallelSpec, tp_mes
                 f"divisible by tp={degree}"
             )
         plan[shard.module] = ColwiseParallel() if shard.style == ShardStyle.COLWISE else RowwiseParallel()
+    localize_layer(layer, layer_name, spec, example_call, degree)
     parallelize_module(layer, tp_mesh, plan)
+
+
+def apply_vocab_parallel(
+    layer: nn.Module, layer_name: str, shards: Sequence[TPShard], tp_mesh: DeviceMesh, *, split_logits: bool
+) -> None:
+    """Vocabulary-parallel embedding and head (see `executor.vocab_parallel`), sharded over `tp_mesh`.
+
+    `vocab_rowwise` (an nn.Embedding): rows split, replicated ids in, the output all-reduced whole.
+    `vocab_colwise` (the head's nn.Linear): outputs split; with `split_logits` the logits stay a DTensor split over
+    the vocabulary (the loss must run under `loss_parallel`), else they are gathered into a plain whole tensor.
+    Uneven splits are fine (DTensor gives the first ranks one row more).
+    """
+    for shard in shards:
+        check_vocab_module(layer, layer_name, shard, tp_mesh.size())
+        if shard.style == ShardStyle.VOCAB_ROWWISE:
+            style = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+        elif split_logits:
+            style = ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
+        else:
+            style = ColwiseParallel(output_layouts=Replicate())
+        # A layer that is itself the Embedding / Linear (path '') takes the style directly.
+        parallelize_module(layer, tp_mesh, style if not shard.module else {shard.module: style})
 
 
 def _attention_ops() -> set:
@@ -167,9 +199,14 @@ def _fp32_params(mp: MixedPrecisionPolicy) -> MixedPrecisionPolicy:
 
 
 def apply_ddp(module: nn.Module, dp_mesh: DeviceMesh, device: torch.device) -> DistributedDataParallel:
-    """Classic DDP around a materialised, unpipelined, non-TP model."""
+    """Classic DDP around a materialised, unpipelined, non-TP model.
+
+    Gradients are views into DDP's all-reduce buckets (`gradient_as_bucket_view`), so they are held once, not twice
+    (the planner counts 4 bytes of gradient per parameter).
+    """
     device_ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, process_group=dp_mesh.get_group())
+    return DistributedDataParallel(module, device_ids=device_ids, process_group=dp_mesh.get_group(),
+                                   gradient_as_bucket_view=True)
 
 
 class SyncedBatchNorm(_BatchNorm):

@@ -65,7 +65,8 @@ def check_tp_layouts(names: Sequence[str], profile: ModelProfile, tp: int) -> No
         module = name[len(owner) + 1:].rpartition(".")[0]
         spec = layers[owner].tp
         style = next((s.style.value for s in spec.shards if s.module == module), None) if spec else None
-        styles[name] = style or "unsharded"
+        # A vocabulary-parallel embedding and head both split the weight's rows (vocabulary entries).
+        styles[name] = "vocab rows" if style in ("vocab_rowwise", "vocab_colwise") else style or "unsharded"
     if len(set(styles.values())) > 1:
         described = ", ".join(f"{n} {s}" for n, s in styles.items())
         raise ExecutorError(
@@ -97,7 +98,7 @@ class SharedCopies:
         """Give every copy the sum of all copies' gradients (collective over each copy group)."""
         for c in self.copies:
             params = [part.get_parameter(name) for part, name in c.local]
-            grads = [_local(p.grad) if p.grad is not None else None for p in params]
+            grads = [_local(_grad_as_param(p)) if p.grad is not None else None for p in params]
             present = [g for g in grads if g is not None]
             total = torch.zeros_like(_local(params[0])) if not present else present[0].clone()
             for g in present[1:]:
@@ -109,6 +110,15 @@ class SharedCopies:
                     g.copy_(total)
                 else:
                     p.grad = _like_param(p, total.clone())
+
+
+def _grad_as_param(p: torch.Tensor) -> torch.Tensor:
+    """p's gradient laid out as p (a vocabulary-parallel embedding's gradient can come back with other placements,
+    e.g. partial sums), so the copies' local pieces line up."""
+    g = p.grad
+    if isinstance(p, DTensor) and isinstance(g, DTensor) and tuple(g.placements) != tuple(p.placements):
+        p.grad = g = g.redistribute(p.device_mesh, p.placements)
+    return g
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

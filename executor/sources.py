@@ -1,6 +1,7 @@
 """Name-to-object resolution for `autopar run`: which model, which data, which optimizer.
 
-A model is a zoo name (`gpt-tiny`), or code: `path/to/file.py:attr` or `package.module:attr`, where attr is
+A model is a zoo name (`gpt-tiny`), a Hugging Face config (`hf:path/to/config.json`, `profiler.hf_config`), or code:
+`path/to/file.py:attr` or `package.module:attr` (`profiler.resolve` parses every form), where attr is
 - a model factory: `attr(**options)` returns the `nn.Module`. Beside it, the file defines `example_batch(batch_size)`
   returning `(inputs, targets)` (inputs a tuple, a dict of keyword inputs, or one tensor; targets None when the
   model computes its own loss, e.g. a Hugging Face model given `labels`), or `example_inputs(batch_size)` returning
@@ -18,7 +19,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
@@ -30,7 +30,7 @@ from executor.batch import Batch, synthetic_like, training_loss
 from executor.errors import ExecutorError
 from executor.train import DataSource
 from profiler.errors import ProfileError
-from profiler.factory import import_user_module, is_file_reference
+from profiler.factory import import_user_module
 
 
 def _import(spec: str, what: str) -> tuple[ModuleType, Any]:
@@ -45,14 +45,6 @@ def _import(spec: str, what: str) -> tuple[ModuleType, Any]:
         return module, getattr(module, attr)
     except AttributeError:
         raise ExecutorError(f"'{module_name}' has no '{attr}' (from {what} '{spec}')") from None
-
-
-def absolute_reference(name: str) -> str:
-    """`file.py:attr` with the file's absolute path, so worker processes started elsewhere find it too."""
-    module_name, sep, attr = name.rpartition(":")
-    if sep and is_file_reference(module_name):
-        return f"{Path(module_name).resolve()}:{attr}"
-    return name
 
 
 @dataclass(frozen=True)
@@ -108,7 +100,14 @@ def _user_model(name: str, module: ModuleType, factory: Callable, options: dict[
 
 
 def resolve_model(name: str, options: dict[str, Any] | None = None) -> Any:
-    """A zoo model by name (size options applied), a `UserModel` for a factory, or an imported model description."""
+    """A zoo model by name (size options applied), a `UserModel` for a factory or an `hf:config.json` (options
+    override config fields), or an imported model description."""
+    if name.startswith("hf:"):
+        from profiler.hf_config import hf_source
+
+        source = hf_source(name.removeprefix("hf:"), options)
+        return UserModel(name=name, factory=source.factory, example_batch=source.example_batch,
+                         seq_len=source.seq_len)
     if ":" not in name:
         from profiler.zoo import get_model
 

@@ -7,10 +7,11 @@ computes the same quantities in floating point for a given partition (used by `p
 
 Per pipeline rank r, per micro-batch:
     C_r  = compute + recompute + TP all-reduces of its layers + the pipeline sends it makes
-    K_r  = ZeRO-2/3 collectives repeated every micro-batch (gradient reduce-scatter, ZeRO-3 parameter gathers)
+    K_r  = DP collectives repeated every micro-batch (ZeRO-2 gradient reduce-scatter, ZeRO-3 parameter gathers)
     R_r  = max(C_r, K_r) when DP communication overlaps compute, else C_r + K_r
 Once per step, after the pipeline drains:
     X_r  = optimizer step + non-overlappable DP collectives + max(0, overlappable DP collectives - backward window)
+           (+ DDP's last bucket); every DP term is per layer, from `planner.dp_comm`
     step = m R_max + (sum_r R_r - R_max) / v + max_r X_r            (see planner.pipeline)
 """
 
@@ -29,6 +30,7 @@ from planner.cost import (
     place_group,
     uses_measured_times,
 )
+from planner.dp_comm import dp_comm
 from planner.memory import (
     estimate_comm_buffer_bytes,
     estimate_layer_activation_bytes,
@@ -65,6 +67,7 @@ class RankCosts:
     """What one pipeline rank costs under a partition (seconds, bytes)."""
 
     compute: float = 0.0
+    forward: float = 0.0
     recompute: float = 0.0
     tp_comm: float = 0.0
     p2p: float = 0.0
@@ -104,6 +107,23 @@ def _prefix(values: list[float]) -> list[float]:
 
 
 _TABLES: dict[tuple, tuple] = {}
+_REPRESENTATIVES: dict[int, tuple] = {}
+
+
+def _representatives(profile: ModelProfile, layers: list) -> list[int]:
+    """For each layer, the index of the first layer with the same costs (everything but its name and index)."""
+    hit = _REPRESENTATIVES.get(id(profile))
+    if hit is not None and hit[0] is profile and hit[1] is layers:
+        return hit[2]
+    first: dict[str, int] = {}
+    reps = []
+    for i, layer in enumerate(layers):
+        key = layer.model_dump_json(exclude={"index", "name"})
+        reps.append(first.setdefault(key, i))
+    if len(_REPRESENTATIVES) > 256:
+        _REPRESENTATIVES.clear()
+    _REPRESENTATIVES[id(profile)] = (profile, layers, reps)
+    return reps
 
 
 def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batch: int, recompute: Recompute,
@@ -118,18 +138,18 @@ def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batc
         return hit[2]
     comm, dtype = CommModel(cluster), profile.dtype
     measured = uses_measured_times(profile, cluster)
-    cols: tuple[list, ...] = tuple([] for _ in range(7))
-    fwd, bwd, rc, tpc, window, elems, act = cols
     passes = 3 if recompute == Recompute.FULL else 2  # forward, backward (+ the recomputed forward)
-    for layer in layers_for_cluster(profile, cluster):  # attention counted as the cluster's device runs it
+    layers = layers_for_cluster(profile, cluster)  # attention counted as the cluster's device runs it
+    rows: dict[int, tuple] = {}
+    for i in set(_representatives(profile, layers)):  # a transformer's identical blocks are costed once
+        layer = layers[i]
         c = estimate_layer_compute(layer, cluster, dtype, tp=tp, micro_batch=micro_batch, recompute=recompute.value,
                                    measured=measured)
         n_ar = layer.tp.allreduces_per_forward if (layer.tp is not None and tp > 1) else 0
         ar = comm.all_reduce(micro_batch * layer.tp.allreduce_bytes, tp_group) if n_ar else 0.0
-        fwd.append(c.fwd), bwd.append(c.bwd), rc.append(c.recompute), tpc.append(n_ar * ar * passes)
-        window.append(c.bwd + c.recompute)
-        elems.append(device_param_count(layer, tp))
-        act.append(estimate_layer_activation_bytes(layer, tp=tp, micro_batch=micro_batch, recompute=recompute))
+        rows[i] = (c.fwd, c.bwd, c.recompute, n_ar * ar * passes, c.bwd + c.recompute, device_param_count(layer, tp),
+                   estimate_layer_activation_bytes(layer, tp=tp, micro_batch=micro_batch, recompute=recompute))
+    cols = tuple(list(col) for col in zip(*(rows[i] for i in _representatives(profile, layers))))
     if len(_TABLES) > 4096:  # keep memory bounded across many plans in one process
         _TABLES.clear()
     _TABLES[key] = (profile, cluster, cols)
@@ -149,7 +169,8 @@ class CandidateCosts:
         self.tp_group = place_group(d.tp, strides[MeshAxis.TP], G)
         self.dp_group = place_group(d.dp, strides[MeshAxis.DP], G)
         pp_stride = strides[MeshAxis.PP]
-        state = estimate_state_bytes(dtype, cfg.zero, d.dp)
+        state = estimate_state_bytes(dtype, cfg.zero, d.dp, pipelined=d.pp > 1,
+                                     micro_batches=cfg.num_micro_batches)
         self.state = state
         fwd, bwd, rc, tpc, window, elems, act = layer_table(profile, cluster, d.tp, b, cfg.recompute, self.tp_group)
         if cfg.num_stages > 1:
@@ -163,6 +184,7 @@ class CandidateCosts:
         self.fwd, self.bwd, self.rc, self.tpc = fwd, bwd, rc, tpc
         self.elems = elems
         self.P_compute = _prefix([f + g for f, g in zip(fwd, bwd)])
+        self.P_fwd = _prefix(fwd)
         self.P_rc = _prefix(rc)
         self.P_tp = _prefix(tpc)
         self.P_time = _prefix([f + g + r + t for f, g, r, t in zip(fwd, bwd, rc, tpc)])
@@ -177,14 +199,12 @@ class CandidateCosts:
         n = cfg.num_stages
         self.p2p_link = [_spans(c % d.pp, (c + 1) % d.pp, pp_stride, G) for c in range(n - 1)]
 
-        # Data-parallel collectives, affine in the gradient bytes a rank holds.
+        # Data-parallel collectives: per-layer costs (planner.dp_comm), summed per rank through prefix tables.
         zero_ = cfg.zero if d.dp > 1 else ZeroStage.NONE
-        none = (0.0, 0.0)
-        rs, ag, arr = (comm.affine(k, self.dp_group) if d.dp > 1 else none
-                       for k in ("reduce_scatter", "all_gather", "all_reduce"))
-        self.per_mb = {ZeroStage.GRADIENTS: rs, ZeroStage.FULL: (2 * ag[0] + rs[0], 2 * ag[1] + rs[1])}.get(zero_, none)
-        self.overlap_comm = {ZeroStage.NONE: arr, ZeroStage.OPTIMIZER: rs}.get(zero_, none)
-        self.blocking_comm = {ZeroStage.OPTIMIZER: ag, ZeroStage.GRADIENTS: ag}.get(zero_, none)
+        self.dp = dp_comm(comm, self.dp_group, zero_, dtype, pipelined=d.pp > 1, overlap=cluster.overlap_dp_comm)
+        self.P_zero = _prefix([self.dp.per_mb.of(e) if e > 0 else 0.0 for e in elems])
+        self.P_dp_overlap = _prefix([self.dp.overlap.of(e) if e > 0 else 0.0 for e in elems])
+        self.P_dp_blocking = _prefix([self.dp.blocking.of(e) if e > 0 else 0.0 for e in elems])
         mem_bw = cluster.device.memory_bandwidth * cluster.memory_efficiency
         self.opt_per_elem = optimizer_bytes_touched(dtype) / mem_bw / (d.dp if zero_ >= ZeroStage.OPTIMIZER else 1)
         self.overlap = cluster.overlap_dp_comm
@@ -192,11 +212,13 @@ class CandidateCosts:
         # Memory: v * memory_r = v * static_r + in_flight_r * act_r + v * const <= v * capacity (integers).
         self.in_flight = [in_flight(cfg.schedule, pp=d.pp, rank=r, num_micro_batches=cfg.num_micro_batches,
                                     virtual_stages=cfg.virtual_stages) for r in range(d.pp)]
-        self.const_bytes = estimate_comm_buffer_bytes(
+        self.comm_buffer_bytes = estimate_comm_buffer_bytes(
             profile.layers, cut_bytes, dtype=dtype, dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero, micro_batch=b
-        ) + estimate_working_set_bytes(layers_for_cluster(profile, cluster), tp=d.tp, micro_batch=b,
-                                     recompute=cfg.recompute)
-        self.comm_buffer_bytes = self.const_bytes
+        )
+        #: the layer being recomputed under full recompute: reported as activations, not as buffers
+        self.working_set_bytes = estimate_working_set_bytes(layers_for_cluster(profile, cluster), tp=d.tp,
+                                                            micro_batch=b, recompute=cfg.recompute)
+        self.const_bytes = self.comm_buffer_bytes + self.working_set_bytes
         self.capacity = int(cluster.device.memory_bytes * (1 - cluster.memory_margin))
 
     def _affine(self, coef: tuple[float, float], nbytes: float) -> float:
@@ -216,6 +238,7 @@ class CandidateCosts:
             rk = ranks[c % pp]
             rk.layers.extend(range(lo, hi))
             rk.compute += self.P_compute[hi] - self.P_compute[lo]
+            rk.forward += self.P_fwd[hi] - self.P_fwd[lo]
             rk.recompute += self.P_rc[hi] - self.P_rc[lo]
             rk.tp_comm += self.P_tp[hi] - self.P_tp[lo]
             rk.window += self.P_window[hi] - self.P_window[lo]
@@ -229,11 +252,13 @@ class CandidateCosts:
         for r, rk in enumerate(ranks):
             elems = sum(self.P_elems[hi] - self.P_elems[lo] for lo, hi in _chunks_of(r, bounds, pp))
             busy = rk.compute + rk.recompute + rk.tp_comm + rk.p2p
-            rk.zero_per_mb = self._affine(self.per_mb, rk.grad_bytes)
+            chunks = _chunks_of(r, bounds, pp)
+            rk.zero_per_mb = sum(self.P_zero[hi] - self.P_zero[lo] for lo, hi in chunks)
             rk.per_mb = max(busy, rk.zero_per_mb) if self.overlap else busy + rk.zero_per_mb
-            rk.dp_overlap = self._affine(self.overlap_comm, rk.grad_bytes)
-            rk.dp_blocking = self._affine(self.blocking_comm, rk.grad_bytes)
-            rk.dp_exposed = max(0.0, rk.dp_overlap - rk.window) if self.overlap else rk.dp_overlap
+            rk.dp_overlap = sum(self.P_dp_overlap[hi] - self.P_dp_overlap[lo] for lo, hi in chunks)
+            rk.dp_blocking = sum(self.P_dp_blocking[hi] - self.P_dp_blocking[lo] for lo, hi in chunks)
+            exposed = max(0.0, rk.dp_overlap - rk.window) if self.overlap else rk.dp_overlap
+            rk.dp_exposed = exposed + self.dp.fixed
             rk.optimizer = self.opt_per_elem * elems
             rk.tail = rk.optimizer + rk.dp_blocking + rk.dp_exposed
             rk.param_bytes = elems * self.state.parameters

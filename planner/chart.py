@@ -29,12 +29,18 @@ def draw_plan(plan: Plan, path: str | Path, cluster: ClusterSpec | None = None) 
     pp, v = s.dims.pp, s.virtual_stages
     m = min(s.num_micro_batches, MAX_MICRO_BATCHES_DRAWN if s.schedule != Schedule.INTERLEAVED_1F1B
             else max(pp, MAX_MICRO_BATCHES_DRAWN // pp * pp))
-    # Per-chunk times from the prediction: the slowest rank's compute split evenly over its chunks is enough to
-    # show the schedule's shape; forward is a third of forward + backward (+ recompute in backward).
-    per_mb = (p.time.compute + p.time.recompute) / s.num_micro_batches
-    fwd_share = p.time.compute / 3 / s.num_micro_batches
-    fwd = [[fwd_share / v] * v for _ in range(pp)]
-    bwd = [[(per_mb - fwd_share) / v] * v for _ in range(pp)]
+    # Per-chunk times: each rank's forward and backward per micro-batch as the cost model counted them, split evenly
+    # over its chunks. Plans made before `rank_times` existed get forward = a third of compute, and say so.
+    if p.rank_times:
+        fwd = [[t.forward / v] * v for t in p.rank_times]
+        bwd = [[t.backward / v] * v for t in p.rank_times]
+        note = ""
+    else:
+        per_mb = (p.time.compute + p.time.recompute) / s.num_micro_batches
+        fwd_share = p.time.compute / 3 / s.num_micro_batches
+        fwd = [[fwd_share / v] * v for _ in range(pp)]
+        bwd = [[(per_mb - fwd_share) / v] * v for _ in range(pp)]
+        note = " (old plan: per-rank times approximated)"
     slots = build_timeline(fwd, bwd, schedule=s.schedule, num_micro_batches=m)
 
     fig, (ax_t, ax_m) = plt.subplots(2, 1, figsize=(11, 3 + 0.5 * pp + 3), gridspec_kw={"height_ratios": [pp + 1, 3]})
@@ -47,7 +53,7 @@ def draw_plan(plan: Plan, path: str | Path, cluster: ClusterSpec | None = None) 
     ax_t.invert_yaxis()
     ax_t.set_xlabel("seconds (forward green, backward orange; numbers are micro-batches)")
     shown = f" (first {m} of {s.num_micro_batches} micro-batches)" if m < s.num_micro_batches else ""
-    ax_t.set_title(f"{plan.kind.value}: {s.describe()}{shown}")
+    ax_t.set_title(f"{plan.kind.value}: {s.describe()}{shown}{note}")
 
     parts = ["parameters", "gradients", "optimizer_state", "activations", "comm_buffers"]
     bottom = [0.0] * len(p.memory)

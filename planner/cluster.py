@@ -43,6 +43,17 @@ class DeviceSpec(_Strict):
     memory_bytes: int = Field(gt=0, description="Usable device memory in bytes.")
     peak_flops: dict[DType, float] = Field(description="Dense peak FLOP/s per dtype (no sparsity).")
     memory_bandwidth: float = Field(gt=0, description="Device memory bandwidth in bytes/s.")
+    kernel_overhead_seconds: float = Field(
+        default=0.0, ge=0,
+        description="Fixed seconds each kernel of a layer costs on top of its roofline (eager dispatch and launch); "
+                    "applies to profiles that count kernels. 0 = no per-kernel cost.",
+    )
+    gemm_ramp_seconds: float = Field(
+        default=0.0, ge=0,
+        description="Fixed seconds each weight GEMM costs on top of FLOPs / (peak * compute_efficiency): GEMM "
+                    "efficiency = compute_efficiency * W / (W + peak * compute_efficiency * ramp) for W FLOPs, so "
+                    "small (or TP-split) GEMMs run further below the ceiling. 0 = every GEMM at the ceiling.",
+    )
 
     @field_validator("peak_flops")
     @classmethod
@@ -91,6 +102,11 @@ class ClusterSpec(_Strict):
     comm_efficiency: float = Field(
         default=0.8, gt=0, le=1, description="Fraction of link bandwidth collectives achieve (NCCL bus bandwidth)."
     )
+    collective_latency: float = Field(
+        default=8.4e-6, ge=0,
+        description="Fixed seconds per collective call on top of its per-step link latencies (NCCL's ring base "
+                    "latency, `baseLat` of the Simple protocol in NCCL's src/graph/tuning.cc).",
+    )
     memory_margin: float = Field(
         default=0.1, ge=0, lt=1, description="Fraction of device memory held back for fragmentation and buffers."
     )
@@ -132,6 +148,21 @@ class ClusterSpec(_Strict):
         return _validate(data, source=f"overrides of '{self.name}'")
 
 
+# Eager PyTorch on A100 / H100: a kernel costs ~5 us of launch and dispatch however little it does (the latency CUDA
+# graphs remove, PyTorch's "Accelerating PyTorch with CUDA Graphs" post). cuBLAS throughput curves (NVIDIA's "GEMM
+# performance" guide, square fp16 GEMMs) approach the large-size rate only above ~2^31 FLOPs and run at about half
+# of it around 1 GFLOP: modelled as a fixed ~3 us per GEMM (half the ceiling at 0.6 GFLOP on A100, 1.8 on H100). Rough readings
+# of published curves, not a measurement; a cluster file may replace them.
+_GPU_KERNEL_COSTS = {"kernel_overhead_seconds": 5e-6, "gemm_ramp_seconds": 3e-6}
+
+
+#: Fraction of the A100's 16-bit peak that large GEMMs sustain, calibrated on Megatron-LM SC'21 Tables 1 and 2
+#: together (bench/megatron_table1.py, bench/megatron_table2.py): the GEMM-bound rows (h >= 12288) reach 52% of peak
+#: end to end with 4-10% of their step in pipeline bubbles, TP communication and memory-bound kernels, which needs
+#: GEMMs at 0.7-0.8 of peak; 0.6 (the generic default) predicts every large row 15-20% too slow.
+_A100_GEMM_CEILING = 0.75
+
+
 def _a100(memory_gib: int) -> dict:
     return {
         "name": f"NVIDIA A100-SXM4-{memory_gib}GB",
@@ -139,8 +170,11 @@ def _a100(memory_gib: int) -> dict:
         "memory_bytes": memory_gib * GiB,
         "peak_flops": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12, "float16": 312e12},
         "memory_bandwidth": 2039 * GB if memory_gib == 80 else 1555 * GB,
+        **_GPU_KERNEL_COSTS,
     }
 
+
+_NVLINK_STEP, _NET_STEP = 3.4e-6, 9.6e-6  # seconds per ring step (see PRESETS)
 
 _H100 = {
     "name": "NVIDIA H100-SXM5-80GB",
@@ -148,42 +182,50 @@ _H100 = {
     "memory_bytes": 80 * GiB,
     "peak_flops": {"float32": 67e12, "tf32": 494.5e12, "bfloat16": 989.5e12, "float16": 989.5e12},
     "memory_bandwidth": 3350 * GB,
+    **_GPU_KERNEL_COSTS,
 }
 
 # Published datasheet figures. NVLink bandwidth is the per-direction half of the bidirectional figure; the
 # inter-node link is one InfiniBand adapter per GPU (HDR 200 Gb/s on DGX A100, NDR 400 Gb/s on DGX/HGX H100/H200).
+# Link latencies are per ring step, NCCL's own figures for the Simple protocol (src/graph/tuning.cc `hwLat`, Ring:
+# NVLink 3.4 us, network 9.6 us); `collective_latency` keeps NCCL's base latency per call.
 PRESETS: dict[str, dict] = {
     "dgx-a100-40gb": {
         "name": "dgx-a100-40gb", "nodes": 1, "gpus_per_node": 8, "device": _a100(40),
-        "intra_node": {"bandwidth": 300 * GB, "latency": 5e-6},
-        "inter_node": {"bandwidth": 25 * GB, "latency": 1e-5},
+        "intra_node": {"bandwidth": 300 * GB, "latency": _NVLINK_STEP},
+        "inter_node": {"bandwidth": 25 * GB, "latency": _NET_STEP},
+        "compute_efficiency": _A100_GEMM_CEILING,
     },
     "dgx-a100-80gb": {
         "name": "dgx-a100-80gb", "nodes": 1, "gpus_per_node": 8, "device": _a100(80),
-        "intra_node": {"bandwidth": 300 * GB, "latency": 5e-6},
-        "inter_node": {"bandwidth": 25 * GB, "latency": 1e-5},
+        "intra_node": {"bandwidth": 300 * GB, "latency": _NVLINK_STEP},
+        "inter_node": {"bandwidth": 25 * GB, "latency": _NET_STEP},
+        "compute_efficiency": _A100_GEMM_CEILING,
     },
     "dgx-h100": {
         "name": "dgx-h100", "nodes": 1, "gpus_per_node": 8, "device": _H100,
-        "intra_node": {"bandwidth": 450 * GB, "latency": 5e-6},
-        "inter_node": {"bandwidth": 50 * GB, "latency": 1e-5},
+        "intra_node": {"bandwidth": 450 * GB, "latency": _NVLINK_STEP},
+        "inter_node": {"bandwidth": 50 * GB, "latency": _NET_STEP},
     },
     "hgx-h200": {
         "name": "hgx-h200", "nodes": 1, "gpus_per_node": 8,
         "device": {**_H100, "name": "NVIDIA H200-SXM-141GB", "memory_bytes": 141 * GB, "memory_bandwidth": 4800 * GB},
-        "intra_node": {"bandwidth": 450 * GB, "latency": 5e-6},
-        "inter_node": {"bandwidth": 50 * GB, "latency": 1e-5},
+        "intra_node": {"bandwidth": 450 * GB, "latency": _NVLINK_STEP},
+        "inter_node": {"bandwidth": 50 * GB, "latency": _NET_STEP},
     },
-    # Processes on one CPU host talking gloo over loopback: for tests and the demo. Compute rates are rough figures
-    # for one core (a measured CPU profile replaces them); the links are gloo as measured on a 2-core host (2 ranks:
+    # Processes on one CPU host talking gloo over loopback: for tests and the demo. The device is one core of the
+    # 2-core Xeon (2.8 GHz) this project is tested on, measured once with `python bench/fidelity_cpu.py --measure`
+    # (one thread, best of repeats): fp32 GEMMs of 256..2048 sustain ~120 GFLOP/s (bf16, no AMX: ~30); a 64 MiB
+    # add moves ~11.5 GB/s; a tiny op with autograd costs ~8 us forward and ~7 us backward (the kernel overhead);
+    # GEMMs from 64^3 up lose ~3 us each beyond that (the ramp). The links are gloo as measured on a 2-core host (2 ranks:
     # 16 MiB all-reduce in ~13 ms, i.e. ~1.3 GB/s bus bandwidth; ~0.2 ms for a tiny one). Compute and gloo share the
     # cores, so gradient communication does not overlap the backward pass.
     "cpu": {
         "name": "cpu", "nodes": 1, "gpus_per_node": 4,
         "device": {
             "name": "CPU (gloo)", "type": "cpu", "memory_bytes": 4 * GiB,
-            "peak_flops": {"float32": 50e9, "bfloat16": 25e9},
-            "memory_bandwidth": 10 * GB,
+            "peak_flops": {"float32": 120e9, "bfloat16": 30e9},
+            "memory_bandwidth": 11.5 * GB, "kernel_overhead_seconds": 8e-6, "gemm_ramp_seconds": 3e-6,
         },
         "intra_node": {"bandwidth": 1.3 * GB, "latency": 2e-4},
         "inter_node": {"bandwidth": 1 * GB, "latency": 2e-4},

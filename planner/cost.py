@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from planner.cluster import ClusterSpec, LinkSpec
-from planner.model_profile import DType, LayerProfile, ModelProfile, ProfileMode
+from planner.model_profile import DType, LayerProfile, ModelProfile, ProfileMode, ShardStyle
 
 
 @dataclass(frozen=True)
@@ -38,31 +38,47 @@ def place_group(size: int, stride: int, gpus_per_node: int) -> Group:
 
 
 class CommModel:
-    """Alpha-beta cost of each collective on a cluster, one method per collective.
+    """Alpha-beta cost of each collective on a cluster, one method per collective, as NCCL's rings run them.
 
-    A group inside one node runs a ring over the intra-node link. A group spanning q nodes with k members per node
-    runs hierarchically: a reduce-scatter among the k local members, the inter-node collective on 1/k of the data
-    (each member uses its own network adapter), then an all-gather among the k local members. Bandwidths are scaled
-    by `cluster.comm_efficiency` (what NCCL achieves of the link rate).
+    Bandwidth: a group inside one node runs a ring over the intra-node link. A group spanning q nodes with k members
+    per node moves (n-1)/n of the data over the intra-node links and 1/k of it over each member's network adapter
+    (NCCL's rings cross each node boundary once per channel, one channel per adapter), so its time is that of a
+    local ring pass plus a ring pass of the q nodes on 1/k of the data. Bandwidths are scaled by
+    `cluster.comm_efficiency` (what NCCL achieves of the link rate).
+
+    Latency follows NCCL's own tuning model (src/graph/tuning.cc, `ncclTopoTuneModel`, ring algorithm): a base
+    latency per call, plus one step per rank of the ring - nodes-1 of them cross the network (`inter_node.latency`),
+    the other n-nodes stay inside a node (`intra_node.latency`); an all-reduce makes both passes. So the latency of
+    an all-gather over 1536 ranks is about a hundred times that over 16, which is what makes many small collectives
+    over thousands of ranks (ZeRO-3's per-layer gathers) expensive.
     """
 
     def __init__(self, cluster: ClusterSpec) -> None:
         self.cluster = cluster
         self._eff = cluster.comm_efficiency
 
-    def _ring_half(self, n: int, nbytes: float, link: LinkSpec) -> float:
-        # One reduce-scatter or all-gather ring pass over n members: n-1 steps of nbytes/n each.
+    def _pass_bytes_seconds(self, n: int, nbytes: float, link: LinkSpec) -> float:
+        # Bandwidth part of one reduce-scatter or all-gather ring pass over n members: n-1 steps of nbytes/n each.
         if n <= 1:
             return 0.0
-        return (n - 1) * link.latency + (n - 1) / n * nbytes / (link.bandwidth * self._eff)
+        return (n - 1) / n * nbytes / (link.bandwidth * self._eff)
+
+    def pass_latency(self, group: Group) -> float:
+        """Fixed seconds of one ring pass (a reduce-scatter or an all-gather) over `group`, whatever the size."""
+        if group.size <= 1:
+            return 0.0
+        inter_steps = group.nodes - 1
+        intra_steps = group.size - 1 - inter_steps
+        return (self.cluster.collective_latency + intra_steps * self.cluster.intra_node.latency
+                + inter_steps * self.cluster.inter_node.latency)
 
     def reduce_scatter(self, nbytes: float, group: Group) -> float:
         """Seconds to reduce-scatter `nbytes` (each member's full buffer) over `group`."""
         if group.size <= 1:
             return 0.0
         intra, inter = self.cluster.intra_node, self.cluster.inter_node
-        local = self._ring_half(group.per_node, nbytes, intra)
-        return local + self._ring_half(group.nodes, nbytes / group.per_node, inter)
+        local = self._pass_bytes_seconds(group.per_node, nbytes, intra)
+        return self.pass_latency(group) + local + self._pass_bytes_seconds(group.nodes, nbytes / group.per_node, inter)
 
     def all_gather(self, nbytes: float, group: Group) -> float:
         """Seconds to all-gather buffers that total `nbytes` per member after the gather."""
@@ -100,6 +116,51 @@ class LayerCompute:
     recompute: float
 
 
+def tp_whole_bytes(layer: LayerProfile) -> float:
+    """Bytes per sample of a TP-split layer that stay whole on every TP rank: its inputs and outputs, twice
+    (LayerNorm inputs, residual adds), except an output that stays split (a vocabulary-parallel head's logits)."""
+    out = 0.0 if layer.tp is not None and layer.tp.splits_output else layer.output_bytes
+    return 2 * (layer.input_bytes + out)
+
+
+def estimate_gemm_efficiency(flops: float, cluster: ClusterSpec, peak: float) -> float:
+    """Fraction of `peak` one GEMM of `flops` FLOPs achieves: e_max * W / (W + W_half).
+
+    e_max is `cluster.compute_efficiency` (what the largest GEMMs reach) and W_half = peak * e_max *
+    `device.gemm_ramp_seconds`, i.e. every GEMM takes its ideal time at the ceiling plus a fixed ramp. Monotone in W,
+    below e_max, and equal to it when the device has no ramp.
+    """
+    e_max = cluster.compute_efficiency
+    w_half = peak * e_max * cluster.device.gemm_ramp_seconds
+    return e_max * flops / (flops + w_half) if flops > 0 else e_max
+
+
+def estimate_weight_gemm_seconds(
+    layer: LayerProfile, cluster: ClusterSpec, peak: float, *, backward: bool, micro_batch: int, tp: int,
+    gemm_flops: float,
+) -> float:
+    """Compute seconds of the weight-GEMM class of one pass: each listed GEMM at its own efficiency.
+
+    A GEMM of `layer.gemms` has M = micro_batch * m rows; a colwise TP shard divides N, a rowwise one K, by `tp`
+    (`tp` is 1 for a layer TP does not split). `gemm_flops` (per sample) not covered by listed GEMMs, all of them in
+    a profile without the list, run at the ceiling `compute_efficiency` and, for a TP-able layer, split by `tp`.
+    """
+    ceiling = peak * cluster.compute_efficiency
+    styles = {s.module: s.style for s in layer.tp.shards} if (layer.tp is not None and tp > 1) else {}
+    seconds = listed = 0.0
+    for g in layer.gemms:
+        count = g.bwd_count if backward else g.fwd_count
+        if count == 0:
+            continue
+        style = styles.get(g.module)
+        n = g.n / tp if style in (ShardStyle.COLWISE, ShardStyle.VOCAB_COLWISE) else g.n  # and a vocab-parallel head
+        k = g.k / tp if style == ShardStyle.ROWWISE else g.k
+        w = 2 * micro_batch * g.m * n * k
+        seconds += count * w / (peak * estimate_gemm_efficiency(w, cluster, peak))
+        listed += count * 2 * g.m * g.n * g.k
+    return seconds + micro_batch * max(gemm_flops - listed, 0.0) / tp / ceiling
+
+
 def _tp_split(nbytes: float, whole: float, tp: int) -> float:
     # The first `whole` bytes stay whole on every TP rank; the rest is split across the group.
     whole = min(nbytes, whole)
@@ -114,11 +175,13 @@ def estimate_pass_seconds(
 
     Kernels of different arithmetic intensity run one after another, so each class gets its own roofline
     max(FLOPs / (peak * compute_efficiency), bytes / (bandwidth * memory_efficiency)) and the classes add up:
-    weight GEMMs (compute-bound at these sizes), activation matmuls (attention; intensity about the head dimension,
-    often memory-bound) and memory-bound ops (bytes only; the fused byte count when `cluster.fused_elementwise`).
-    Plus `weight_bytes` read (and written) once. A profile without the split is one roofline over the whole layer.
+    weight GEMMs (compute-bound at these sizes; each listed GEMM at its own size's efficiency, see
+    `estimate_weight_gemm_seconds`), activation matmuls (attention; intensity about the head dimension, often
+    memory-bound) and memory-bound ops (bytes only; the fused byte count when `cluster.fused_elementwise`).
+    Plus `weight_bytes` read (and written) once, and `device.kernel_overhead_seconds` for each kernel the pass
+    launches. A profile without the split is one roofline over the whole layer.
     TP divides the FLOPs and bytes of a TP-able layer by `tp`, except that its inputs and outputs (LayerNorm,
-    residual adds) stay whole on every rank.
+    residual adds) stay whole on every rank (`tp_whole_bytes`: not a vocabulary-parallel head's split logits).
     """
     if backward:
         flops, total, mm_f, mm_b = layer.bwd_flops, layer.bwd_bytes, layer.bwd_actmm_flops, layer.bwd_actmm_bytes
@@ -131,13 +194,17 @@ def estimate_pass_seconds(
     if cluster.fused_elementwise and split:
         mem = mem_fused
     t = tp if layer.tp is not None else 1
-    whole = 2 * (layer.input_bytes + layer.output_bytes) if t > 1 else 0.0
+    whole = tp_whole_bytes(layer) if t > 1 else 0.0
     b = micro_batch
     compute = peak * cluster.compute_efficiency
     mem_bw = cluster.device.memory_bandwidth * cluster.memory_efficiency
-    gemm = max(b * gemm_f / t / compute, b * _tp_split(gemm_b, 0.0 if split else whole, t) / mem_bw)
+    gemm_s = estimate_weight_gemm_seconds(layer, cluster, peak, backward=backward, micro_batch=b, tp=t,
+                                          gemm_flops=gemm_f)
+    gemm = max(gemm_s, b * _tp_split(gemm_b, 0.0 if split else whole, t) / mem_bw)
     actmm = max(b * mm_f / t / compute, b * mm_b / t / mem_bw)
-    return gemm + actmm + b * _tp_split(mem, whole, t) / mem_bw + weight_bytes / mem_bw
+    kernels = layer.bwd_kernels if backward else layer.fwd_kernels
+    return (gemm + actmm + b * _tp_split(mem, whole, t) / mem_bw + weight_bytes / mem_bw
+            + kernels * cluster.device.kernel_overhead_seconds)
 
 
 def estimate_layer_compute(

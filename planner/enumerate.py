@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 
 from planner.attention import layers_for_cluster
-from planner.candidate import Config, _strides, layer_table
+from planner.candidate import Config, _spans, _strides, layer_table
 from planner.cluster import ClusterSpec
 from planner.cost import CommModel, place_group, uses_measured_times
+from planner.dp_comm import Affine, DPComm, dp_comm
 from planner.evaluate import ModelView
 from planner.memory import (
     estimate_comm_buffer_bytes,
@@ -22,6 +23,10 @@ from planner.memory import (
     optimizer_bytes_touched,
 )
 from planner.strategy import MeshAxis, ParallelDims, Recompute, Schedule, ZeroStage
+
+
+#: Nodes a tensor-parallel group may span (see `legal_degrees`).
+MAX_TP_NODES = 2
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,13 @@ class SearchSpace:
     micro_batch_sizes: tuple[int, ...] | None = None  #: None = every divisor of the per-replica batch
     tp_degrees: tuple[int, ...] | None = None  #: None = every legal degree
     pp_degrees: tuple[int, ...] | None = None  #: None = every legal degree
-    mesh_order: tuple[MeshAxis, ...] = (MeshAxis.PP, MeshAxis.DP, MeshAxis.TP)  #: tp innermost (inside a node)
+    #: Mesh layouts to try, outermost axis first; the first is the usual one (tp innermost, inside a node) and wins
+    #: ties. Layouts that place every group the same way as an earlier one are skipped.
+    mesh_orders: tuple[tuple[MeshAxis, ...], ...] = (
+        (MeshAxis.PP, MeshAxis.DP, MeshAxis.TP), (MeshAxis.DP, MeshAxis.PP, MeshAxis.TP),
+        (MeshAxis.PP, MeshAxis.TP, MeshAxis.DP), (MeshAxis.TP, MeshAxis.PP, MeshAxis.DP),
+        (MeshAxis.DP, MeshAxis.TP, MeshAxis.PP), (MeshAxis.TP, MeshAxis.DP, MeshAxis.PP),
+    )
 
 
 def divisors(n: int) -> list[int]:
@@ -45,12 +56,20 @@ def divisors(n: int) -> list[int]:
 
 
 def legal_degrees(view: ModelView, cluster: ClusterSpec, space: SearchSpace) -> list[tuple[int, int, int]]:
-    """(dp, tp, pp) triples with dp*tp*pp == world: tp inside a node and dividing every TP-able layer's divisor."""
+    """(dp, tp, pp) triples with dp*tp*pp == world and a tp every TP-able layer allows (see `allows`).
+
+    tp may span two nodes: whether that pays is the cost model's call (a wide layer on a fast network can gain).
+    Wider groups are not enumerated: every block's all-reduces would then cross the network between more than two
+    nodes at the per-GPU network rate, an order of magnitude below the in-node link on every machine we know of, and
+    the configurations (most of a large cluster's space) would only cost search time.
+    """
     world, profile = cluster.world_size, view.profile
-    divs = [x.tp.divisor for x in profile.layers if x.tp is not None]
+    specs = [x.tp for x in profile.layers if x.tp is not None]
     out = []
     for tp in divisors(world):
-        if tp > cluster.gpus_per_node or any(d % tp for d in divs) or (tp > 1 and not divs):
+        if tp > MAX_TP_NODES * cluster.gpus_per_node:
+            continue
+        if not all(spec.allows(tp) for spec in specs) or (tp > 1 and not specs):
             continue
         if space.tp_degrees is not None and tp not in space.tp_degrees:
             continue
@@ -85,13 +104,29 @@ def enumerate_configs(view: ModelView, cluster: ClusterSpec, global_batch: int, 
                         scheds += [(s, v) for v in space.virtual_stages if m % pp == 0 and pp * v <= max_stages]
                     else:
                         scheds.append((s, 1))
-            for zero in zeros:
-                for sched, v in scheds:
-                    for rc in space.recompute:
-                        configs.append(Config(dims=dims, zero=zero, micro_batch=b, num_micro_batches=m,
-                                              schedule=sched, virtual_stages=v, recompute=rc,
-                                              mesh_order=space.mesh_order))
+            for order in distinct_mesh_orders(dims, cluster.gpus_per_node, space.mesh_orders):
+                for zero in zeros:
+                    for sched, v in scheds:
+                        for rc in space.recompute:
+                            configs.append(Config(dims=dims, zero=zero, micro_batch=b, num_micro_batches=m,
+                                                  schedule=sched, virtual_stages=v, recompute=rc, mesh_order=order))
     return configs
+
+
+def distinct_mesh_orders(dims: ParallelDims, gpus_per_node: int, orders: tuple[tuple[MeshAxis, ...], ...]
+                         ) -> list[tuple[MeshAxis, ...]]:
+    """The orders of `orders` that place the tp group, the dp group or the pipeline neighbours differently from
+    every earlier one (an order's cost depends only on those placements)."""
+    seen, out = set(), []
+    for order in orders:
+        strides = _strides(order, dims)
+        pp_links = tuple(_spans(r, (r + 1) % dims.pp, strides[MeshAxis.PP], gpus_per_node) for r in range(dims.pp))
+        key = (place_group(dims.tp, strides[MeshAxis.TP], gpus_per_node),
+               place_group(dims.dp, strides[MeshAxis.DP], gpus_per_node), pp_links)
+        if key not in seen:
+            seen.add(key)
+            out.append(order)
+    return out
 
 
 @dataclass
@@ -106,6 +141,7 @@ class LayerTotals:
     act: int
     working: int
     max_static_elems: float = 0.0
+    param_layers: int = 0  #: layers that hold parameters (each pays a DP collective's latency)
 
 
 class Bounder:
@@ -128,18 +164,17 @@ class Bounder:
         return LayerTotals(time=sum(times), max_time=max(times), window=sum(window),
                            grad=sum(elems) * p.dtype.itemsize, elems=sum(elems), act=sum(act),
                            working=working,
-                           max_static_elems=max(elems))
+                           max_static_elems=max(elems), param_layers=sum(1 for e in elems if e > 0))
 
     def _comm_buffers(self, dp: int, tp: int, pp: int, zero: ZeroStage, b: int) -> int:
         return estimate_comm_buffer_bytes(self.profile.layers, self.view.cut_bytes, dtype=self.profile.dtype, dp=dp,
                                           tp=tp, pp=pp, zero=zero, micro_batch=b)
 
     @cache  # noqa: B019 - one Bounder lives for one search
-    def _dp_coefficients(self, dp: int, stride: int, gpus_per_node: int) -> tuple[tuple[float, float], ...]:
-        if dp == 1:
-            return ((0.0, 0.0),) * 3
+    def _dp_comm(self, dp: int, stride: int, gpus_per_node: int, zero: ZeroStage, pipelined: bool) -> DPComm:
         group = place_group(dp, stride, gpus_per_node)
-        return tuple(self.comm.affine(k, group) for k in ("reduce_scatter", "all_gather", "all_reduce"))
+        return dp_comm(self.comm, group, zero, self.profile.dtype, pipelined=pipelined,
+                       overlap=self.cluster.overlap_dp_comm)
 
     def bounds(self, cfg: Config) -> tuple[float, float, float]:
         """(step-time bound in seconds, peak-memory bound in bytes, the slowest-rank time the first one assumed)."""
@@ -150,21 +185,23 @@ class Bounder:
         dtype = self.profile.dtype
         zero = cfg.zero if d.dp > 1 else ZeroStage.NONE
         overlap = self.cluster.overlap_dp_comm
-        rs, ag, ar = self._dp_coefficients(d.dp, strides[MeshAxis.DP], G)
-        per_mb = {ZeroStage.GRADIENTS: rs, ZeroStage.FULL: (2 * ag[0] + rs[0], 2 * ag[1] + rs[1])}.get(zero, (0, 0))
-        ov = {ZeroStage.NONE: ar, ZeroStage.OPTIMIZER: rs}.get(zero, (0.0, 0.0))
-        bl = {ZeroStage.OPTIMIZER: ag, ZeroStage.GRADIENTS: ag}.get(zero, (0.0, 0.0))
         pp = d.pp
-        k_sum = pp * per_mb[0] + per_mb[1] * t.grad
+        dpc = self._dp_comm(d.dp, strides[MeshAxis.DP], G, zero, pp > 1)
+
+        def total(term: Affine) -> float:  # a term summed over all layers
+            return term.alpha * t.param_layers + term.beta * t.elems
+
+        k_sum = total(dpc.per_mb)
         s_lb = max(t.time, k_sum) if overlap else t.time + k_sum
         r_lb = max(s_lb / pp, t.max_time)
         pipe = (m - 1 / v) * r_lb + s_lb / v
         mem_bw = self.cluster.device.memory_bandwidth * self.cluster.memory_efficiency
         opt = optimizer_bytes_touched(dtype) / mem_bw / (d.dp if zero >= ZeroStage.OPTIMIZER else 1) * t.elems
-        dp_avg = ov[0] + ov[1] * t.grad / pp
-        exposed = max(0.0, dp_avg - t.window / pp) if overlap else dp_avg
-        tail = opt / pp + bl[0] + bl[1] * t.grad / pp + exposed
-        state = estimate_state_bytes(dtype, cfg.zero, d.dp)
+        dp_avg = total(dpc.overlap) / pp
+        exposed = (max(0.0, dp_avg - t.window / pp) if overlap else dp_avg) + dpc.fixed
+        # Averages over ranks bound the largest rank's tail from below (max(0, x - w) is convex).
+        tail = opt / pp + total(dpc.blocking) / pp + exposed
+        state = estimate_state_bytes(dtype, cfg.zero, d.dp, pipelined=d.pp > 1, micro_batches=m)
         fl = in_flight(cfg.schedule, pp=pp, rank=pp - 1, num_micro_batches=m, virtual_stages=v)  # the fewest
         const = self._buffers(d.dp, d.tp, pp, cfg.zero, b) + t.working
         mem = max(t.elems * state.total / pp + fl * t.act / v / pp, t.max_static_elems * state.total) + const

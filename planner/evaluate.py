@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from planner.attention import layers_for_cluster
 from planner.candidate import CandidateCosts, Config, PartitionCosts
 from planner.cluster import ClusterError, ClusterSpec
+from planner.dp_comm import GRAD_REDUCE_BYTES
 from planner.errors import AutoparError
 from planner.graph import build_layer_graph, cut_bytes, layer_order, legal_cuts
 from planner.model_profile import ModelProfile
@@ -17,6 +18,7 @@ from planner.strategy import (
     MemoryBreakdown,
     MeshAxis,
     Prediction,
+    RankTime,
     Recompute,
     StageSpec,
     Strategy,
@@ -72,7 +74,7 @@ def evaluate(profile: ModelProfile, cluster: ClusterSpec, strategy: Strategy) ->
     if d.world_size != cluster.world_size:
         raise PlanError(f"the strategy uses {d.world_size} devices but cluster '{cluster.name}' has "
                         f"{cluster.world_size} ({cluster.nodes} x {cluster.gpus_per_node}); change dp, tp or pp")
-    bad_tp = [x.name for x in profile.layers if x.tp is not None and x.tp.divisor % d.tp]
+    bad_tp = [x.name for x in profile.layers if x.tp is not None and not x.tp.allows(d.tp)]
     if bad_tp:
         raise PlanError(f"tp={d.tp} does not divide the TP divisor of layer {bad_tp[0]}; pick a tp that divides it")
     bounds = [s.start for s in strategy.stages] + [strategy.stages[-1].stop]
@@ -119,7 +121,7 @@ def _build_prediction(costs: CandidateCosts, pc: PartitionCosts) -> Prediction:
     else:
         extra = 0.0
     world = d.world_size
-    working = costs.const_bytes - costs.comm_buffer_bytes
+    working = costs.working_set_bytes
     memory = []
     for rk in pc.ranks:
         parts = dict(parameters=rk.param_bytes, gradients=rk.grad_state_bytes, optimizer_state=rk.optimizer_bytes,
@@ -133,6 +135,7 @@ def _build_prediction(costs: CandidateCosts, pc: PartitionCosts) -> Prediction:
         model_flops_per_gpu=model_flops / pc.step / world,
         hardware_flops_per_gpu=(model_flops + batch * extra) / pc.step / world,
         mfu=model_flops / pc.step / world / peak, memory=memory, fits=pc.fits,
+        rank_times=[RankTime(forward=rk.forward, backward=max(0.0, rk.per_mb - rk.forward)) for rk in pc.ranks],
     )
 
 
@@ -152,17 +155,30 @@ def _comm_list(costs: CandidateCosts, pc: PartitionCosts, zero_exposed: float) -
         out.append(CommCost(collective="p2p", axis=MeshAxis.PP, purpose="stage activations and gradients",
                             bytes=nbytes, seconds=m * slow.p2p, exposed_seconds=m * slow.p2p))
     if cfg.dims.dp > 1:
-        g = tail.grad_bytes
-        if cfg.zero >= ZeroStage.GRADIENTS:
-            out.append(CommCost(collective="reduce_scatter" if cfg.zero == ZeroStage.GRADIENTS else "all_gather",
-                                axis=MeshAxis.DP, purpose="ZeRO every micro-batch", bytes=m * g,
-                                seconds=m * slow.zero_per_mb, exposed_seconds=m * zero_exposed))
+        elems = tail.grad_bytes / costs.profile.dtype.itemsize
+        grads, params = elems * GRAD_REDUCE_BYTES, elems * costs.profile.dtype.itemsize
+        pipelined = cfg.dims.pp > 1
+        if slow.zero_per_mb > 0:
+            if cfg.zero == ZeroStage.FULL:
+                gathers = 1 if pipelined else 2
+                out.append(CommCost(collective="all_gather", axis=MeshAxis.DP,
+                                    purpose=f"ZeRO-3 parameter gathers ({gathers} per layer per micro-batch)",
+                                    bytes=m * gathers * params, seconds=m * slow.zero_per_mb,
+                                    exposed_seconds=m * zero_exposed))
+            else:
+                out.append(CommCost(collective="reduce_scatter", axis=MeshAxis.DP,
+                                    purpose="ZeRO-2 gradients every micro-batch", bytes=m * grads,
+                                    seconds=m * slow.zero_per_mb, exposed_seconds=m * zero_exposed))
         if tail.dp_overlap > 0:
             coll = "all_reduce" if cfg.zero == ZeroStage.NONE else "reduce_scatter"
-            out.append(CommCost(collective=coll, axis=MeshAxis.DP, purpose="gradient sync", bytes=g,
-                                seconds=tail.dp_overlap, exposed_seconds=tail.dp_exposed))
+            out.append(CommCost(collective=coll, axis=MeshAxis.DP, purpose="gradient sync during the last backward",
+                                bytes=grads, seconds=tail.dp_overlap, exposed_seconds=tail.dp_exposed))
         if tail.dp_blocking > 0:
-            out.append(CommCost(collective="all_gather", axis=MeshAxis.DP, purpose="updated parameters", bytes=g,
+            what = ("gradient sync after the pipeline" if cfg.zero == ZeroStage.NONE
+                    else "parameter gather before the first forward"
+                    + (" and gradient sync after the pipeline" if pipelined else ""))
+            out.append(CommCost(collective="all_reduce" if cfg.zero == ZeroStage.NONE else "all_gather",
+                                axis=MeshAxis.DP, purpose=what, bytes=params + (grads if pipelined else 0.0),
                                 seconds=tail.dp_blocking, exposed_seconds=tail.dp_blocking))
     return out
 

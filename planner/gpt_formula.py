@@ -124,7 +124,7 @@ def gpt_profile(
             saved_activation_bytes=2 * sh + 4 * s * V, input_bytes=sh, output_bytes=s * V * e,
             # Vocabulary-parallel head: the logits stay split, the loss needs only per-token reductions.
             tp=TensorParallelSpec(
-                shards=[TPShard(module="lm_head", style=ShardStyle.COLWISE)], divisor=V,
+                shards=[TPShard(module="lm_head", style=ShardStyle.VOCAB_COLWISE)], divisor=1, uneven_max=V,
                 sharded_param_count=0 if tie_embeddings else V * h, allreduces_per_forward=0, allreduce_bytes=0.0,
             ),
         )

@@ -6,9 +6,10 @@ All sizes are whole bytes so that the search (integer CP-SAT constraints) and `e
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from dataclasses import dataclass
 
-from planner.cost import device_param_count
+from planner.cost import device_param_count, tp_whole_bytes
 from planner.model_profile import DType, LayerProfile
 from planner.strategy import Recompute, Schedule, ZeroStage
 
@@ -30,19 +31,34 @@ class StateBytes:
         return self.parameters + self.gradients + self.optimizer
 
 
-def estimate_state_bytes(dtype: DType, zero: ZeroStage, dp: int) -> StateBytes:
-    """AdamW training state per parameter, sharded over `dp` by the ZeRO stage.
+@lru_cache(maxsize=4096)
+def estimate_state_bytes(
+    dtype: DType, zero: ZeroStage, dp: int, *, pipelined: bool = False, micro_batches: int = 1
+) -> StateBytes:
+    """AdamW training state per parameter element held by one device, as autopar's executor keeps it.
 
-    16/32-bit mixed precision: low-precision parameters and gradients plus an fp32 master copy and two fp32 moments
-    (2 + 2 + 12 bytes). fp32 / tf32 training: no separate master copy (4 + 4 + 8 bytes).
+    Master parameters, gradients and AdamW's two moments are fp32 whatever the compute dtype (4 + 4 + 8 bytes);
+    16-bit compute adds a 16-bit copy of the parameters that lives through forward and backward (autocast's casts,
+    which autograd saves for backward, or FSDP2's unsharded `param_dtype` parameters), counted under `parameters`.
+    By ZeRO stage (FSDP2, `executor.parallelize`):
+    - 0: nothing sharded (DDP with gradients as bucket views, or `replicate`).
+    - 1, 2 (`reshard_after_forward=False`): fp32 parameters, gradients and moments sharded over dp; the unsharded
+      compute-dtype parameters stay whole from forward to the end of backward (fp32 training: a whole fp32 copy).
+    - 3: everything sharded; one layer's unsharded parameters at a time (`estimate_comm_buffer_bytes`), except in a
+      pipeline, whose schedule keeps parameters unsharded after backward (`set_reshard_after_backward(False)`).
+    Gradients stay whole between micro-batches where their sync waits for the last one: ZeRO-1 (synchronised once
+    per step) and every stage inside a pipeline (torch's schedule defers the sync).
     """
-    e = dtype.itemsize
-    optimizer = 8.0 + (4.0 if e < 4 else 0.0)
-    return StateBytes(
-        parameters=e / (dp if zero >= ZeroStage.FULL else 1),
-        gradients=e / (dp if zero >= ZeroStage.GRADIENTS else 1),
-        optimizer=optimizer / (dp if zero >= ZeroStage.OPTIMIZER else 1),
-    )
+    low = dtype.itemsize < 4
+    copy = float(dtype.itemsize)  # the unsharded compute-dtype parameters, where they are kept whole
+    if zero == ZeroStage.NONE or dp == 1:
+        return StateBytes(parameters=4.0 + (copy if low else 0.0), gradients=4.0, optimizer=8.0)
+    whole_grads = micro_batches > 1 and (zero == ZeroStage.OPTIMIZER or pipelined)
+    if zero == ZeroStage.FULL:
+        params = 4.0 / dp + (copy if pipelined else 0.0)
+    else:
+        params = 4.0 / dp + copy
+    return StateBytes(parameters=params, gradients=4.0 if whole_grads else 4.0 / dp, optimizer=8.0 / dp)
 
 
 def optimizer_bytes_touched(dtype: DType) -> float:
@@ -57,7 +73,8 @@ def estimate_layer_activation_bytes(layer: LayerProfile, *, tp: int, micro_batch
     """Activation bytes one device keeps for `layer` per micro-batch between its forward and backward.
 
     Under TP the block's inputs and outputs (LayerNorm inputs, residual, dropout masks) stay whole on each rank and
-    the rest is split, as in Korthikanti et al.'s accounting. Full recompute keeps only the layer input.
+    the rest is split, as in Korthikanti et al.'s accounting (`tp_whole_bytes`; a vocabulary-parallel head's logits
+    are split). Full recompute keeps only the layer input.
     """
     if recompute == Recompute.FULL:
         return math.ceil(micro_batch * layer.input_bytes)
@@ -66,7 +83,7 @@ def estimate_layer_activation_bytes(layer: LayerProfile, *, tp: int, micro_batch
         saved = max(0.0, saved - layer.selective_saved_bytes)
     if layer.tp is None or tp == 1:
         return math.ceil(micro_batch * saved)
-    whole = min(saved, 2 * (layer.input_bytes + layer.output_bytes))
+    whole = min(saved, tp_whole_bytes(layer))
     return math.ceil(micro_batch * (whole + (saved - whole) / tp))
 
 
@@ -106,8 +123,11 @@ def estimate_comm_buffer_bytes(
     if tp > 1:
         total += micro_batch * max((x.tp.allreduce_bytes for x in layers if x.tp is not None), default=0.0)
     if dp > 1:
-        if zero >= ZeroStage.FULL:  # the gathered layer being used plus the next one prefetched
-            total += 2 * max(device_param_count(x, tp) for x in layers) * dtype.itemsize
+        if zero >= ZeroStage.FULL:
+            # the gathered layer being used plus the next one prefetched, and one layer's fp32 gradients before their
+            # reduce-scatter
+            largest = max(device_param_count(x, tp) for x in layers)
+            total += 2 * largest * dtype.itemsize + largest * 4
         else:
             total += DP_BUCKET_BYTES
     return math.ceil(total)

@@ -49,10 +49,17 @@ class ProfileMode(str, Enum):
 
 
 class ShardStyle(str, Enum):
-    """How a tensor-parallel shard splits a Linear (Megatron): by output features or by input features."""
+    """How a tensor-parallel shard splits a Linear (Megatron): by output features or by input features.
+
+    The vocabulary-parallel styles (Megatron's embedding and output layer): `vocab_rowwise` splits an nn.Embedding's
+    rows (a masked lookup, then one all-reduce of its output); `vocab_colwise` splits the output head's Linear by
+    vocabulary entry and leaves the logits split, the loss reducing per token only (torch's `loss_parallel`).
+    """
 
     COLWISE = "colwise"
     ROWWISE = "rowwise"
+    VOCAB_ROWWISE = "vocab_rowwise"
+    VOCAB_COLWISE = "vocab_colwise"
 
 
 class _Strict(BaseModel):
@@ -88,6 +95,11 @@ class TPShard(_Strict):
 
     module: str = Field(description="Path of the nn.Linear relative to the layer, e.g. 'attn.q_proj'.")
     style: ShardStyle = Field(description="colwise: split output features; rowwise: split input features.")
+    segments: list[int] | None = Field(
+        default=None,
+        description="Colwise only: a fused projection (one Linear whose output is split into q, k, v, ...) lists the "
+        "width of each piece in order; each piece is split across the TP ranks separately. None: not fused.",
+    )
 
 
 class TensorParallelSpec(_Strict):
@@ -100,6 +112,20 @@ class TensorParallelSpec(_Strict):
         ge=0, description="All-reduces of the layer output per forward (one per rowwise Linear); backward has as many."
     )
     allreduce_bytes: float = Field(ge=0, description="Bytes per sample of each of those all-reduces.")
+    uneven_max: int | None = Field(
+        default=None, ge=1,
+        description="Set when the shards may be uneven (a vocabulary split by DTensor): any TP degree up to this "
+                    "works, and `divisor` is not a constraint. None: the degree must divide `divisor`.",
+    )
+
+    def allows(self, tp: int) -> bool:
+        """Whether the layer can be split over `tp` ranks."""
+        return tp <= self.uneven_max if self.uneven_max is not None else self.divisor % tp == 0
+
+    @property
+    def splits_output(self) -> bool:
+        """Whether the layer's output stays split over the TP group (a vocabulary-parallel head's logits)."""
+        return any(s.style == ShardStyle.VOCAB_COLWISE for s in self.shards)
 
 
 class AttentionMask(str, Enum):
@@ -145,6 +171,23 @@ class FusedAttentionCosts(_Strict):
     bwd_actmm_bytes: float = Field(ge=0, description="As LayerProfile.bwd_actmm_bytes.")
     bwd_membound_bytes: float = Field(ge=0, description="As LayerProfile.bwd_membound_bytes.")
     bwd_membound_fused_bytes: float = Field(ge=0, description="As LayerProfile.bwd_membound_fused_bytes.")
+    fwd_kernels: int = Field(default=0, ge=0, description="As LayerProfile.fwd_kernels.")
+    bwd_kernels: int = Field(default=0, ge=0, description="As LayerProfile.bwd_kernels.")
+
+
+class WeightGemm(_Strict):
+    """The GEMMs of one weight matrix in a layer: out[M, N] = in[M, K] @ W[N, K]^T in forward, and in backward the
+    input gradient (M x K, inner N) and the weight gradient (N x K, inner M), each 2*M*N*K FLOPs.
+
+    M grows with the batch and is stored per sample; N and K are the weight's output and input features (a
+    convolution's weight flattened to N = out channels, K = the rest), which TP divides (colwise: N, rowwise: K)."""
+
+    module: str = Field(description="Path of the module owning the weight, relative to the layer ('' = the layer).")
+    m: float = Field(gt=0, description="Rows per sample (tokens, or output pixels of a convolution).")
+    n: int = Field(ge=1, description="Output features of the weight.")
+    k: int = Field(ge=1, description="Input features of the weight.")
+    fwd_count: int = Field(ge=0, description="GEMMs of this shape per forward call.")
+    bwd_count: int = Field(ge=0, description="GEMMs of this shape per backward call (input and weight gradients).")
 
 
 class LayerProfile(_Strict):
@@ -164,6 +207,11 @@ class LayerProfile(_Strict):
         default=0, ge=0,
         description="Parameters this layer uses that an earlier layer owns (a tied weight); a pipeline stage "
         "without that owner holds its own copy, with gradients and optimizer state.",
+    )
+    active_param_count: int | None = Field(
+        default=None, ge=0,
+        description="Of param_count, the parameters one token uses when the layer holds mixture-of-experts weights "
+        "(each token runs its top-k experts); None: every parameter is used.",
     )
     fwd_flops: float = Field(ge=0, description="Forward FLOPs per sample.")
     bwd_flops: float = Field(ge=0, description="Backward FLOPs per sample.")
@@ -214,6 +262,15 @@ class LayerProfile(_Strict):
     fused_attention: FusedAttentionCosts | None = Field(
         default=None,
         description="The cost fields with those calls as fused kernels; None: no call, or one no fused kernel takes.",
+    )
+    # Kernel-level detail (empty / 0 in profiles made before it: the cost model then uses one efficiency for all
+    # weight-GEMM FLOPs and no per-kernel cost).
+    fwd_kernels: int = Field(
+        default=0, ge=0, description="Kernels one forward call launches (aten ops that move data; views excluded)."
+    )
+    bwd_kernels: int = Field(default=0, ge=0, description="Kernels one backward call launches.")
+    gemms: list[WeightGemm] = Field(
+        default_factory=list, description="The layer's weight GEMMs by shape (their FLOPs are the weight-GEMM class)."
     )
 
 
@@ -286,6 +343,12 @@ class ModelProfile(_Strict):
     def param_count(self) -> int:
         """Total parameters."""
         return sum(layer.param_count for layer in self.layers)
+
+    @property
+    def active_param_count(self) -> int:
+        """Parameters one token uses (mixture of experts: its top-k experts); equals param_count for dense models."""
+        return sum(layer.param_count if layer.active_param_count is None else layer.active_param_count
+                   for layer in self.layers)
 
     @property
     def param_bytes(self) -> int:

@@ -8,8 +8,9 @@ from typing import Any
 
 from planner.cluster import ClusterSpec, load_cluster
 from planner.enumerate import SearchSpace
+from planner.errors import AutoparError
 from planner.evaluate import PlanError, prepare
-from planner.model_profile import ModelProfile
+from planner.model_profile import ModelProfile, ProfileError
 from planner.search import SIMPLICITY_TOLERANCE, Objective, Scored, SearchResult, search
 from planner.strategy import Alternative, Plan, Provenance, Recompute, Schedule, ZeroStage
 
@@ -19,33 +20,53 @@ PLANNER_VERSION = "0.1.0"
 GB = 1e9
 
 
-def load_profile(model: Any, *, example_inputs: Any = None) -> ModelProfile:
-    """A ModelProfile from a profile, a profile JSON path, a zoo name, or an nn.Module with example inputs."""
-    if isinstance(model, ModelProfile):
+def read_profile(path: str | Path) -> ModelProfile:
+    """A profile JSON written by `autopar profile`, with every way it can be unusable turned into one line."""
+    fix = "give a profile JSON written by `autopar profile --out` (or a zoo name)"
+    if Path(path).is_dir():
+        raise ProfileError(f"{path} is a directory, not a model profile; {fix}")
+    if not Path(path).exists():
+        raise ProfileError(f"profile file {path} does not exist; write it with `autopar profile MODEL --out {path}`, "
+                           "or name the model itself")
+    try:
+        result = ModelProfile.from_json(Path(path))
+    except AutoparError:
+        raise  # already names the problem and the fix (planner.model_profile.ProfileError)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(f"cannot read model profile {path} ({exc}); {fix}") from None
+    except ValueError as exc:
+        lines = str(exc).splitlines()
+        detail = "; ".join(line.strip() for line in lines[:3]) if lines else type(exc).__name__
+        raise ProfileError(f"{path} is not a valid model profile ({detail}); {fix}") from None
+    if result.fwd_flops <= 0 or result.param_count + result.saved_activation_bytes <= 0:
+        raise ProfileError(f"{path} is a model profile with no compute (zero FLOPs, parameters and activations); "
+                           f"profile the model again, {fix}")
+    return result
+
+
+def load_profile(model: Any, *, example_inputs: Any = None, cluster: ClusterSpec | None = None, dtype: Any = None,
+                 model_options: dict[str, Any] | None = None) -> ModelProfile:
+    """A ModelProfile from a profile, or anything `profiler.resolve.resolve_profile` takes: a zoo name, a
+    file.py:factory / package.module:factory, a profile JSON path, hf:config.json, or an nn.Module with
+    example_inputs; profiled in `dtype`, else in what `cluster` trains in (`planner.precision.default_dtype`)."""
+    if isinstance(model, ModelProfile) and dtype is None:
         return model
-    if isinstance(model, (str, Path)):
-        path = Path(model)
-        if path.suffix == ".json" or path.exists():
-            if not path.exists():
-                raise PlanError(f"profile file {path} does not exist; create it with `autopar profile`")
-            return ModelProfile.from_json(path)
-        import profiler  # torch is needed only here, to profile a zoo model on the spot
+    if isinstance(model, (str, Path)) and Path(model).suffix == ".json" and not model_options and dtype is None:
+        return read_profile(model)  # a finished profile needs no torch
+    from profiler.resolve import resolve_profile  # torch is imported only to profile a model here
 
-        return profiler.profile_zoo(str(model))
-    if hasattr(model, "named_modules"):  # an nn.Module; importing torch is the caller's business
-        if example_inputs is None:
-            raise PlanError("planning an nn.Module needs example_inputs (one micro-batch of inputs)")
-        import profiler
-
-        return profiler.profile(model, example_inputs)
-    raise PlanError(f"cannot plan for a {type(model).__name__}: give a ModelProfile, a profile JSON path, "
-                    "a zoo name or an nn.Module with example_inputs")
+    return resolve_profile(model, options=model_options, example_inputs=example_inputs, cluster=cluster,
+                           dtype=dtype).profile
 
 
 def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: int, example_inputs: Any = None,
-         top_k: int = 5, time_limit_s: float = 10.0, seed: int = 0, objective: str = "throughput",
+         dtype: Any = None, model_options: dict[str, Any] | None = None, top_k: int = 5, time_limit_s: float = 10.0, seed: int = 0, objective: str = "throughput",
          workers: int = 1, simplicity_tolerance: float = SIMPLICITY_TOLERANCE, **search_options: Any) -> Plan:
     """The best parallel strategy for training `model` on `cluster` with `global_batch_size` samples per step.
+
+    `model` is a ModelProfile or a model reference (see `load_profile`); `model_options` are the reference's options
+    (zoo config fields, factory keyword arguments, `seq_len`), `dtype` the precision to profile it in (default: what
+    the cluster's devices train in, `planner.precision.default_dtype`; the plan records it for `autopar run`).
 
     `search_options` restrict the search space (see `planner.enumerate.SearchSpace`: zero_stages, schedules,
     virtual_stages, recompute, micro_batch_sizes, tp_degrees, pp_degrees). `time_limit_s` is the search budget: it
@@ -63,7 +84,8 @@ def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: in
     except ValueError:
         raise PlanError(f"unknown objective '{objective}'; use 'throughput' or 'memory'") from None
     spec = cluster if isinstance(cluster, ClusterSpec) else load_cluster(cluster)
-    profile = load_profile(model, example_inputs=example_inputs)
+    profile = load_profile(model, example_inputs=example_inputs, cluster=spec, dtype=dtype,
+                           model_options=model_options)
     unknown = set(search_options) - set(SearchSpace.__dataclass_fields__)
     if unknown:
         raise PlanError(f"unknown search option(s) {sorted(unknown)}; known: {sorted(SearchSpace.__dataclass_fields__)}")
@@ -81,7 +103,8 @@ def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: in
         alternatives=alternatives(result, top_k),
         provenance=Provenance(model_name=profile.name, profile_hash=profile.profile_hash, cluster=spec,
                               planner_version=PLANNER_VERSION, search_seconds=result.seconds,
-                              solver_status=result.status, candidates_evaluated=result.evaluated),
+                              solver_status=result.status, candidates_evaluated=result.evaluated,
+                              dtype=profile.dtype),
     )
 
 
@@ -131,11 +154,12 @@ def explain(result: SearchResult, cluster: ClusterSpec, profile: ModelProfile, o
     b = result.best
     p, s, d = b.prediction, b.strategy, b.strategy.dims
     peak = max(range(len(p.memory)), key=lambda r: p.memory[r].total)
-    out = [
-        f"{s.kind.value} parallelism ({s.describe()}) on {cluster.world_size} x {cluster.device.name}: "
-        f"{p.step_seconds:.3g} s per step, {p.tokens_per_second:,.0f} tokens/s, MFU {p.mfu:.0%}, peak memory "
-        f"{p.memory[peak].total / GB:.1f} of {p.memory[peak].capacity / GB:.1f} GB usable (pipeline rank {peak})."
-    ]
+    out = [(
+        f"{s.kind.value} parallelism ({s.describe()}) on {cluster.world_size} x {cluster.device.name} in "
+        f"{profile.dtype.value}: {p.step_seconds:.3g} s per step, {p.tokens_per_second:,.0f} tokens/s, "
+        f"MFU {p.mfu:.0%}, peak memory {p.memory[peak].total / GB:.1f} of {p.memory[peak].capacity / GB:.1f} GB "
+        f"usable (pipeline rank {peak})."
+    )]
     state = profile.param_count * 16 / GB
     if d.dp == cluster.world_size and int(s.zero_stage) == 0:
         out.append(f"The model's training state ({state:.1f} GB at 16 bytes per parameter) fits one device, so "

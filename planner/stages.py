@@ -77,8 +77,9 @@ def _key(costs: CandidateCosts, cuts: list[int], objective: str) -> tuple:
     c = costs
     return (objective, tuple(cuts), c.cfg.num_stages, c.cfg.dims.pp, c.cfg.virtual_stages, c.cfg.num_micro_batches,
             tuple(c.P_time), tuple(c.P_window), tuple(c.P_grad), tuple(c.P_elems), tuple(c.P_static),
-            tuple(c.P_act), tuple(c.cut_bytes), tuple(c.p2p_link), c.per_mb, c.overlap_comm, c.blocking_comm,
-            c.opt_per_elem, c.overlap, tuple(c.in_flight), c.const_bytes, c.capacity)
+            tuple(c.P_act), tuple(c.cut_bytes), tuple(c.p2p_link), tuple(c.P_zero), tuple(c.P_dp_overlap),
+            tuple(c.P_dp_blocking), c.dp.fixed, c.opt_per_elem, c.overlap, tuple(c.in_flight), c.const_bytes,
+            c.capacity)
 
 
 def solve_stages(costs: CandidateCosts, cuts: list[int], options: StageOptions, *, objective: str = "time"
@@ -135,7 +136,8 @@ def _segments(costs: CandidateCosts) -> list[_Segment]:
 
     def sig(i: int) -> tuple:
         d = lambda P: P[i + 1] - P[i]
-        return (d(c.P_time), d(c.P_window), d(c.P_grad), d(c.P_elems), d(c.P_static), d(c.P_act),
+        return (d(c.P_time), d(c.P_window), d(c.P_zero), d(c.P_dp_overlap), d(c.P_dp_blocking), d(c.P_elems),
+                d(c.P_static), d(c.P_act),
                 c.cut_bytes[i + 1] if i + 1 < L else None)
 
     segs: list[_Segment] = []
@@ -156,10 +158,9 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
     L, n, pp, v, m = costs.profile.num_layers, cfg.num_stages, cfg.dims.pp, cfg.virtual_stages, cfg.num_micro_batches
     scale = TIME_UNITS / max(costs.P_time[-1], 1e-30)
     segs = _segments(costs)
-    a_k, b_k = costs.per_mb
-    ov_a, ov_b = costs.overlap_comm
-    bl_a, bl_b = costs.blocking_comm
-    use_k, overlap = b_k > 0, costs.overlap
+    use_k, overlap = costs.P_zero[-1] > 0, costs.overlap
+    # DDP's rounding call and last bucket: exposed once per step (DDP runs only without a pipeline: one rank).
+    fixed = round(costs.dp.fixed * scale)
 
     def inc(P: list[float], f: float = 1.0) -> list[int]:
         # per-layer integer increment of prefix table P in each segment (time tables scaled to units)
@@ -167,10 +168,10 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
 
     incs = {
         "time": inc(costs.P_time),
-        "zero": inc(costs.P_grad, b_k),
+        "zero": inc(costs.P_zero),
         "tail": [round(((costs.P_elems[g.start + 1] - costs.P_elems[g.start]) * costs.opt_per_elem
-                        + (costs.P_grad[g.start + 1] - costs.P_grad[g.start]) * bl_b) * scale) for g in segs],
-        "dpcomm": inc(costs.P_grad, ov_b),
+                        + (costs.P_dp_blocking[g.start + 1] - costs.P_dp_blocking[g.start])) * scale) for g in segs],
+        "dpcomm": inc(costs.P_dp_overlap),
         "window": inc(costs.P_window),
         "static": [costs.P_static[g.start + 1] - costs.P_static[g.start] for g in segs],
         "act": [costs.P_act[g.start + 1] - costs.P_act[g.start] for g in segs],
@@ -231,7 +232,7 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
                                                         for x in incs[k])
     horizon += sum(max(0, x) for g in segs for x in [round(costs.p2p_seconds(0, min(g.start + g.count, L - 1))
                                                            * scale)]) * 2 * n
-    horizon += round((abs(a_k) + abs(ov_a) + abs(bl_a)) * scale) * 2 + TIME_UNITS * 4
+    horizon += fixed * 2 + TIME_UNITS * 4
     # per_mb[r]: time of pipeline rank r per micro-batch; tail: largest once-per-step work after the drain.
     per_mb = [model.new_int_var(0, horizon, f"per_microbatch_rank_{r}") for r in range(pp)]
     slowest = model.new_int_var(0, horizon, "slowest_rank_time")
@@ -250,7 +251,7 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
 
         busy = rank_sum("time") + sum(sends[c] for c in chunks if c < n - 1) + sum(sends[c - 1] for c in chunks if c)
         if use_k:
-            zero = rank_sum("zero") + round(a_k * scale)
+            zero = rank_sum("zero")
             if overlap:
                 model.add(per_mb[r] >= busy)
                 model.add(per_mb[r] >= zero)
@@ -259,13 +260,14 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
         else:
             model.add(per_mb[r] == busy)
         model.add(slowest >= per_mb[r])
-        fixed_tail = rank_sum("tail") + round(bl_a * scale)
-        dp_comm = rank_sum("dpcomm") + round(ov_a * scale) if (ov_a or ov_b) else 0
+        fixed_tail = rank_sum("tail")
+        dp_comm = rank_sum("dpcomm")
         model.add(tail >= fixed_tail)
         if overlap:
-            model.add(tail >= fixed_tail + dp_comm - rank_sum("window"))
+            model.add(tail >= fixed_tail + fixed + dp_comm - rank_sum("window"))
+            model.add(tail >= fixed_tail + fixed)
         else:
-            model.add(tail >= fixed_tail + dp_comm)
+            model.add(tail >= fixed_tail + fixed + dp_comm)
         memory_v = v * rank_sum("static") + costs.in_flight[r] * rank_sum("act") + v * costs.const_bytes
         model.add(memory_v <= v * costs.capacity)
         model.add(peak >= memory_v)

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.cluster import ClusterSpec
-from planner.model_profile import write_text_atomic
+from planner.model_profile import DType, write_text_atomic
 from planner.validation import check_fields
 
 PLAN_SCHEMA_VERSION = 1
@@ -113,7 +113,7 @@ class Strategy(_Strict):
     dims: ParallelDims
     mesh_order: tuple[MeshAxis, ...] = Field(
         default=DEFAULT_MESH_ORDER,
-        description="Mesh axes outermost first; the last (tp) gets consecutive ranks, i.e. stays inside a node.",
+        description="Mesh axes outermost first; the last gets consecutive ranks (by default tp, inside a node).",
     )
     zero_stage: ZeroStage = Field(default=ZeroStage.NONE, description="Sharding of the data-parallel axis.")
     micro_batch_size: int = Field(ge=1, le=2**31, description="Samples per micro-batch per data-parallel replica.")
@@ -176,9 +176,10 @@ class Strategy(_Strict):
         """One-line summary, e.g. 'dp=4 tp=2 pp=1 zero=1 mb=4x8 1f1b recompute=none'."""
         d = self.dims
         sched = self.schedule.value + (f"(v={self.virtual_stages})" if self.virtual_stages > 1 else "")
+        order = "" if tuple(self.mesh_order) == tuple(DEFAULT_MESH_ORDER) else " mesh=" + ",".join(a.value for a in self.mesh_order)
         return (
             f"dp={d.dp} tp={d.tp} pp={d.pp} zero={int(self.zero_stage)} "
-            f"mb={self.micro_batch_size}x{self.num_micro_batches} {sched} recompute={self.recompute.value}"
+            f"mb={self.micro_batch_size}x{self.num_micro_batches} {sched} recompute={self.recompute.value}{order}"
         )
 
 
@@ -221,6 +222,16 @@ class MemoryBreakdown(_Strict):
         return self.capacity - self.total
 
 
+class RankTime(_Strict):
+    """One pipeline rank's time per micro-batch as the cost model counts it (what the plan chart draws)."""
+
+    forward: float = Field(ge=0, description="Seconds of its forward passes (all its chunks) per micro-batch.")
+    backward: float = Field(
+        ge=0, description="Seconds of its backward passes per micro-batch (recompute included) plus the rest of its "
+                          "per-micro-batch time (TP and pipeline communication, exposed ZeRO collectives)."
+    )
+
+
 class Prediction(_Strict):
     """What the cost model predicts for a strategy."""
 
@@ -233,6 +244,9 @@ class Prediction(_Strict):
     mfu: float = Field(ge=0, description="Model FLOP/s over peak.")
     memory: list[MemoryBreakdown] = Field(description="Per pipeline rank.")
     fits: bool
+    rank_times: list[RankTime] = Field(
+        default_factory=list, description="Per pipeline rank, per micro-batch (empty in plans made before it)."
+    )
 
     @property
     def peak_memory(self) -> float:
@@ -258,6 +272,8 @@ class Provenance(_Strict):
     search_seconds: float = Field(ge=0)
     solver_status: str = Field(description="CP-SAT status of the chosen stage assignment (OPTIMAL, FEASIBLE, ...).")
     candidates_evaluated: int = Field(ge=0)
+    dtype: DType | None = Field(default=None, description="Precision the plan was made for (the profile's); "
+                                "`autopar run` trains in it. None in plans written before it was recorded.")
 
 
 class Plan(_Strict):

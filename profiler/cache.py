@@ -1,5 +1,7 @@
 """On-disk cache of profiles, keyed by what determines a profile: structure, inputs, dtype, device, layer choice,
-and the training loss counted in the last layer (if any).
+the training loss counted in the last layer (if any), every other override, and the model's code: the source files
+of its module classes and of its loss, plus any file the caller names (the factory's), so an edited model is profiled
+again without deleting the cache by hand (`autopar profile --no-cache` skips the cache altogether).
 
 The cache directory is always passed in by the caller (the top-level `profile` function or the CLI decides it);
 a corrupt or outdated entry is treated as a miss and overwritten.
@@ -8,18 +10,59 @@ a corrupt or outdated entry is treated as a miss and overwritten.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from pydantic import ValidationError
+from torch import nn
 
 from planner.model_profile import InputSpec, ModelProfile
 
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the profiler counts something differently, so old cache entries stop matching.
-PROFILER_VERSION = 5
+PROFILER_VERSION = 8  # 6: kernel counts and weight-GEMM shapes per layer; 7: vocabulary-parallel embedding and head;
+# 8: uneven vocabulary splits say so (`uneven_max`)
+
+# (path, mtime_ns, size) -> sha256 of the file's bytes: each source file is read once per process and edit.
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _file_digest(path: str) -> str:
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return "missing"
+    stamp = (path, stat.st_mtime_ns, stat.st_size)
+    if stamp not in _FILE_DIGESTS:
+        _FILE_DIGESTS[stamp] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return _FILE_DIGESTS[stamp]
+
+
+def _source_file(obj: object) -> str | None:
+    try:
+        return inspect.getsourcefile(obj)  # type: ignore[arg-type]
+    except (TypeError, OSError):
+        return None  # a builtin, or a class defined in an interactive session
+
+
+def code_fingerprint(model: nn.Module, loss_fn: Callable | None = None, files: Iterable[str] = ()) -> str:
+    """Hash of the code that computes the model: the files defining its module classes and its loss, and `files`.
+
+    Whole files are hashed (not just the class bodies) so that a module-level constant or helper a class uses counts
+    too; an edit anywhere in those files makes a new key.
+    """
+    paths = {_source_file(type(m)) for m in model.modules()}
+    if loss_fn is not None:
+        paths.add(_source_file(getattr(loss_fn, "__func__", loss_fn)))
+    paths.update(str(Path(f).resolve()) for f in files)
+    h = hashlib.sha256()
+    for path in sorted(p for p in paths if p):
+        h.update(f"{path} {_file_digest(path)}\n".encode())
+    return h.hexdigest()[:24]
 
 
 def cache_key(
@@ -30,10 +73,13 @@ def cache_key(
     layers: list[str] | None,
     timing: tuple[int, int],
     loss: dict | None = None,
+    code: str | None = None,
+    overrides: dict | None = None,
 ) -> str:
     """Hex key of one profile request; the timing settings only matter off the meta device.
 
     loss: None when no loss was counted, else {"fn": qualified name, "targets": target shapes and dtypes}.
+    code: `code_fingerprint` of the model; overrides: any other setting that changes the profile (JSON data).
     """
     key = {
         "v": PROFILER_VERSION,
@@ -44,6 +90,8 @@ def cache_key(
         "layers": layers,
         "timing": list(timing) if device != "meta" else None,
         "loss": loss,
+        "code": code,
+        "overrides": overrides,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 

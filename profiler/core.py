@@ -30,8 +30,10 @@ from planner.model_profile import (
     ProfileMode,
     StepMeasurement,
     TensorSpec,
+    WeightGemm,
 )
 from profiler import cache as profile_cache
+from profiler import hf
 from profiler.attention import AttentionCallInfo
 from profiler.counting import LayerCost, estimate_layer_cost
 from profiler.errors import ProfileError
@@ -43,6 +45,7 @@ from profiler.measure import estimate_times
 from profiler.partition import partition, positional_inputs
 from profiler.recording import cast_inputs, device_copy, meta_copy, record_calls, tensors_of
 from profiler.tensor_parallel import detect_tensor_parallel
+from profiler.vocab_parallel import detect_vocab_parallel, merge_specs
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,7 @@ def profile(
     seq_len: int | None = None,
     loss_fn: Callable | None = None,
     targets: Any = None,
+    source_files: tuple[str, ...] = (),
 ) -> ModelProfile:
     """Profile `model` called as `model(*example_inputs)`, per layer (see `ModelProfile` for every field).
 
@@ -130,10 +134,11 @@ def profile(
     loss_fn: the training loss, counted (and timed) as part of the last layer, whose output must be the model's
     output: called as loss_fn(output, targets), or as loss_fn(output) when targets is None (no targets are made up);
     it must return a scalar. Without loss_fn, backward starts from a gradient of ones on the model's output.
+    source_files: files beside the model's classes whose code shapes it (a factory's file): part of the cache key.
     """
     return _profile(model, example_inputs, device=device, dtype=dtype, layers=layers, name=name, warmup=warmup,
                     repeats=repeats, cache=cache, cache_dir=cache_dir, progress=progress, seq_len=seq_len,
-                    loss_fn=loss_fn, targets=targets, owned=False)
+                    loss_fn=loss_fn, targets=targets, owned=False, source_files=source_files)
 
 
 def _check_loss_layer(names: list[str], records: dict) -> None:
@@ -149,7 +154,7 @@ def _check_loss_layer(names: list[str], records: dict) -> None:
 
 
 def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repeats, cache, cache_dir, progress,
-             seq_len, loss_fn, targets, owned) -> ModelProfile:
+             seq_len, loss_fn, targets, owned, source_files=()) -> ModelProfile:
     started = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise ProfileError(f"expected an nn.Module to profile, got {type(model).__name__}")
@@ -158,14 +163,15 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     device = _check_device(device)
     if loss_fn is not None and not callable(loss_fn):
         raise ProfileError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
-    inputs = positional_inputs(model, example_inputs)
+    inputs = hf.meta_safe_inputs(model, positional_inputs(model, example_inputs))
     dt = _resolve_dtype(model, dtype)
     spec = _input_spec(inputs, seq_len)
     batch = spec.batch_size
     name = name or type(model).__name__
     shash = structure_hash(model)
     loss_key = None if loss_fn is None else {"fn": loss_name(loss_fn), "targets": targets_signature(targets)}
-    key = profile_cache.cache_key(shash, spec, dt.value, device, layers, (warmup, repeats), loss_key)
+    key = profile_cache.cache_key(shash, spec, dt.value, device, layers, (warmup, repeats), loss_key,
+                                  code=profile_cache.code_fingerprint(model, loss_fn, source_files))
     directory = default_cache_dir(cache_dir)
     if cache and (hit := profile_cache.load(directory, key)) is not None:
         logger.info("profile of %s loaded from the cache (%s)", name, directory)
@@ -175,9 +181,12 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     report("tracing", 0, 1)
     torch_dtype = _TORCH_DTYPES[dt]
     meta_model = meta_copy(model, torch_dtype)
+    hf.prepare_copy(meta_model, torch_dtype)
     meta_inputs = cast_inputs(inputs, "meta", torch_dtype)
     names = find_layers(meta_model, call_order(meta_model, meta_inputs), layers)
+    hf.annotate_tp(meta_model, names)  # a transformers model's own tp plan, where it has one
     records = record_calls(meta_model, meta_inputs, names, clone=False)
+    hf.drop_caches(records)
     cuts = partition(meta_model, names, meta_inputs)
     graph = build_layer_graph(meta_model, names, records, meta_inputs, batch, traced=cuts.graph)
     if cuts.trace_error is not None and len(names) > 1:
@@ -215,6 +224,7 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
         real_loss = None if loss_fn is None else TrainingLoss.on_device(loss_fn, targets, device, torch_dtype)
         # Only the layers that get timed need their real inputs kept.
         real_records = record_calls(real_model, real_inputs, list(unique.values()), clone=True)
+        hf.drop_caches(real_records)
         timings = estimate_times(
             real_model, real_inputs, {sig: (real_model.get_submodule(n), real_records[n]) for sig, n in unique.items()},
             device=device, warmup=warmup, repeats=repeats,
@@ -228,7 +238,9 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
             device_name = torch.cuda.get_device_name(torch.device(device))
     report("done", total, total)
 
-    layer_profiles = _layer_profiles(meta_model, names, signature, costs, tp, times, batch)
+    vocab = detect_vocab_parallel(meta_model, names, records, batch)  # per layer name: tied weights count once
+    layer_tp = {n: merge_specs(tp[signature[n]], vocab.get(n)) for n in names}
+    layer_profiles = _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch)
     result = ModelProfile(
         name=name,
         structure_hash=shash,
@@ -251,7 +263,7 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     return result
 
 
-def _layer_profiles(meta_model, names, signature, costs, tp, times, batch) -> list[LayerProfile]:
+def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch) -> list[LayerProfile]:
     seen: set[int] = set()
     out = []
     for index, n in enumerate(names):
@@ -268,6 +280,7 @@ def _layer_profiles(meta_model, names, signature, costs, tp, times, batch) -> li
             module_type=type(module).__name__,
             param_count=sum(p.numel() for p in params),
             shared_param_count=sum(p.numel() for p in shared),
+            active_param_count=hf.active_param_count(module, params),
             param_bytes=sum(p.numel() * p.element_size() for p in params),
             buffer_bytes=sum(b.numel() * b.element_size() for b in buffers),
             fwd_flops=cost.fwd_flops / batch,
@@ -289,9 +302,13 @@ def _layer_profiles(meta_model, names, signature, costs, tp, times, batch) -> li
             bwd_membound_fused_bytes=cost.bwd_membound_fused_bytes / batch,
             fwd_seconds=None if fwd_s is None else fwd_s / batch,
             bwd_seconds=None if bwd_s is None else bwd_s / batch,
-            tp=tp[signature[n]],
+            tp=layer_tp[n],
             attention=[_attention_call(c, batch) for c in cost.attention],
             fused_attention=None if cost.fused is None else _fused_costs(cost.fused, batch),
+            fwd_kernels=cost.fwd_kernels,
+            bwd_kernels=cost.bwd_kernels,
+            gemms=[WeightGemm(module=g.module, m=g.m / batch, n=g.n, k=g.k, fwd_count=g.fwd_count,
+                              bwd_count=g.bwd_count) for g in cost.gemms],
         ))
     return out
 
@@ -307,9 +324,11 @@ def _attention_call(c: AttentionCallInfo, batch: int) -> AttentionCall:
 
 def _fused_costs(cost: LayerCost, batch: int) -> FusedAttentionCosts:
     """The fused-attention count per sample (`LayerCost.saved_bytes` is the profile's saved_activation_bytes)."""
+    per_call = ("saved_activation_bytes", "fwd_kernels", "bwd_kernels")  # kernels do not grow with the batch
     per_sample = {name: getattr(cost, name) / batch for name in FusedAttentionCosts.model_fields
-                  if name != "saved_activation_bytes"}
-    return FusedAttentionCosts(saved_activation_bytes=cost.saved_bytes / batch, **per_sample)
+                  if name not in per_call}
+    return FusedAttentionCosts(saved_activation_bytes=cost.saved_bytes / batch, fwd_kernels=cost.fwd_kernels,
+                               bwd_kernels=cost.bwd_kernels, **per_sample)
 
 
 def profile_zoo(

@@ -40,6 +40,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from profiler import flop_formulas  # noqa: F401 - registers the grouped-matmul (MoE) FLOP formulas
 from profiler.attention import AttentionCallInfo, AttentionRouting, causal_flop_fraction
 from profiler.loss import TrainingLoss
 from profiler.recording import LayerCall, fresh_leaf_args, tensor_bytes, tensors_of
@@ -78,6 +79,22 @@ class LayerCost:
     # one the fused ops cannot take).
     attention: tuple[AttentionCallInfo, ...] = ()
     fused: LayerCost | None = None
+    # Kernels each pass launches and the weight GEMMs by shape (see `weight_gemms`).
+    fwd_kernels: int = 0
+    bwd_kernels: int = 0
+    gemms: tuple[GemmCount, ...] = ()
+
+
+@dataclass(frozen=True)
+class GemmCount:
+    """GEMMs of one weight matrix with one shape in one layer call: M rows (whole batch), N x K weight."""
+
+    module: str
+    m: float
+    n: int
+    k: int
+    fwd_count: int
+    bwd_count: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +113,7 @@ class _Op:
 
     flops: float
     reads_param: bool
+    param_keys: list[int]  # storage keys of the parameters it reads
     reads: list[tuple[int | None, float]]  # (record id of the tensor read, or None if made outside the pass; bytes)
     writes: list[tuple[int, int, float]]  # (storage key, record id, bytes)
 
@@ -144,11 +162,12 @@ class _OpMeter(TorchDispatchMode):
             kept = flops * causal_flop_fraction(func, args, kwargs)
             self.flops_skipped += flops - kept
             flops = kept
-        reads, reads_param = [], False
+        reads, reads_param, param_keys = [], False, []
         for t in ins:
             k = _key(t)
             if k in self.excluded:
                 reads_param = True
+                param_keys.append(k)
                 continue
             nbytes = float(t.numel() * t.element_size())
             self.bytes += nbytes
@@ -161,7 +180,12 @@ class _OpMeter(TorchDispatchMode):
             self._record_of[k] = self._records
             writes.append((k, self._records, nbytes))
             self._records += 1
-        self.ops.append(_Op(flops=flops, reads_param=reads_param, reads=reads, writes=writes))
+        self.ops.append(_Op(flops=flops, reads_param=reads_param, param_keys=param_keys, reads=reads, writes=writes))
+
+    @property
+    def kernels(self) -> int:
+        """Ops of this pass that launch a kernel: every data-producing op (views, aliases, allocations left out)."""
+        return len(self.ops)
 
     def classes(self, keep: set[int], param_grads: set[int]) -> RooflineClasses:
         """Split this pass's FLOPs and bytes by kernel class (see the module docstring).
@@ -277,6 +301,10 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
     fwd_cls = fwd_meter.classes(set(saved) | {_key(t) for t in tensors_of(output)}, set())
     bwd_cls = RooflineClasses(0.0, 0.0, 0.0, 0.0)
     bwd_flops = bwd_bytes = 0.0
+    bwd_ops: list[_Op] = []
+    weights = {_key(p): (name.rpartition(".")[0], p.shape[0], p.numel() // p.shape[0])
+               for name, p in module.named_parameters() if p.dim() >= 2}
+    grad_of: dict[int, int] = {}
     if needs_grad:
         grads = [torch.ones_like(t) for t in needs_grad]
         bwd_meter = _OpMeter(excluded)
@@ -287,6 +315,8 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
         bwd_flops = float(bwd_counter.get_total_flops()) - bwd_meter.flops_skipped
         input_grads = {_key(t.grad) for t in tensors_of((args, kwargs)) if t.grad is not None}
         bwd_cls = bwd_meter.classes(input_grads, grad_keys)
+        bwd_ops = bwd_meter.ops
+        grad_of = {_key(p.grad): _key(p) for p in module.parameters() if p.grad is not None}
     for p in module.parameters():
         p.grad = None
     return LayerCost(
@@ -307,4 +337,31 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
         bwd_actmm_bytes=bwd_cls.actmm_bytes,
         bwd_membound_bytes=bwd_cls.membound_bytes,
         bwd_membound_fused_bytes=bwd_cls.membound_fused_bytes,
+        fwd_kernels=fwd_meter.kernels,
+        bwd_kernels=len(bwd_ops),
+        gemms=weight_gemms(fwd_meter.ops, bwd_ops, weights, grad_of),
     )
+
+
+def weight_gemms(fwd_ops: list[_Op], bwd_ops: list[_Op], weights: dict[int, tuple[str, int, int]],
+                 grad_of: dict[int, int]) -> tuple[GemmCount, ...]:
+    """The weight GEMMs of one layer call, grouped by weight and shape.
+
+    weights: storage key of each parameter of 2 or more dims -> (owning module, N = dim 0, K = the other dims);
+    grad_of: storage key of a parameter gradient -> key of its parameter. A FLOP-performing op that reads such a
+    weight is a forward GEMM or an input-gradient GEMM; one that writes its gradient is a weight-gradient GEMM (a
+    convolution backward doing both is two GEMMs sharing its FLOPs). M = FLOPs / (2 N K) whatever the op's layout.
+    """
+    found: dict[tuple[str, float, int, int], list[int]] = {}
+    for slot, ops in ((0, fwd_ops), (1, bwd_ops)):
+        for op in ops:
+            if op.flops <= 0:
+                continue
+            keys = [k for k in op.param_keys if k in weights]
+            keys += [grad_of[k] for k, _, _ in op.writes if grad_of.get(k) in weights]
+            for k in keys:
+                module, n, kk = weights[k]
+                m = op.flops / len(keys) / (2 * n * kk)
+                found.setdefault((module, m, n, kk), [0, 0])[slot] += 1
+    return tuple(GemmCount(module=mod, m=m, n=n, k=k, fwd_count=c[0], bwd_count=c[1])
+                 for (mod, m, n, k), c in found.items())

@@ -3,9 +3,11 @@
 Rules, first match wins:
 1. the user's explicit list of module names;
 2. an `nn.Sequential` model: its children;
-3. a model built around an `nn.ModuleList` of identical blocks (GPT, BERT, Llama, ViT): every module executed
+3. a Hugging Face transformers model: its blocks, embeddings, final norm and head, helpers without parameters
+   (`rotary_emb`) left to the glue (see `profiler.hf`);
+4. a model built around an `nn.ModuleList` of identical blocks (GPT, BERT, Llama, ViT): every module executed
    before the blocks, each block, every module executed after them;
-4. otherwise the top-level submodules.
+5. otherwise the top-level submodules.
 Containers that are never called themselves (a `ModuleList` of different blocks, a `ModuleDict`) are opened up.
 Order is the order of first call in a forward pass on the meta device.
 """
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from profiler import hf
 from profiler.errors import ProfileError
 
 logger = logging.getLogger(__name__)
@@ -160,6 +163,8 @@ def find_layers(model: nn.Module, order: CallOrder, layers: list[str] | None = N
         names = _check_user_layers(modules, order, layers)
     elif isinstance(model, nn.Sequential):
         names = [n for n, _ in model.named_children()]
+    elif (hf_names := hf.layer_names(model, order.first_call)) is not None:
+        names = hf_names
     else:
         names = []
         _expand(model, "", order, _repeated_block_list(model, order), names)

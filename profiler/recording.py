@@ -65,7 +65,19 @@ def meta_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             f"could not copy the model to the meta device ({type(exc).__name__}: {exc}); build the model on "
             "torch.device('meta') yourself and pass that"
         ) from None
-    return copied.to(dtype=dtype).train()
+    return _out_of_place(copied.to(dtype=dtype).train())
+
+
+def _out_of_place(model: nn.Module) -> nn.Module:
+    """Turn off `inplace` (nn.ReLU(inplace=True), torchvision style) on a copy the profiler owns.
+
+    Each layer is counted and timed on fresh leaf inputs that need grad, which autograd forbids an in-place op to
+    overwrite; out of place, the op costs the same FLOPs and its output is saved all the same.
+    """
+    for module in model.modules():
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
+    return model
 
 
 def device_copy(model: nn.Module, device: str, dtype: torch.dtype, *, owned: bool) -> nn.Module:
@@ -76,7 +88,7 @@ def device_copy(model: nn.Module, device: str, dtype: torch.dtype, *, owned: boo
             "device or profile with device='meta' (analytic)"
         )
     target = model if owned else copy.deepcopy(model)
-    return target.to(device=device, dtype=dtype).train()
+    return _out_of_place(target.to(device=device, dtype=dtype).train())
 
 
 def record_calls(model: nn.Module, inputs: tuple, layer_names: list[str], *, clone: bool) -> dict[str, LayerCall]:

@@ -5,8 +5,11 @@ activation starts a sharded region; the region may pass only through ops that ac
 head (elementwise ops, activations, dropout, reshapes, RoPE, softmax, attention, activation-by-activation matmuls)
 and must end in Linears, which become rowwise; each rowwise output must then feed a residual add (or the layer
 output). Anything else touching the region (a norm, a reduction, mixing with the replicated stream, leaving the
-layer) leaves the whole group replicated. Splitting a fused projection (one Linear then `split` on its features) is
-never proposed: the shards would not line up with the split.
+layer) leaves the whole group replicated. A fused projection (one Linear whose output is split / chunked / sliced
+on its features into q, k, v) is sharded per piece (`TPShard.segments`). Each group is then checked by
+`profiler.tp_shapes`, the analysis the executor rewrites the layer's shapes with, so TP is offered only where the
+layer's own forward can run on local shards; the divisor is the gcd of every sharded size it finds (heads, or KV
+heads with grouped-query attention).
 
 User override: a layer module (or its class) may set `autopar_tp_plan = {"attn.q_proj": "colwise", ...}` with
 paths relative to the layer (or `None` to forbid TP) and `autopar_tp_divisor = <int>` (attention heads, or KV heads
@@ -26,6 +29,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from planner.model_profile import ShardStyle, TensorParallelSpec, TPShard
 from profiler.errors import ProfileError
 from profiler.recording import LayerCall
+from profiler.tp_shapes import ShardError, analyze, find_segments
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,6 @@ _TRANSPARENT_CALLS = {
     "flatten", "unflatten", "unsqueeze", "squeeze", "expand", "expand_as", "repeat", "repeat_interleave", "getitem",
     "split", "chunk", "cat", "stack", "narrow", "add_", "mul_", "iadd", "imul", "masked_fill_", "view_as",
 }
-_SPLITS = {"split", "chunk", "narrow", "getitem"}
 _TRANSPARENT_MODULES = (
     nn.Dropout, nn.GELU, nn.SiLU, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Softmax, nn.LeakyReLU, nn.Mish,
     nn.ELU, nn.Hardswish, nn.SELU,
@@ -90,29 +93,10 @@ class _Groups:
         self.invalid.add(self.union(members))
 
 
-def _split_cuts_features(node: fx.Node, widths: dict[str, int], members: set[str]) -> bool:
-    """True when a split/slice acts on the last dim while that dim is still a whole projection's output width."""
-    src = node.args[0]
-    if not isinstance(src, fx.Node) or not hasattr(src.meta.get("tensor_meta"), "shape"):
-        return False
-    last = src.meta["tensor_meta"].shape[-1]
-    if last not in {widths[m] for m in members}:
-        return False
-    name = _op_name(node)
-    if name == "getitem":
-        index = node.args[1]
-        return isinstance(index, tuple) and any(isinstance(i, slice) and i != slice(None) for i in index[-1:])
-    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-    ndim = len(src.meta["tensor_meta"].shape)
-    return isinstance(dim, int) and dim % ndim == ndim - 1
-
-
-def _detect_groups(gm: fx.GraphModule) -> tuple[_Groups, dict[str, fx.Node], list[tuple[fx.Node, frozenset]]]:
+def _detect_groups(gm: fx.GraphModule) -> tuple[_Groups, dict[str, fx.Node]]:
     modules = dict(gm.named_modules())
     groups = _Groups()
-    widths: dict[str, int] = {}
     linear_nodes: dict[str, fx.Node] = {}
-    attention_nodes: list[tuple[fx.Node, frozenset]] = []  # (attention op, colwise Linears feeding it)
     # state per node: "const", "repl", or frozenset of colwise Linear names the value is sharded by
     state: dict[fx.Node, Any] = {}
     for node in gm.graph.nodes:
@@ -135,7 +119,6 @@ def _detect_groups(gm: fx.GraphModule) -> tuple[_Groups, dict[str, fx.Node], lis
             else:
                 if sharded:
                     groups.poison(sharded)
-                widths[node.target] = module.out_features
                 groups.find(node.target)
                 state[node] = frozenset({node.target})
             continue
@@ -143,22 +126,18 @@ def _detect_groups(gm: fx.GraphModule) -> tuple[_Groups, dict[str, fx.Node], lis
             isinstance(module, _TRANSPARENT_MODULES) if module is not None
             else node.op in ("call_function", "call_method") and _op_name(node) in _TRANSPARENT_CALLS
         )
-        if sharded and transparent and _op_name(node) in _SPLITS and _split_cuts_features(node, widths, sharded):
-            transparent = False
         if _op_name(node) in ("matmul", "bmm") and any(state.get(a) == "const" for a in tensor_args):
             transparent = False  # a raw weight matrix would mix the sharded features
         if not sharded:
             state[node] = "repl" if replicated else "const"
-        elif transparent and not replicated:
+        elif transparent:  # mixing with whole tensors: profiler.tp_shapes checks the broadcast
             groups.union(sharded)
             state[node] = frozenset(sharded)
-            if _op_name(node) in ("scaled_dot_product_attention", "matmul", "bmm") and len(shard_sets) >= 2:
-                attention_nodes.append((node, frozenset(sharded)))
         else:
             groups.poison(sharded)
             state[node] = "repl"
     _check_residual_adds(gm, groups, linear_nodes)
-    return groups, linear_nodes, attention_nodes
+    return groups, linear_nodes
 
 
 def _check_residual_adds(gm: fx.GraphModule, groups: _Groups, linear_nodes: dict[str, fx.Node]) -> None:
@@ -178,18 +157,8 @@ def _check_residual_adds(gm: fx.GraphModule, groups: _Groups, linear_nodes: dict
                 groups.invalid.add(groups.find(root))
 
 
-def _group_divisor(module: nn.Module, cols: list[str], attention: list[tuple[fx.Node, frozenset]]) -> int:
-    """Attention groups split by heads (KV heads under GQA); other groups by the colwise output width."""
-    widths = [module.get_submodule(c).out_features for c in cols]
-    for node, members in attention:
-        if members & set(cols):
-            head_dim = int(node.args[0].meta["tensor_meta"].shape[-1])
-            if all(w % head_dim == 0 for w in widths):
-                return math.gcd(*[w // head_dim for w in widths])
-    return math.gcd(*widths)
-
-
-def _trace(module: nn.Module, call: LayerCall) -> fx.GraphModule:
+def trace_layer(module: nn.Module, call: LayerCall) -> fx.GraphModule:
+    """The layer traced by torch.fx, with every node's `tensor_meta` from one run on the recorded call's arguments."""
     gm = fx.symbolic_trace(module)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     args = list(call.args)
@@ -206,14 +175,16 @@ def _trace(module: nn.Module, call: LayerCall) -> fx.GraphModule:
 
 
 def _spec(
-    module: nn.Module, colwise: list[str], rowwise: list[str], divisor: int, row_out_bytes: list[float]
+    module: nn.Module, colwise: list[str], rowwise: list[str], divisor: int, row_out_bytes: list[float],
+    segments: dict[str, tuple[int, ...]],
 ) -> TensorParallelSpec:
     sharded = 0
     for name in colwise:
         sharded += sum(p.numel() for p in module.get_submodule(name).parameters())
     for name in rowwise:
         sharded += module.get_submodule(name).weight.numel()
-    shards = [TPShard(module=n, style=ShardStyle.COLWISE) for n in colwise]
+    shards = [TPShard(module=n, style=ShardStyle.COLWISE, segments=list(segments[n]) if n in segments else None)
+              for n in colwise]
     shards += [TPShard(module=n, style=ShardStyle.ROWWISE) for n in rowwise]
     return TensorParallelSpec(
         shards=shards,
@@ -230,17 +201,21 @@ def detect_tensor_parallel(module: nn.Module, call: LayerCall, batch: int) -> Te
     if plan is not _MISSING:
         return _from_override(module, call, plan, batch)
     try:
-        gm = _trace(module, call)
+        gm = trace_layer(module, call)
     except Exception as exc:  # noqa: BLE001 - an untraceable layer simply gets no automatic TP
         logger.info("no automatic tensor parallelism for %s: fx cannot trace it (%s)", type(module).__name__, exc)
         return None
-    groups, linear_nodes, attention_nodes = _detect_groups(gm)
-    colwise, rowwise, divisors = [], [], []
+    groups, linear_nodes = _detect_groups(gm)
+    colwise, rowwise = [], []
     for root, rows in groups.rowwise.items():
         if groups.find(root) in groups.invalid or not rows:
             continue
         cols = [n for n in groups.parent if groups.find(n) == root and n not in rows]
-        divisors.append(_group_divisor(module, cols, attention_nodes))
+        try:  # the executor's analysis must be able to run this group on shards
+            analyze(gm, _with_segments(gm, cols), set(rows))
+        except ShardError as exc:
+            logger.info("no tensor parallelism for %s (%s): %s", type(module).__name__, ", ".join(cols), exc)
+            continue
         colwise += cols
         rowwise += sorted(rows)
     if not rowwise:
@@ -248,8 +223,16 @@ def detect_tensor_parallel(module: nn.Module, call: LayerCall, batch: int) -> Te
     order = list(linear_nodes)
     colwise.sort(key=order.index)
     rowwise.sort(key=order.index)
+    segments = _with_segments(gm, colwise)
+    divisor = analyze(gm, segments, set(rowwise)).divisor
     row_bytes = [_bytes_of(linear_nodes[r].meta["tensor_meta"]) / batch for r in rowwise]
-    return _spec(module, colwise, rowwise, math.gcd(*divisors), row_bytes)
+    return _spec(module, colwise, rowwise, divisor, row_bytes, {n: s for n, s in segments.items() if s})
+
+
+def _with_segments(gm: fx.GraphModule, colwise: list[str]) -> dict[str, tuple[int, ...] | None]:
+    """Each colwise Linear with the widths of the pieces its output is split into (None: not fused)."""
+    fused = find_segments(gm, colwise)
+    return {c: fused.get(c) for c in colwise}
 
 
 def _bytes_of(meta: Any) -> float:
@@ -289,4 +272,9 @@ def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) ->
             h.remove()
     default = math.gcd(*[module.get_submodule(c).out_features for c in colwise]) if colwise else 1
     divisor = int(getattr(module, "autopar_tp_divisor", default))
-    return _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in rowwise])
+    try:  # a fused projection among the planned colwise Linears is sharded per piece
+        segments = find_segments(trace_layer(module, call), colwise)
+    except Exception as exc:  # noqa: BLE001 - untraceable: no piece widths; the executor then refuses what it cannot run
+        logger.info("%s: fx cannot trace it (%s); no fused projection recorded", type(module).__name__, exc)
+        segments = {}
+    return _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in rowwise], segments)

@@ -81,6 +81,13 @@ def _truncated_db(tmp: Path) -> Path:
     return cut
 
 
+def _factory(tmp: Path, body: str) -> str:
+    """A model file whose `build` factory has `body` (indented) as its code; the reference to it."""
+    path = tmp / "user_model.py"
+    path.write_text("import torch\nfrom torch import nn\n\ndef build(batch_size=1):\n    " + body + "\n")
+    return f"{path}:build"
+
+
 def _plan_args(model: str, *extra: str) -> list[str]:
     return ["plan", model, "--cluster", "dgx-a100-40gb", "--global-batch", "8", "--time-limit", "5", *extra]
 
@@ -107,6 +114,20 @@ CASES = [
     ("plan-out-unwritable", lambda t: _plan_args(str(_profile(t)), "--out", str(_a_file(t) / "p.json")), "p.json"),
     ("plan-chart-unwritable", lambda t: _plan_args(str(_profile(t)), "--chart", str(_a_file(t) / "p.png")), "p.png"),
     ("show-directory", lambda t: ["show", str(t)], "directory"),
+    ("profile-seq-len-past-positions", lambda t: ["profile", "gpt2-small", "--seq-len", "2048"], "max_positions=2048"),
+    ("plan-seq-len-past-positions", lambda t: _plan_args("gpt2-small", "--seq-len", "2048"), "--seq-len 1024"),
+    ("plan-unknown-zoo-option", lambda t: _plan_args("llama-7b", "--option", "max_positions=4096"), "max_positions"),
+    ("plan-unknown-reference-form", lambda t: _plan_args("no/such/model"), "hf:path/to/config.json"),
+    ("plan-python-file-without-factory", lambda t: _plan_args(_factory(t, "pass").rpartition(":")[0]),
+     "user_model.py:factory"),
+    ("plan-options-on-a-profile", lambda t: _plan_args(str(_profile(t)), "--option", "seq_len=8"), "profile"),
+    ("profile-factory-raises", lambda t: ["profile", _factory(t, "raise RuntimeError('no GPU here')")],
+     "fix the factory"),
+    ("profile-factory-unknown-option", lambda t: ["profile", _factory(t, "return nn.Linear(2, 2), (torch.ones(1, 2),)"),
+                                                  "--option", "width=3"], "takes no option width"),
+    ("profile-unknown-dtype", lambda t: ["profile", "gpt-tiny", "--dtype", "float8"], "--dtype"),
+    ("run-a-profile-as-model", lambda t: ["run", "--plan-first", str(_profile(t)), "--global-batch", "8"],
+     "not a model a run can build"),
     ("run-nproc-zero", lambda t: ["run", str(_plan_file(t)), "--model", "gpt-tiny", "--nproc-per-node", "0"],
      "--nproc-per-node"),
     ("run-collective-timeout-zero", lambda t: ["run", str(_plan_file(t)), "--collective-timeout", "0"],

@@ -22,21 +22,41 @@ def _cluster(**kw) -> ClusterSpec:
 
 
 def test_all_reduce_inside_a_node_is_a_ring_on_the_intra_node_link():
-    comm, S = CommModel(_cluster()), 4e8
+    comm, S = CommModel(_cluster(collective_latency=2e-6)), 4e8
     group = place_group(4, 1, 4)
     assert not group.spans_nodes
-    expected = 2 * 3 * 1e-5 + 2 * 3 / 4 * S / (1e10 * 0.5)
+    # two ring passes, each NCCL's base latency + 3 steps on the intra-node link + 3/4 of the data
+    expected = 2 * (2e-6 + 3 * 1e-5) + 2 * 3 / 4 * S / (1e10 * 0.5)
     assert comm.all_reduce(S, group) == pytest.approx(expected, rel=1e-12)
 
 
 def test_all_reduce_across_nodes_is_hierarchical_and_bounded_by_the_inter_node_link():
-    comm, S = CommModel(_cluster()), 4e8
+    comm, S = CommModel(_cluster(collective_latency=2e-6)), 4e8
     group = place_group(8, 1, 4)  # 4 members on each of 2 nodes
     assert (group.per_node, group.nodes) == (4, 2)
-    intra_half = 3 * 1e-5 + 3 / 4 * S / (1e10 * 0.5)
-    inter_half = 1 * 1e-4 + 1 / 2 * (S / 4) / (1e9 * 0.5)
-    assert comm.all_reduce(S, group) == pytest.approx(2 * (intra_half + inter_half), rel=1e-12)
+    # NCCL ring latency: 7 steps, of which nodes-1 = 1 crosses the network; data: a local ring pass plus a
+    # ring pass of the 2 nodes on 1/4 of the data (one adapter per member).
+    latency = 2e-6 + 6 * 1e-5 + 1 * 1e-4
+    data = 3 / 4 * S / (1e10 * 0.5) + 1 / 2 * (S / 4) / (1e9 * 0.5)
+    assert comm.all_reduce(S, group) == pytest.approx(2 * (latency + data), rel=1e-12)
     assert comm.all_reduce(S, group) > comm.all_reduce(S, place_group(4, 1, 4))
+
+
+def test_collective_latency_grows_with_the_ranks_of_the_ring():
+    """NCCL's rings take one step per rank: a 1536-GPU all-reduce pays ~100x the latency of a 16-GPU one."""
+    cluster = load_cluster("dgx-a100-80gb", nodes=192)
+    comm = CommModel(cluster)
+    small, big = place_group(16, 1, 8), place_group(1536, 1, 8)
+    lat16, lat1536 = comm.all_reduce(1.0, small), comm.all_reduce(1.0, big)
+    intra, inter = cluster.intra_node.latency, cluster.inter_node.latency
+    assert lat1536 == pytest.approx(2 * (cluster.collective_latency + 1344 * intra + 191 * inter), rel=1e-3)
+    assert lat1536 > 50 * lat16
+    # the bandwidth part does not grow with the ranks: each adapter carries 1/8 of the data whatever the node count
+    S, eff = 1e10, cluster.comm_efficiency
+    local = 7 / 8 * S / (cluster.intra_node.bandwidth * eff)
+    expected = 2 * (local + 191 / 192 * S / 8 / (cluster.inter_node.bandwidth * eff))
+    assert comm.all_reduce(S, big) - lat1536 == pytest.approx(expected, rel=1e-6)
+    assert comm.all_reduce(S, big) - lat1536 < 2 * (comm.all_reduce(S, small) - lat16)
 
 
 def test_reduce_scatter_plus_all_gather_equals_all_reduce():
@@ -52,12 +72,28 @@ def test_p2p_uses_the_link_it_crosses():
     assert comm.p2p(1e6, True) == pytest.approx(1e-4 + 1e6 / 5e8)
 
 
-def test_mixed_precision_adamw_holds_16_bytes_per_parameter_and_zero3_divides_all_of_it():
-    assert estimate_state_bytes(DType.FP16, ZeroStage.NONE, 8).total == 16
-    assert estimate_state_bytes(DType.FP32, ZeroStage.NONE, 8).total == 16  # 4 + 4 + 8, no master copy
-    assert estimate_state_bytes(DType.BF16, ZeroStage.FULL, 8).total == pytest.approx(2)
-    z1 = estimate_state_bytes(DType.BF16, ZeroStage.OPTIMIZER, 4)
-    assert (z1.parameters, z1.gradients, z1.optimizer) == (2, 2, 3)
+def test_state_bytes_follow_the_executors_mixed_precision_by_hand():
+    """fp32 master parameters, gradients and moments (4 + 4 + 8) always; 16-bit compute adds a 2-byte copy."""
+    fp32 = estimate_state_bytes(DType.FP32, ZeroStage.NONE, 8)
+    assert (fp32.parameters, fp32.gradients, fp32.optimizer) == (4, 4, 8)
+    bf16 = estimate_state_bytes(DType.BF16, ZeroStage.NONE, 8)
+    assert (bf16.parameters, bf16.gradients, bf16.optimizer) == (4 + 2, 4, 8)  # autocast's saved bf16 casts
+    assert estimate_state_bytes(DType.FP16, ZeroStage.NONE, 8).total == 18
+    # ZeRO-3 without a pipeline: everything sharded (one gathered layer lives in the comm buffers)
+    z3 = estimate_state_bytes(DType.BF16, ZeroStage.FULL, 8, micro_batches=4)
+    assert z3.total == pytest.approx(16 / 8)
+    # ZeRO-3 in a pipeline: torch keeps the bf16 parameters unsharded after backward, gradients accumulate whole
+    z3p = estimate_state_bytes(DType.BF16, ZeroStage.FULL, 8, pipelined=True, micro_batches=4)
+    assert (z3p.parameters, z3p.gradients, z3p.optimizer) == (4 / 8 + 2, 4, 1)
+    # ZeRO-1 / 2 (FSDP2, reshard_after_forward=False): the bf16 parameters stay whole; ZeRO-1 syncs gradients
+    # once per step, so they stay whole over several micro-batches, ZeRO-2 reduce-scatters every micro-batch
+    z1 = estimate_state_bytes(DType.BF16, ZeroStage.OPTIMIZER, 4, micro_batches=2)
+    assert (z1.parameters, z1.gradients, z1.optimizer) == (1 + 2, 4, 2)
+    assert estimate_state_bytes(DType.BF16, ZeroStage.OPTIMIZER, 4, micro_batches=1).gradients == 1
+    z2 = estimate_state_bytes(DType.BF16, ZeroStage.GRADIENTS, 4, micro_batches=2)
+    assert (z2.parameters, z2.gradients, z2.optimizer) == (1 + 2, 1, 2)
+    # fp32 training under ZeRO-1/2 keeps a whole fp32 copy while the layers run
+    assert estimate_state_bytes(DType.FP32, ZeroStage.GRADIENTS, 4).parameters == 1 + 4
 
 
 def test_1f1b_keeps_p_minus_i_micro_batches_and_gpipe_keeps_all():
@@ -139,3 +175,42 @@ def test_small_gpt_blocks_take_longer_per_flop_than_large_ones():
     gemm_only = 1 / (peak * 0.65)
     assert small > 1.3 * gemm_only  # well above the GEMM-only rate...
     assert large < 1.1 * gemm_only  # ...while a large block is nearly all GEMM
+
+
+def _gpt_formula_profile():
+    from planner.gpt_formula import gpt_profile
+
+    return gpt_profile(num_layers=8, hidden=1024, heads=16, seq_len=1024, vocab_size=32000)
+
+
+def test_rank_times_are_the_cost_models_own_and_give_its_bubble():
+    """The chart's per-rank times: the bubble the prediction reports is (sum_r R_r - max_r R_r) / v of them."""
+    from planner import evaluate
+    from planner.strategy import ParallelDims, Recompute, StageSpec, Strategy
+
+    profile = _gpt_formula_profile()
+    cluster = load_cluster("dgx-a100-80gb")
+    cuts = profile.cut_points
+    stages = [StageSpec(start=0, stop=cuts[1]), StageSpec(start=cuts[1], stop=cuts[5]),
+              StageSpec(start=cuts[5], stop=profile.num_layers)]
+    s = Strategy(dims=ParallelDims(dp=1, tp=1, pp=3, world_size=3), micro_batch_size=1, num_micro_batches=6,
+                 recompute=Recompute.SELECTIVE, stages=stages)
+    pred = evaluate(profile, cluster.with_overrides(gpus_per_node=3), s)
+    per_rank = [t.forward + t.backward for t in pred.rank_times]
+    assert len(per_rank) == 3 and len(set(round(x, 12) for x in per_rank)) == 3  # unequal stages, unequal times
+    assert pred.time.bubble == pytest.approx(sum(per_rank) - max(per_rank), rel=1e-9)
+    assert all(0 < t.forward < t.backward for t in pred.rank_times)  # backward is about twice forward
+
+
+def test_full_recompute_working_set_is_reported_as_activations_not_buffers():
+    from planner import evaluate
+    from planner.strategy import ParallelDims, Recompute, StageSpec, Strategy
+
+    profile = _gpt_formula_profile()
+    cluster = load_cluster("dgx-a100-80gb", gpus_per_node=1)
+    one = dict(dims=ParallelDims(dp=1, tp=1, pp=1, world_size=1), micro_batch_size=2, num_micro_batches=1,
+               stages=[StageSpec(start=0, stop=profile.num_layers)])
+    full = evaluate(profile, cluster, Strategy(**one, recompute=Recompute.FULL)).memory[0]
+    assert full.comm_buffers == 0  # one device: no communication buffers at all
+    inputs = sum(2 * x.input_bytes for x in profile.layers)
+    assert full.activations > inputs  # the layer inputs kept plus the working set of the layer being recomputed

@@ -76,7 +76,9 @@ def test_gpt_block_tp_spec_is_megatron_pairs() -> None:
         assert tp.allreduce_bytes == s * h * 4
         # colwise q, k, v, fc_in with biases (7h^2 + 7h) plus rowwise o, fc_out weights (5h^2)
         assert tp.sharded_param_count == 12 * h * h + 7 * h
-    assert p.layers[0].tp is None and p.layers[-1].tp is None
+    # Embedding and head are vocabulary-parallel (tests/test_vocab_parallel.py), not Megatron pairs.
+    assert [sh.style for sh in p.layers[0].tp.shards] == [ShardStyle.VOCAB_ROWWISE]
+    assert [sh.style for sh in p.layers[-1].tp.shards] == [ShardStyle.VOCAB_COLWISE]
 
 
 def test_gqa_tp_divisor_is_the_kv_head_count() -> None:
@@ -109,9 +111,12 @@ class _PlannedBlock(_FusedQKVBlock):
     autopar_tp_divisor = 4
 
 
-def test_fused_qkv_projection_is_not_offered_for_tp() -> None:
+def test_fused_qkv_projection_is_sharded_per_piece_and_head() -> None:
     p = profile(nn.Sequential(_FusedQKVBlock(), _FusedQKVBlock()), torch.randn(2, 8, 32), cache=False)
-    assert all(layer.tp is None for layer in p.layers)
+    tp = p.layers[0].tp
+    assert [(s.module, s.style, s.segments) for s in tp.shards] == [
+        ("qkv", ShardStyle.COLWISE, [32, 32, 32]), ("out", ShardStyle.ROWWISE, None)]
+    assert tp.divisor == 4  # heads
 
 
 def test_tp_plan_class_attribute_overrides_detection() -> None:

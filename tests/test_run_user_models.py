@@ -66,11 +66,10 @@ def test_a_factory_without_an_example_batch_is_refused_with_the_fix(tmp_path):
 
 def test_profile_and_run_read_the_same_model_file_to_the_same_profile_hash():
     import profiler
-    from api.cli_run import _profile_for
-    from executor.sources import resolve_model
     from profiler.factory import load_factory
+    from profiler.resolve import resolve_profile
 
     name = str(ROOT / MODEL)
     loaded = load_factory(name, batch_size=1)
     profiled = profiler.profile(loaded.module, loaded.inputs, cache=False)
-    assert _profile_for(name, resolve_model(name), "float32").profile_hash == profiled.profile_hash
+    assert resolve_profile(name, dtype="float32", cache=False).profile.profile_hash == profiled.profile_hash

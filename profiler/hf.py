@@ -1,0 +1,265 @@
+"""Hugging Face transformers models as the profiler sees them: layers, tensor parallelism, MoE and inputs.
+
+torch.fx cannot trace transformers 5 models, so what the profiler learns from a trace elsewhere comes from the
+model's own declarations here:
+
+- Layers: every `nn.ModuleList` of identical blocks the forward calls (`model.layers.N`, `transformer.h.N`,
+  `bert.encoder.layer.N`, T5's `encoder.block.N` and `decoder.block.N`), each block one layer, plus the modules
+  called around them (embeddings, final norm, head). Helpers without parameters (`rotary_emb`, an embedding
+  dropout) are not layers: their work runs in the glue between layers, and the blocks receive what they compute.
+- Tensor parallelism: the config's `base_model_tp_plan` (module-path patterns, `*` for the block index). The
+  Megatron styles `colwise` / `rowwise` become the layer's `autopar_tp_plan` (see `profiler.tensor_parallel`),
+  with the divisor the KV heads (or heads). Any other style in a layer (`packed_colwise`, `moe_tp_experts`,
+  `replicated_with_grad_allreduce`, ...) means no TP for that layer, logged: half a plan would train a different
+  function or be costed as sharded when it is not.
+- Layers are counted and timed without the key/value cache object the model's forward creates and hands to every
+  layer (`drop_caches`): a training step uses none, and kept in a layer's recorded call, each recount or timing of
+  the layer appended to it (attention over a growing key length, then "backward through the graph a second time").
+  The whole model keeps `use_cache` as configured: without a cache, transformers reads position values to look for
+  packed sequences, which meta cannot.
+- Mixture of experts: grouped-matmul experts count on meta in any precision (transformers' fallback kernel, whose
+  FLOPs `profiler.flop_formulas` counts), and `active_param_count` gives the parameters one token uses (top-k
+  experts).
+- `attention_mask`: transformers reads its values to build the mask, which the meta device cannot; an all-ones mask
+  is dropped (transformers skips it as well), a padded one is refused with the fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from profiler.errors import ProfileError
+from profiler.recording import LayerCall
+
+logger = logging.getLogger(__name__)
+
+_SUPPORTED_STYLES = ("colwise", "rowwise")
+_META_EXPERTS = "autopar_meta_grouped_mm"
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    """Whether `model` is a transformers `PreTrainedModel` (checked without importing transformers)."""
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "PreTrainedModel"
+               for c in type(model).__mro__)
+
+
+def is_hf_module(module: nn.Module) -> bool:
+    """Whether `module`'s class comes from transformers (a decoder layer, an attention block, ...)."""
+    return type(module).__module__.startswith("transformers.")
+
+
+def _is_cache(value: Any) -> bool:
+    return any(c.__module__.startswith("transformers.") and c.__name__ == "Cache" for c in type(value).__mro__)
+
+
+def drop_caches(records: dict[str, LayerCall]) -> None:
+    """Replace every transformers `Cache` object in the recorded layer calls by None (see the module docstring)."""
+    for call in records.values():
+        call.args = tuple(None if _is_cache(v) else v for v in call.args)
+        call.kwargs = {k: None if _is_cache(v) else v for k, v in call.kwargs.items()}
+
+
+def prepare_copy(model: nn.Module, dtype: torch.dtype) -> None:
+    """Let a meta copy the profiler owns count grouped-matmul experts in any dtype; no-op for other models."""
+    if not is_hf_model(model):
+        return
+    on_meta = any(p.device.type == "meta" for p in model.parameters())
+    if on_meta and dtype != torch.bfloat16 and _has_grouped_experts(model):
+        _use_meta_experts(model)
+
+
+def _has_grouped_experts(model: nn.Module) -> bool:
+    return any(getattr(getattr(m, "config", None), "_experts_implementation", None) == "grouped_mm"
+               for m in model.modules() if hasattr(m, "num_experts"))
+
+
+def _use_meta_experts(model: nn.Module) -> None:
+    """Grouped-matmul experts through transformers' fallback kernel: torch's `_grouped_mm` refuses anything but
+    bfloat16 on meta, the fallback takes every dtype and costs the same GEMMs."""
+    from transformers.integrations import moe
+
+    if _META_EXPERTS not in moe.ALL_EXPERTS_FUNCTIONS:
+        def forward(self, *args, **kwargs):
+            original = moe._can_use_grouped_mm
+            moe._can_use_grouped_mm = lambda *_a, **_k: False
+            try:
+                return moe.grouped_mm_experts_forward(self, *args, **kwargs)
+            finally:
+                moe._can_use_grouped_mm = original
+
+        moe.ExpertsInterface.register(_META_EXPERTS, forward)
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        if hasattr(m, "num_experts") and getattr(config, "_experts_implementation", None) == "grouped_mm":
+            config._experts_implementation_internal = _META_EXPERTS
+    from profiler import flop_formulas
+
+    flop_formulas.register_transformers_fallback()
+
+
+def meta_safe_inputs(model: nn.Module, inputs: tuple) -> tuple:
+    """`inputs` (positional, as `forward` takes them) with an all-ones `attention_mask` left out (see the module
+    docstring); a padded or unreadable mask raises a one-line `ProfileError` naming the fix."""
+    if not is_hf_model(model):
+        return inputs
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return inputs
+    if "attention_mask" not in names or names.index("attention_mask") >= len(inputs):
+        return inputs
+    i = names.index("attention_mask")
+    mask = inputs[i]
+    if not isinstance(mask, torch.Tensor):
+        return inputs
+    if mask.device.type == "meta":
+        raise ProfileError("the example attention_mask is on the meta device, whose values transformers reads to "
+                           "build the mask; pass it as a real tensor (all ones) or leave it out")
+    if not bool((mask == 1).all()):
+        raise ProfileError("the example attention_mask has padding, which transformers reads tensor values for and "
+                           "the meta device used for counting cannot; profile with an unpadded batch (no mask, or "
+                           "all ones): padding does not change the work counted")
+    return (*inputs[:i], None, *inputs[i + 1:])
+
+
+def _block_lists(model: nn.Module, called: dict[str, int]) -> list[str]:
+    """Outermost ModuleLists of identical blocks that the forward calls, in model order."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(name.startswith(f + ".") for f in found):
+            continue
+        children = list(module.named_children())
+        kinds = {(type(m), tuple((n, tuple(p.shape)) for n, p in m.named_parameters())) for _, m in children}
+        if len(kinds) == 1 and all(f"{name}.{c}" in called for c, _ in children):
+            found.append(name)
+    return found
+
+
+def layer_names(model: nn.Module, called: dict[str, int]) -> list[str] | None:
+    """The layers of a transformers model (see the module docstring), unordered; None for other models or when no
+    repeated blocks are found. `called`: module name -> position of its first call in one forward."""
+    if not is_hf_model(model):
+        return None
+    lists = _block_lists(model, called)
+    if not lists:
+        return None
+    blocks: set[str] = set()
+    names: list[str] = []
+
+    def collect(module: nn.Module, prefix: str) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}{child_name}"
+            if name in lists:
+                members = [f"{name}.{c}" for c, _ in child.named_children()]
+                blocks.update(members)
+                names.extend(members)
+            elif any(b.startswith(name + ".") for b in lists) or name not in called:
+                collect(child, name + ".")
+            else:
+                names.append(name)
+
+    collect(model, "")
+    helpers = [n for n in names if n not in blocks and not any(True for _ in model.get_submodule(n).parameters())]
+    if helpers:
+        logger.info("%s: %s have no parameters and are not layers of their own", type(model).__name__,
+                    ", ".join(helpers))
+    return [n for n in names if n not in helpers]
+
+
+def _base_prefix(model: nn.Module) -> str | None:
+    base = getattr(model, "base_model", None)
+    if base is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is base), None)
+
+
+def _pattern(key: str) -> re.Pattern:
+    return re.compile(re.escape(key).replace(r"\*", r"\d+"))
+
+
+def layer_tp_plans(model: nn.Module, names: list[str]) -> dict[str, dict[str, str] | None]:
+    """Per layer that the config's `base_model_tp_plan` covers: {Linear path in the layer: 'colwise'|'rowwise'},
+    or None when the plan gives it a style autopar cannot run (logged). Layers it does not cover are left out."""
+    config = getattr(model, "config", None)
+    plan = getattr(config, "base_model_tp_plan", None)
+    prefix = _base_prefix(model)
+    if not is_hf_model(model) or not plan or prefix is None:
+        return {}
+    patterns = [(_pattern(key), key, style) for key, style in plan.items()]
+    out: dict[str, dict[str, str] | None] = {}
+    for name in names:
+        if prefix and not name.startswith(prefix + "."):
+            continue
+        relative = name[len(prefix) + 1:] if prefix else name
+        layer = model.get_submodule(name)
+        paths = {sub: m for sub, m in layer.named_modules() if sub}
+        paths.update({sub: p for sub, p in layer.named_parameters()})
+        styles: dict[str, str] = {}
+        refused: list[str] = []
+        for sub, target in paths.items():
+            for regex, key, style in patterns:
+                if not regex.fullmatch(f"{relative}.{sub}"):
+                    continue
+                if style not in _SUPPORTED_STYLES:
+                    refused.append(f"'{key}': '{style}'")
+                elif not isinstance(target, nn.Linear):
+                    refused.append(f"'{key}': '{style}' on a {type(target).__name__}")
+                else:
+                    styles[sub] = style
+        if refused:
+            logger.info("%s: no tensor parallelism (its tp plan has %s, which autopar's TP shards do not express)",
+                        name, ", ".join(sorted(set(refused))))
+            out[name] = None
+        elif styles:
+            out[name] = styles
+    return out
+
+
+def tp_divisor(model: nn.Module, layer: nn.Module, styles: dict[str, str]) -> int:
+    """What the TP degree must divide: the KV heads (else the heads), and every split Linear width."""
+    config = getattr(model, "config", None)
+    heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None) or 0
+    widths = [layer.get_submodule(p).out_features if s == "colwise" else layer.get_submodule(p).in_features
+              for p, s in styles.items()]
+    return math.gcd(int(heads), *widths)
+
+
+def annotate_tp(model: nn.Module, names: list[str]) -> None:
+    """Give each layer of a profiler-owned copy its tp plan as `autopar_tp_plan` / `autopar_tp_divisor` (read by
+    `profiler.tensor_parallel`); a plan the user set on a layer's class wins."""
+    for name, styles in layer_tp_plans(model, names).items():
+        layer = model.get_submodule(name)
+        if hasattr(type(layer), "autopar_tp_plan"):
+            continue
+        layer.autopar_tp_plan = styles
+        if styles is not None:
+            layer.autopar_tp_divisor = tp_divisor(model, layer, styles)
+
+
+def active_param_count(layer: nn.Module, params: list[nn.Parameter]) -> int | None:
+    """Parameters of `params` (the layer's own) that one token uses, when the layer holds experts of which each token
+    runs top-k: the experts' weights count k / num_experts. None when the layer has no experts."""
+    ids = {id(p) for p in params}
+    expert_total = active = 0
+    for m in layer.modules():
+        experts = getattr(m, "num_experts", None)
+        config = getattr(m, "config", None)
+        top_k = getattr(m, "top_k", None) or getattr(config, "num_experts_per_tok", None)
+        own = [p for p in m.parameters(recurse=False) if id(p) in ids and p.dim() == 3]
+        if not isinstance(experts, int) or not isinstance(top_k, int) or not own or experts < 1:
+            continue
+        n = sum(p.numel() for p in own)
+        expert_total += n
+        active += n * min(top_k, experts) // experts
+    if not expert_total:
+        return None
+    return sum(p.numel() for p in params) - expert_total + active

@@ -1,0 +1,252 @@
+"""Hugging Face transformers models as first-class citizens (profiler.hf, executor.hf_tp): tiny GPT-2, Llama with
+grouped-query attention, BERT and Mixtral built from configs with random weights.
+
+Closed forms come from the configs alone. FLOPs are counted the way FlopCounterMode counts them: 2 per
+multiply-accumulate, attention scores over all S x S positions (the math kernel), per sample.
+This file is also the worker program of the tensor-parallel training test (run under torchrun).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import executor_support as sup
+
+transformers = pytest.importorskip("transformers") if __name__ != "__main__" else __import__("transformers")
+
+S, V, P = 8, 64, 16  # tokens per sample, vocabulary, positions
+H, HEADS, KV, INTER, LAYERS = 32, 4, 2, 64, 2
+EXPERTS, TOP_K = 4, 2
+HD = H // HEADS
+LR, STEPS, TOL = 0.1, 3, 1e-5
+
+
+def gpt2() -> torch.nn.Module:
+    """Tiny GPT2LMHeadModel (head tied to the token embedding), dropout off."""
+    cfg = transformers.GPT2Config(n_layer=LAYERS, n_embd=H, n_head=HEADS, vocab_size=V, n_positions=P,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def llama() -> torch.nn.Module:
+    """Tiny LlamaForCausalLM with grouped-query attention (2 KV heads for 4 query heads)."""
+    cfg = transformers.LlamaConfig(num_hidden_layers=LAYERS, hidden_size=H, intermediate_size=INTER,
+                                   num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
+                                   max_position_embeddings=P, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def bert() -> torch.nn.Module:
+    """Tiny BertForMaskedLM (decoder tied to the word embedding), dropout off."""
+    cfg = transformers.BertConfig(num_hidden_layers=LAYERS, hidden_size=H, intermediate_size=INTER,
+                                  num_attention_heads=HEADS, vocab_size=V, max_position_embeddings=P,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return transformers.BertForMaskedLM(cfg)
+
+
+def mixtral() -> torch.nn.Module:
+    """Tiny MixtralForCausalLM: 4 experts, top-2 routing."""
+    cfg = transformers.MixtralConfig(num_hidden_layers=LAYERS, hidden_size=H, intermediate_size=INTER,
+                                     num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
+                                     max_position_embeddings=P, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    return transformers.MixtralForCausalLM(cfg)
+
+
+def batch(size: int, seed: int = 0, *, mask: bool = False) -> dict[str, torch.Tensor]:
+    """Token ids with labels (the model computes its own loss), optionally an all-ones attention mask."""
+    ids = torch.randint(1, V, (size, S), generator=torch.Generator().manual_seed(seed))
+    out = {"input_ids": ids, "labels": ids.clone()}
+    return {**out, "attention_mask": torch.ones_like(ids)} if mask else out
+
+
+def _profile(factory, *, device="meta", inputs=None, **kw):
+    import profiler
+
+    torch.manual_seed(0)
+    return profiler.profile(factory(), inputs if inputs is not None else batch(2), device=device, cache=False, **kw)
+
+
+# Per-sample closed forms from the configs.
+ATTN_CORE = 2 * 2 * S * S * HD * HEADS  # QK^T and scores x V
+GQA_PROJ = 2 * S * H * (H + 2 * KV * HD + H)  # q, k, v, o
+BLOCK_FLOPS = {
+    "gpt2": 2 * S * H * (3 * H + H + 4 * H + 4 * H) + ATTN_CORE,
+    "llama": GQA_PROJ + 3 * 2 * S * H * INTER + ATTN_CORE,
+    "bert": 2 * S * H * 4 * H + 2 * 2 * S * H * INTER + ATTN_CORE,
+    "mixtral": GQA_PROJ + ATTN_CORE + 2 * S * H * EXPERTS + S * TOP_K * 3 * 2 * H * INTER,
+}
+EXPERT_PARAMS = EXPERTS * 3 * H * INTER
+PARAMS = {
+    "gpt2": V * H + P * H + LAYERS * (4 * H + 3 * H * H + 3 * H + H * H + H + 8 * H * H + 5 * H) + 2 * H,
+    "llama": 2 * V * H + LAYERS * (2 * H * H + 2 * H * KV * HD + 3 * H * INTER + 2 * H) + H,
+    "bert": (V * H + P * H + 2 * H + 2 * H) + LAYERS * (4 * (H * H + H) + 2 * H * INTER + INTER + H + 4 * H)
+    + (H * H + H + 2 * H + V),
+    "mixtral": 2 * V * H + LAYERS * (2 * H * H + 2 * H * KV * HD + EXPERTS * H + EXPERT_PARAMS + 2 * H) + H,
+}
+FACTORIES = {"gpt2": gpt2, "llama": llama, "bert": bert, "mixtral": mixtral}
+BLOCKS = {"gpt2": "transformer.h.", "llama": "model.layers.", "bert": "bert.encoder.layer.", "mixtral": "model.layers."}
+
+
+@pytest.fixture(scope="module")
+def profiles():
+    return {name: _profile(factory) for name, factory in FACTORIES.items()}
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_parameter_count_equals_the_closed_form_of_the_config(profiles, name):
+    assert profiles[name].param_count == PARAMS[name]
+
+
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_every_block_is_a_layer_with_forward_flops_of_the_closed_form(profiles, name):
+    blocks = [layer for layer in profiles[name].layers if layer.name.startswith(BLOCKS[name])]
+    assert [b.name for b in blocks] == [f"{BLOCKS[name]}{i}" for i in range(LAYERS)]
+    for block in blocks:
+        assert block.fwd_flops == pytest.approx(BLOCK_FLOPS[name], rel=0.03)
+
+
+def test_llama_layers_are_embedding_blocks_norm_head_and_rotary_is_folded_away(profiles):
+    names = [layer.name for layer in profiles["llama"].layers]
+    assert names == ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+
+
+def test_llama_tp_plan_shards_attention_and_mlp_of_every_block_by_kv_heads(profiles):
+    for layer in profiles["llama"].layers:
+        if not layer.name.startswith("model.layers."):
+            continue
+        shards = {s.module: s.style.value for s in layer.tp.shards}
+        assert shards == {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+                          "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+                          "mlp.down_proj": "rowwise"}
+        assert layer.tp.divisor == KV
+        assert layer.tp.sharded_param_count == 2 * H * H + 2 * H * KV * HD + 3 * H * INTER
+
+
+def test_models_without_a_runnable_tp_plan_offer_no_block_tp(profiles):
+    # GPT-2 has no base_model_tp_plan (and Conv1D projections); Mixtral's experts use styles autopar cannot run.
+    assert transformers.GPT2Config.base_model_tp_plan is None
+    for name in ("gpt2", "mixtral"):
+        assert all(layer.tp is None for layer in profiles[name].layers if layer.name.startswith(BLOCKS[name]))
+
+
+def test_mixtral_records_active_parameters_of_top_k_experts(profiles):
+    p = profiles["mixtral"]
+    assert p.active_param_count == PARAMS["mixtral"] - LAYERS * EXPERT_PARAMS * (EXPERTS - TOP_K) // EXPERTS
+    assert profiles["llama"].active_param_count == profiles["llama"].param_count
+
+
+def test_mixtral_counts_the_same_in_bfloat16_and_float32():
+    fp32, bf16 = _profile(mixtral, dtype="float32"), _profile(mixtral, dtype="bfloat16")
+    assert [x.fwd_flops for x in fp32.layers] == [x.fwd_flops for x in bf16.layers]
+
+
+def test_measured_cpu_profile_of_llama_times_every_layer_without_a_growing_cache():
+    p = _profile(llama, device="cpu", warmup=0, repeats=1)
+    assert p.step is not None and p.step.fwd_bwd_seconds > 0
+    assert all(layer.fwd_seconds is not None and layer.bwd_seconds is not None for layer in p.layers)
+    calls = [c for layer in p.layers for c in layer.attention]
+    assert calls and all(c.kv_len == S for c in calls)  # a reused key/value cache would have grown it
+
+
+def test_all_ones_attention_mask_counts_like_no_mask_and_padding_is_refused_with_the_fix(profiles):
+    from profiler.errors import ProfileError
+
+    masked = _profile(llama, inputs=batch(2, mask=True))
+    assert [x.fwd_flops for x in masked.layers] == [x.fwd_flops for x in profiles["llama"].layers]
+    padded = batch(2, mask=True)
+    padded["attention_mask"][0, -2:] = 0
+    with pytest.raises(ProfileError, match="padding"):
+        _profile(llama, inputs=padded)
+
+
+def test_plan_for_llama3_8b_shape_on_8_dgx_h100_finishes_in_10_s():
+    from planner.cluster import load_cluster
+    from planner.planning import plan
+
+    cfg = transformers.LlamaConfig(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                   max_position_embeddings=8192)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.zeros(1, 2048, dtype=torch.long)
+    started = time.perf_counter()
+    result = plan(model, load_cluster("dgx-h100", nodes=8), global_batch_size=512,
+                  example_inputs={"input_ids": ids, "labels": ids}, time_limit_s=5.0)
+    assert time.perf_counter() - started < 10
+    assert result.strategy.dims.world_size == 64
+
+
+# --- tensor-parallel training: tp=2 trains exactly the single-process model -------------------------------------
+
+def _tp_strategy(num_layers: int):
+    return sup.strategy(tp=2, num_layers=num_layers)
+
+
+def _reference_losses(global_batch: int) -> list[float]:
+    from executor.init import build_initialized
+
+    net = build_initialized(llama, seed=sup.SEED)
+    opt = torch.optim.SGD(net.parameters(), lr=LR)
+    losses = []
+    for step in range(STEPS):
+        full = batch(global_batch, seed=100 + step)
+        total = 0.0
+        for i in range(2):  # the strategy's two micro-batches
+            micro = {k: v[i * global_batch // 2:(i + 1) * global_batch // 2] for k, v in full.items()}
+            loss = net(**micro).loss
+            (loss / 2).backward()
+            total += loss.item() / 2
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses
+
+
+def _worker(cases_path: str, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from executor import apply_plan, init_distributed
+    from executor.worker import teardown
+    from planner.model_profile import ModelProfile
+
+    payload = json.loads(Path(cases_path).read_text())
+    profile = ModelProfile.model_validate(payload["profile"])
+    device = init_distributed("cpu")
+    st = _tp_strategy(profile.num_layers)
+    pm = apply_plan(st, llama, profile, device=device, seed=sup.SEED, example_inputs=batch(st.micro_batch_size))
+    sharded = sorted(n for n, p in pm.parts[0].named_parameters() if type(p).__name__ == "DTensor")
+    opts = [torch.optim.SGD(p.parameters(), lr=LR) for p in pm.parts]
+    losses = []
+    for step in range(STEPS):
+        local = pm.forward_backward(pm.local_batch(batch(st.global_batch_size, seed=100 + step)))
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        losses.append(pm.global_loss(local))
+    if dist.get_rank() == 0:
+        Path(out_path).write_text(json.dumps({"losses": losses, "sharded": sharded}))
+    teardown()
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(200)
+def test_llama_gqa_tp2_trains_the_single_process_model(profiles, tmp_path):
+    profile = profiles["llama"]
+    cases, out = tmp_path / "cases.json", tmp_path / "out.json"
+    sup.run_workers(__file__, 2, {"profile": profile.model_dump(mode="json")}, cases, out, timeout=180)
+    result = json.loads(out.read_text())
+    assert "model.layers.0.self_attn.k_proj.weight" in result["sharded"]
+    assert "model.layers.1.mlp.down_proj.weight" in result["sharded"]
+    ref = _reference_losses(_tp_strategy(profile.num_layers).global_batch_size)
+    assert max(abs(a - b) for a, b in zip(result["losses"], ref, strict=True)) <= TOL, (result["losses"], ref)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
