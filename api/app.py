@@ -22,7 +22,7 @@ from api.deps import require_api_key
 from api.errors import error_responses, install_error_handlers
 from api.middleware import BodyLimitMiddleware
 from api.routes import health, v1
-from api.runner import SearchRunner
+from api.runner import ResultCache, SearchRunner
 from api.service import ServiceContext
 from api.settings import Settings
 from api.storage import Storage
@@ -35,7 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     storage = Storage(settings.db_path)
     runner = SearchRunner(workers=settings.search_workers, max_pending=settings.max_pending_searches,
-                          timeout_s=settings.request_timeout_s)
+                          timeout_s=settings.request_timeout_s, max_per_client=settings.max_searches_per_client)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -50,14 +50,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Plans data / tensor / pipeline parallel training for a model on a cluster, and remembers them.",
         lifespan=lifespan,
     )
-    app.state.ctx = ServiceContext(settings=settings, storage=storage, runner=runner)
+    app.state.ctx = ServiceContext(settings=settings, storage=storage, runner=runner,
+                                   evaluations=ResultCache(settings.evaluate_cache_entries))
     install_error_handlers(app)
     app.include_router(health)
     if settings.api_keys:
         app.include_router(v1, dependencies=[Depends(require_api_key)], responses=error_responses(401))
     else:
         app.include_router(v1)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, api_keys=settings.api_keys)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, api_keys=settings.api_keys,
+                       body_timeout_s=settings.body_timeout_s)
     return app
 
 

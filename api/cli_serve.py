@@ -8,7 +8,8 @@
 A key given with `--api-key` is visible to every user in `ps`; prefer `--api-key-file` or `AUTOPAR_API_KEYS`.
 
 Other limits come from AUTOPAR_* environment variables (see `api.settings.Settings`), e.g.
-AUTOPAR_MAX_SOLVER_SECONDS=30 AUTOPAR_SEARCH_WORKERS=4 autopar serve.
+AUTOPAR_MAX_SOLVER_SECONDS=30 AUTOPAR_SEARCH_WORKERS=4 autopar serve; slow clients are dropped after
+AUTOPAR_HEADER_TIMEOUT_S / AUTOPAR_BODY_TIMEOUT_S, idle keep-alive connections after AUTOPAR_KEEP_ALIVE_S.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve plans over HTTP: POST /v1/plans, GET /v1/plans, /v1/evaluate, /v1/profiles; docs at /docs."""
-    import uvicorn
+    from api.server import run_server, server_config
 
     keys_given = (*(api_key or ()), *(read_api_keys(api_key_file) if api_key_file is not None else ()))
     settings = Settings.from_env(db_path=db, api_keys=keys_given or None)
@@ -70,12 +71,13 @@ def serve(
     if workers == 1:
         from api.app import create_app
 
-        uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level)
+        run_server(server_config(create_app(settings), settings, host=host, port=port, log_level=log_level))
         return
     # Worker processes build their own app from the environment, so hand them the validated settings that way.
     for name, value in settings.model_dump(mode="json", exclude_none=True).items():
         os.environ[ENV_PREFIX + name.upper()] = json.dumps(value) if isinstance(value, list) else str(value)
-    uvicorn.run("api.app:app_from_env", factory=True, host=host, port=port, workers=workers, log_level=log_level)
+    run_server(server_config("api.app:app_from_env", settings, factory=True, host=host, port=port, workers=workers,
+                             log_level=log_level))
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from typing import Annotated
 
@@ -21,6 +22,18 @@ def get_context(request: Request) -> ServiceContext:
 
 
 Context = Annotated[ServiceContext, Depends(get_context)]
+
+
+def client_id(request: Request) -> str:
+    """Who the request counts against for the per-client concurrency limit: its API key (hashed, never logged in
+    clear) when it carries one, else its peer address (behind a proxy every client shares the proxy's address)."""
+    key = request.headers.get("x-api-key") or request.headers.get("authorization")
+    if key:
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "unknown")
+
+
+ClientId = Annotated[str, Depends(client_id)]
 
 
 def require_api_key(

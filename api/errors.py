@@ -135,8 +135,10 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting the error shape for these statuses."""
     text = {
-        400: "Unreadable request body", 401: "Missing or wrong API key", 404: "Not found", 413: "Request body too large",
-        422: "Invalid request (the field says which part)", 503: "Too many searches in flight",
+        400: "Unreadable request body", 401: "Missing or wrong API key", 404: "Not found", 408: "Request body too slow",
+        413: "Request body too large",
+        409: "Still referenced", 422: "Invalid request (the field says which part)",
+        429: "This client's concurrency limit reached", 503: "Too many searches in flight",
         504: "Search exceeded the wall-clock guard",
     }
     return {s: {"model": ErrorResponse, "description": text.get(s, "Error")} for s in statuses}

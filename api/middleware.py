@@ -5,10 +5,13 @@
 - Body limit: a declared `Content-Length` over the limit is refused at once; whatever the headers say (a small
   `Content-Length` beside `Transfer-Encoding: chunked`, or none), the bytes are counted as they arrive and the request
   is refused with 413 as soon as they pass the limit. The body is buffered (at most the limit) and replayed to the app.
+- Body timeout: a body that has not fully arrived `body_timeout_s` after the request head gets 408 and the
+  connection is closed, so a client trickling bytes cannot hold a connection (the head is timed by `api.server`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from typing import Any
@@ -39,10 +42,12 @@ def key_is_valid(headers: dict[bytes, bytes], keys: tuple[str, ...]) -> bool:
 class BodyLimitMiddleware:
     """Answer 401 to unauthenticated /v1 requests and 413 to bodies over `max_bytes` (see the module docstring)."""
 
-    def __init__(self, app: Any, max_bytes: int, api_keys: tuple[str, ...] | None = None) -> None:
+    def __init__(self, app: Any, max_bytes: int, api_keys: tuple[str, ...] | None = None,
+                 body_timeout_s: float = 30.0) -> None:
         """Wrap the ASGI `app`."""
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout_s = body_timeout_s
         self.api_keys = tuple(api_keys or ())
 
     async def _send_all(self, send: Any, messages: list[Message]) -> None:
@@ -77,8 +82,16 @@ class BodyLimitMiddleware:
         # Count what actually arrives: a declared length is only a claim.
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                await self._send_all(send, _error(
+                    408, "body_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s; send "
+                    "it at once (and check Content-Length matches the body)", "body"))
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

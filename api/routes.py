@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 import planner
-from api import service
-from api.deps import Context
+from api import evaluation, retention, service
+from api.deps import ClientId, Context
 from api.errors import error_responses
 from api.schemas import (
     ClusterList,
@@ -53,11 +53,15 @@ def readyz(ctx: Context, response: Response) -> Health:
 @v1.post(
     "/plans", response_model=PlanResponse, status_code=status.HTTP_201_CREATED,
     responses={200: {"model": PlanResponse, "description": "Served from the store (cached)"},
-               **error_responses(503, 504)},
+               **error_responses(429, 503, 504)},
 )
-async def create_plan(body: PlanRequest, ctx: Context, response: Response) -> PlanResponse:
-    """Search the best plan for a model on a cluster (201), or answer the stored one for the same request (200)."""
-    result, created = await service.create_plan(body, ctx)
+async def create_plan(body: PlanRequest, ctx: Context, client: ClientId, request: Request,
+                      response: Response) -> PlanResponse:
+    """Search the best plan for a model on a cluster (201), or answer the stored one for the same request (200).
+
+    A client has at most `max_searches_per_client` searches running (429 past it); a search whose client
+    disconnects is cancelled."""
+    result, created = await service.create_plan(body, ctx, client=client, disconnected=request.is_disconnected)
     if not created:
         response.status_code = status.HTTP_200_OK
     return result
@@ -86,11 +90,11 @@ def delete_plan(plan_id: PlanId, ctx: Context) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@v1.post("/evaluate", response_model=EvaluateResponse, responses=error_responses(503, 504))
-async def evaluate(body: EvaluateRequest, ctx: Context) -> EvaluateResponse:
-    """Predict step time, throughput and memory of a strategy you choose (what-if); nothing is stored."""
-    (strategy, prediction), _ = await ctx.runner.run(None, service.evaluate_strategy, body, ctx)
-    return EvaluateResponse(strategy=strategy, prediction=prediction)
+@v1.post("/evaluate", response_model=EvaluateResponse, responses=error_responses(429, 503, 504))
+async def evaluate(body: EvaluateRequest, ctx: Context, client: ClientId, request: Request) -> EvaluateResponse:
+    """Predict step time, throughput and memory of a strategy you choose (what-if); answers are cached in memory
+    and equal requests in flight share one evaluation (nothing is written to the database)."""
+    return await evaluation.evaluate(body, ctx, client=client, disconnected=request.is_disconnected)
 
 
 @v1.post("/profiles", response_model=ProfileCreated, status_code=status.HTTP_201_CREATED,
@@ -107,6 +111,17 @@ async def upload_profile(body: ModelProfile, ctx: Context, response: Response) -
 def get_profile(profile_id: ProfileId, ctx: Context) -> StoredProfile:
     """A stored profile."""
     return service.get_profile(profile_id, ctx.storage)
+
+
+@v1.delete("/profiles/{profile_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 409))
+def delete_profile(
+    profile_id: ProfileId, ctx: Context,
+    cascade: Annotated[bool, Query(description="Also delete the stored plans made from this profile.")] = False,
+) -> Response:
+    """Forget a stored profile. Refused (409) while stored plans were made from it, unless `cascade=true`, which
+    deletes those plans too."""
+    retention.delete_profile(profile_id, ctx.storage, cascade=cascade)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @v1.get("/clusters", response_model=ClusterList)

@@ -200,6 +200,7 @@ class EvaluateResponse(BaseModel):
 
     strategy: Strategy = Field(description="The strategy scored.")
     prediction: Prediction = Field(description="Step time, throughput and per-rank memory.")
+    cached: bool = Field(default=False, description="Answered from the server's cache of equal what-if requests.")
 
 
 class ProfileCreated(BaseModel):

@@ -7,6 +7,7 @@ cluster data; sizes, world sizes and solver time are bounded by `Settings`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,10 +24,10 @@ from starlette.concurrency import run_in_threadpool
 
 import planner
 from api.errors import ApiError
-from api.runner import SearchRunner
+from api.retention import apply_retention
+from api.runner import ResultCache, SearchRunner
 from api.schemas import (
     ClusterRef,
-    EvaluateRequest,
     ModelRef,
     PlanPage,
     PlanRequest,
@@ -45,18 +46,19 @@ from planner.cluster import PRESETS, ClusterError, ClusterSpec, load_cluster, pr
 from planner.errors import AutoparError
 from planner.model_profile import ModelProfile
 from planner.precision import default_dtype
-from planner.strategy import Plan, Prediction, Strategy
+from planner.strategy import Plan
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class ServiceContext:
-    """Everything a request handler needs: settings, storage and the search pool."""
+    """Everything a request handler needs: settings, storage, the search pool and the what-if answer cache."""
 
     settings: Settings
     storage: Storage
     runner: SearchRunner
+    evaluations: ResultCache = dataclasses.field(default_factory=lambda: ResultCache(256))
 
 
 @dataclass(frozen=True)
@@ -69,13 +71,14 @@ class ResolvedModel:
     zoo: ZooModelRef | None = None
 
 
-def _digest(data: Any) -> str:
+def digest(data: Any) -> str:
+    """SHA-256 of `data` as canonical JSON: the content key of a request or profile."""
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def profile_id(profile: ModelProfile) -> str:
     """Content id of a profile: equal profiles get equal ids."""
-    return "prof-" + _digest(profile.model_dump(mode="json"))[:24]
+    return "prof-" + digest(profile.model_dump(mode="json"))[:24]
 
 
 def _stored_json(obj: BaseModel, what: str) -> str:
@@ -258,7 +261,7 @@ def prepare_plan(request: PlanRequest, ctx: ServiceContext) -> PlanJob:
         "seed": opts.seed,
     }
     return PlanJob(
-        key=_digest(normalised), normalised=normalised, model=model, cluster=cluster,
+        key=digest(normalised), normalised=normalised, model=model, cluster=cluster,
         global_batch_size=request.global_batch_size, objective=opts.objective.value, top_k=opts.top_k,
         time_limit_s=time_limit, seed=opts.seed,
     )
@@ -273,8 +276,9 @@ class SearchOutcome:
     inserted: bool
 
 
-def search_and_store(job: PlanJob, ctx: ServiceContext) -> SearchOutcome:
-    """Profile (zoo models), search and store the plan; runs on the search pool."""
+def search_and_store(job: PlanJob, ctx: ServiceContext, cancel: threading.Event | None = None) -> SearchOutcome:
+    """Profile (zoo models), search and store the plan; runs on the search pool. Setting `cancel` stops the search
+    (`planner.budget.PlanCancelled`); `job.time_limit_s` bounds graph preparation and search together."""
     # Checked again here: an equal request may have stored its plan between our lookup and this job's start.
     stored = ctx.storage.find_plan(job.key)
     if stored is not None:
@@ -284,7 +288,7 @@ def search_and_store(job: PlanJob, ctx: ServiceContext) -> SearchOutcome:
     # Looked up at call time (not imported by name) so the search function can be swapped, e.g. to count calls.
     plan: Plan = planner.plan(
         profile, job.cluster, global_batch_size=job.global_batch_size, top_k=job.top_k,
-        time_limit_s=job.time_limit_s, seed=job.seed, objective=job.objective,
+        time_limit_s=job.time_limit_s, seed=job.seed, objective=job.objective, cancel=cancel,
     )
     log.info("searched %s on %s in %.2f s: %s", job.model.name, job.cluster.name, time.perf_counter() - started,
              plan.strategy.describe())
@@ -297,6 +301,7 @@ def search_and_store(job: PlanJob, ctx: ServiceContext) -> SearchOutcome:
     )
     # Another process (uvicorn worker) may have stored the same key meanwhile: the first stored plan wins.
     stored = ctx.storage.insert_plan(row)
+    apply_retention(ctx, keep=(stored.id,))
     return SearchOutcome(stored, searched=True, inserted=stored.id == row.id)
 
 
@@ -318,14 +323,19 @@ def _prepare_and_look_up(request: PlanRequest, ctx: ServiceContext) -> tuple[Pla
     return job, ctx.storage.find_plan(job.key)
 
 
-async def create_plan(request: PlanRequest, ctx: ServiceContext) -> tuple[PlanResponse, bool]:
-    """The stored plan for this request, searching only when there is none; (response, newly created)."""
+async def create_plan(request: PlanRequest, ctx: ServiceContext, *, client: str | None = None,
+                      disconnected: Any = None) -> tuple[PlanResponse, bool]:
+    """The stored plan for this request, searching only when there is none; (response, newly created).
+
+    A search counts against `client`'s concurrency limit; `disconnected` (an async callable) tells the runner when
+    the client has gone, so an abandoned search is cancelled."""
     # Validation and the store lookup are quick: they use the general thread pool, so a cache hit never queues
     # behind running searches.
     job, stored = await run_in_threadpool(_prepare_and_look_up, request, ctx)
     if stored is not None:
         return plan_response(stored, cached=True), False
-    outcome, started_here = await ctx.runner.run(job.key, search_and_store, job, ctx)
+    outcome, started_here = await ctx.runner.run(job.key, search_and_store, job, ctx, client=client,
+                                                 disconnected=disconnected)
     # A request that joined another's in-flight search did not search itself: for it the answer is cached.
     searched_here = started_here and outcome.searched
     return plan_response(outcome.row, cached=not searched_here), searched_here and outcome.inserted
@@ -354,29 +364,14 @@ def get_plan(plan_id: str, storage: Storage) -> PlanResponse:
     return plan_response(row, cached=True)
 
 
-# -- evaluate and profiles -----------------------------------------------------------------------------------------
-
-
-def evaluate_strategy(request: EvaluateRequest, ctx: ServiceContext) -> tuple[Strategy, Prediction]:
-    """The cost model's prediction for a caller-given strategy; nothing is searched or stored."""
-    cluster = resolve_cluster(request.cluster, ctx.settings)
-    model = resolve_model(request.model, ctx, cluster)
-    strategy = request.strategy
-    if strategy.dims.world_size != cluster.world_size:
-        raise ApiError(422, "strategy_mismatch", f"strategy.dims.world_size is {strategy.dims.world_size} but the "
-                       f"cluster has {cluster.world_size} devices", "strategy.dims.world_size")
-    profile = profile_for(model, ctx.settings)
-    if strategy.stages[-1].stop != profile.num_layers:
-        raise ApiError(422, "strategy_mismatch", f"the stages end at layer {strategy.stages[-1].stop} but the model "
-                       f"has {profile.num_layers} layers; the last stage must stop at {profile.num_layers}",
-                       "strategy.stages")
-    return strategy, planner.evaluate(profile, cluster, strategy)
+# -- profiles ----------------------------------------------------------------------------------------------------------
 
 
 def store_profile(profile: ModelProfile, ctx: ServiceContext) -> ProfileCreated:
     """Store an uploaded profile under its content id."""
     _check_profile(profile, ctx.settings, "layers")
     row, created = ctx.storage.insert_profile(profile_id(profile), profile.name, _stored_json(profile, "profile"))
+    apply_retention(ctx, keep=(row.id,))
     return ProfileCreated(id=row.id, name=profile.name, num_layers=profile.num_layers,
                           param_count=profile.param_count, created=created)
 

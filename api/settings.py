@@ -52,6 +52,35 @@ class Settings(BaseModel):
     max_pending_searches: int = Field(
         default=128, ge=1, description="Searches queued or running at once; more get 503 so memory stays bounded."
     )
+    max_searches_per_client: int = Field(
+        default=8, ge=1, description="Searches and evaluations one client (API key, else address) may have queued or "
+        "running at once; more get 429, so one client cannot hold every worker.",
+    )
+    evaluate_cache_entries: int = Field(
+        default=256, ge=1, description="What-if answers (/v1/evaluate) kept in memory; equal requests reuse them.",
+    )
+    max_stored_bytes: int | None = Field(
+        default=None, ge=1024, description="Cap on the stored plan and profile JSON: past it, after each write, the "
+        "oldest plans and the oldest profiles no plan uses are deleted (None: no size cap).",
+    )
+    retention_days: float | None = Field(
+        default=None, gt=0, description="Plans, and profiles no plan refers to, older than this are pruned after "
+        "each write (None: kept until deleted).",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="A connection that has not sent a complete request head within this is "
+        "closed (slow-header clients).",
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, description="A request whose body has not fully arrived this long after its head gets "
+        "408 and the connection is closed (slow-body clients).",
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0, description="An idle keep-alive connection is closed after this many seconds.",
+    )
+    max_connections: int = Field(
+        default=1000, ge=1, description="Open connections per worker process; more get 503 at once.",
+    )
     max_world_size: int = Field(default=4096, ge=1, description="Largest cluster (nodes x gpus_per_node) accepted.")
     max_profile_layers: int = Field(default=1024, ge=1, description="Most layers a model (zoo or uploaded) may have.")
     max_zoo_params: float = Field(

@@ -8,6 +8,7 @@ connections must not be shared between the threads FastAPI runs handlers on, and
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -45,6 +46,14 @@ MIGRATIONS: tuple[str, ...] = (
         body TEXT NOT NULL
     );
     """,
+    # 2: which stored profile a plan was made from (for DELETE /v1/profiles and retention), and age indexes.
+    """
+    ALTER TABLE plans ADD COLUMN profile_id TEXT;
+    UPDATE plans SET profile_id = json_extract(request, '$.model.profile');
+    CREATE INDEX plans_profile_id ON plans (profile_id);
+    CREATE INDEX plans_created_at ON plans (created_at);
+    CREATE INDEX profiles_created_at ON profiles (created_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -74,6 +83,23 @@ class ProfileRow:
     name: str
     created_at: float
     body: str
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What one retention pass deleted."""
+
+    plans: int = 0
+    profiles: int = 0
+
+
+def _profile_of(request_json: str) -> str | None:
+    """The content id of the profile a plan request was made from (None for a zoo model)."""
+    try:
+        model = json.loads(request_json).get("model")
+    except (ValueError, AttributeError):
+        return None
+    return model.get("profile") if isinstance(model, dict) else None
 
 
 _PLAN_COLUMNS = "id, request_key, created_at, model_name, cluster_name, world_size, summary, step_seconds, request, body"
@@ -150,9 +176,9 @@ class Storage:
             if found is not None:
                 return PlanRow(*found)
             conn.execute(
-                f"INSERT INTO plans ({_PLAN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO plans ({_PLAN_COLUMNS}, profile_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (row.id, row.request_key, row.created_at, row.model_name, row.cluster_name, row.world_size,
-                 row.summary, row.step_seconds, row.request, row.body),
+                 row.summary, row.step_seconds, row.request, row.body, _profile_of(row.request)),
             )
         return row
 
@@ -209,3 +235,66 @@ class Storage:
                 "SELECT id, name, created_at, body FROM profiles WHERE id = ?", (profile_id,)
             ).fetchone()
         return ProfileRow(*found) if found else None
+
+    def plans_using_profile(self, profile_id: str) -> int:
+        """How many stored plans were made from this profile."""
+        with self._connect() as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM plans WHERE profile_id = ?", (profile_id,)).fetchone()[0])
+
+    def delete_profile(self, profile_id: str, *, cascade: bool = False) -> tuple[bool, int]:
+        """Remove a profile; (whether it existed, plans deleted with it). Without `cascade`, a profile that plans
+        refer to is kept and (True, -n) is returned, n the number of those plans; with it, they go too."""
+        with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM profiles WHERE id = ?", (profile_id,)).fetchone() is None:
+                return False, 0
+            users = conn.execute("SELECT COUNT(*) FROM plans WHERE profile_id = ?", (profile_id,)).fetchone()[0]
+            if users and not cascade:
+                return True, -int(users)
+            conn.execute("DELETE FROM plans WHERE profile_id = ?", (profile_id,))
+            conn.execute("DELETE FROM profiles WHERE id = ?", (profile_id,))
+        return True, int(users)
+
+    def stored_bytes(self) -> int:
+        """Bytes of stored plan and profile JSON (what the size cap counts)."""
+        with self._connect() as conn:
+            return _stored_bytes(conn)
+
+    def prune(self, *, max_bytes: int | None = None, max_age_s: float | None = None, now: float | None = None,
+              keep: tuple[str, ...] = ()) -> Pruned:
+        """Delete plans older than `max_age_s` and profiles older than it that no plan uses, then, oldest first,
+        plans and unused profiles until the stored JSON is at most `max_bytes`. Ids in `keep` (what the caller just
+        wrote) are never deleted. A profile that a plan uses is deleted only after that plan."""
+        now = time.time() if now is None else now
+        plans = profiles = 0
+        kept = list(keep) or [""]
+        marks = ",".join("?" * len(kept))
+        unused = f"NOT EXISTS (SELECT 1 FROM plans WHERE plans.profile_id = profiles.id) AND id NOT IN ({marks})"
+        with self._transaction() as conn:
+            if max_age_s is not None:
+                cutoff = now - max_age_s
+                plans += conn.execute(f"DELETE FROM plans WHERE created_at < ? AND id NOT IN ({marks})",
+                                      (cutoff, *kept)).rowcount
+                profiles += conn.execute(f"DELETE FROM profiles WHERE created_at < ? AND {unused}",
+                                         (cutoff, *kept)).rowcount
+            if max_bytes is not None:
+                total = _stored_bytes(conn)
+                while total > max_bytes:
+                    plan = conn.execute(f"SELECT id, created_at, length(body) + length(request) FROM plans WHERE id "
+                                        f"NOT IN ({marks}) ORDER BY created_at LIMIT 1", kept).fetchone()
+                    prof = conn.execute(f"SELECT id, created_at, length(body) FROM profiles WHERE {unused} "
+                                        "ORDER BY created_at LIMIT 1", kept).fetchone()
+                    if plan is None and prof is None:
+                        break  # only what the caller keeps (or profiles its kept plans use) is left
+                    if prof is None or (plan is not None and plan[1] <= prof[1]):
+                        conn.execute("DELETE FROM plans WHERE id = ?", (plan[0],))
+                        plans, total = plans + 1, total - plan[2]
+                    else:
+                        conn.execute("DELETE FROM profiles WHERE id = ?", (prof[0],))
+                        profiles, total = profiles + 1, total - prof[2]
+        return Pruned(plans=plans, profiles=profiles)
+
+
+def _stored_bytes(conn: sqlite3.Connection) -> int:
+    plans = conn.execute("SELECT COALESCE(SUM(length(body) + length(request)), 0) FROM plans").fetchone()[0]
+    profiles = conn.execute("SELECT COALESCE(SUM(length(body)), 0) FROM profiles").fetchone()[0]
+    return int(plans) + int(profiles)

@@ -13,9 +13,8 @@ import logging
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from executor.errors import ExecutorError
+from executor.parallelize import apply_tp
 from planner.model_profile import ShardStyle, TensorParallelSpec
 from profiler.hf import is_hf_model, is_hf_module
 
@@ -32,29 +31,8 @@ def runs_on_shards_unchanged(layer: nn.Module, spec: TensorParallelSpec) -> bool
 
 
 def apply_hf_tp(layer: nn.Module, layer_name: str, spec: TensorParallelSpec, tp_mesh: DeviceMesh) -> None:
-    """Shard a transformers layer's Linears as the profile lists them, after checking every key names an
-    `nn.Linear` whose split the TP degree divides (`parallelize_module` would only warn and leave it whole)."""
-    degree = tp_mesh.size()
-    if spec.divisor % degree:
-        raise ExecutorError(
-            f"layer '{layer_name}': tensor-parallel degree {degree} does not divide {spec.divisor} (its key/value "
-            "heads); choose a plan with a tp degree that divides it"
-        )
-    plan = {}
-    for shard in spec.shards:
-        try:
-            sub = layer.get_submodule(shard.module)
-        except AttributeError:
-            raise ExecutorError(f"layer '{layer_name}': the plan shards '{shard.module}' but the layer has no such "
-                                "submodule; re-profile and re-plan the model") from None
-        if not isinstance(sub, nn.Linear):
-            raise ExecutorError(f"layer '{layer_name}': '{shard.module}' is a {type(sub).__name__}, tensor "
-                                "parallelism shards only nn.Linear; re-profile the model")
-        colwise = shard.style == ShardStyle.COLWISE
-        split = sub.out_features if colwise else sub.in_features
-        if split % degree:
-            raise ExecutorError(f"layer '{layer_name}': '{shard.module}' has {split} features to split "
-                                f"{shard.style.value}, not divisible by tp={degree}; plan a tp degree that divides it")
-        plan[shard.module] = ColwiseParallel() if colwise else RowwiseParallel()
-    parallelize_module(layer, tp_mesh, plan)
-    log.info("layer '%s': %d Linears sharded over tp=%d (transformers plan)", layer_name, len(plan), degree)
+    """Shard a transformers layer's Linears as the profile lists them (`parallelize.apply_tp`'s checks), with the
+    layer's own forward unchanged."""
+    apply_tp(layer, layer_name, spec, tp_mesh, localize=False)
+    log.info("layer '%s': %d Linears sharded over tp=%d (transformers plan)", layer_name, len(spec.shards),
+             tp_mesh.size())

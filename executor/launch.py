@@ -183,9 +183,10 @@ def slurm_launch(env: Mapping[str, str]) -> SlurmLaunch | None:
 
 def torchrun_args(
     spec_path: Path, *, nnodes: int, nproc_per_node: int, node_rank: int | None, rdzv_endpoint: str | None,
-    run_id: str,
+    run_id: str, module: str = "executor.worker",
 ) -> list[str]:
-    """Command-line arguments for `torch.distributed.run` that start the workers of this node."""
+    """Command-line arguments for `torch.distributed.run` that start the workers of this node (`python -m module
+    SPEC`: the training worker, or `executor.calibrate` for `autopar calibrate`)."""
     args = ["--nproc-per-node", str(nproc_per_node), "--max-restarts", "0", "--monitor-interval", "0.1"]
     if nnodes == 1 and rdzv_endpoint is None:
         args += ["--standalone"]
@@ -199,7 +200,7 @@ def torchrun_args(
             args += ["--rdzv-backend", "static", "--node-rank", str(node_rank)]
         else:
             args += ["--rdzv-backend", "c10d"]
-    return args + ["-m", "executor.worker", str(spec_path)]
+    return args + ["-m", module, str(spec_path)]
 
 
 def _failure_text(failure: Any) -> str:

@@ -50,20 +50,21 @@ log = logging.getLogger(__name__)
 
 def apply_tp(
     layer: nn.Module, layer_name: str, spec: TensorParallelSpec, tp_mesh: DeviceMesh, *,
-    example_call: LayerCall | None = None,
+    example_call: LayerCall | None = None, localize: bool = True,
 ) -> None:
     """Shard the Linears the profile listed for this layer Megatron-style (colwise feeding rowwise).
 
     Every planned key must name an `nn.Linear` whose split dimension the TP degree divides; `parallelize_module`
-    itself would only warn about a key that matches nothing and leave the layer silently unsharded. The layer's
-    forward is first made to run on local shards (`executor.tp_rewrite.localize_layer`, which needs the layer's
-    `example_call` from `tp_rewrite.record_tp_calls`): fused projections permuted, hard-coded sizes made local.
+    itself would only warn about a key that matches nothing and leave the layer silently unsharded. With `localize`
+    the layer's forward is first made to run on local shards (`executor.tp_rewrite.localize_layer`, which needs the
+    layer's `example_call` from `tp_rewrite.record_tp_calls`): fused projections permuted, hard-coded sizes made
+    local. Without it the forward must infer local sizes itself (transformers' layers, `executor.hf_tp`).
     """
     degree = tp_mesh.size()
-    if spec.divisor % degree:
+    if not spec.allows(degree):
         raise ExecutorError(
             f"layer '{layer_name}': tensor-parallel degree {degree} does not divide {spec.divisor} (its attention "
-            "heads); choose a plan with a tp degree that divides it"
+            "or key/value heads); choose a plan with a tp degree that divides it"
         )
     plan = {}
     for shard in spec.shards:
@@ -83,10 +84,11 @@ def apply_tp(
         if split % degree:
             raise ExecutorError(
                 f"layer '{layer_name}': '{shard.module}' has {split} features to split {shard.style.value}, not "
-                f"divisible by tp={degree}"
+                f"divisible by tp={degree}; plan a tp degree that divides it"
             )
         plan[shard.module] = ColwiseParallel() if shard.style == ShardStyle.COLWISE else RowwiseParallel()
-    localize_layer(layer, layer_name, spec, example_call, degree)
+    if localize:
+        localize_layer(layer, layer_name, spec, example_call, degree)
     parallelize_module(layer, tp_mesh, plan)
 
 

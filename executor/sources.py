@@ -7,6 +7,10 @@ A model is a zoo name (`gpt-tiny`), a Hugging Face config (`hf:path/to/config.js
   model computes its own loss, e.g. a Hugging Face model given `labels`), or `example_inputs(batch_size)` returning
   the inputs alone, and optionally `loss_fn(output, targets)`. The loss is then that function, else the output's
   `.loss` (see `executor.batch`);
+- or a factory returning `(module, example_inputs[, loss_fn[, targets]])`, the contract `autopar profile` and
+  `autopar plan` read (`profiler.factory`): one file serves every command. The loss is `loss_fn(output)`, or
+  `loss_fn(output, targets)` with targets; the example is made once per process on the CPU (seeded, so every rank
+  draws the same), per batch size when the factory takes `batch_size`, else resized like `synthetic_like` does;
 - or a `ZooModel`-like object (with `build`, `loss`, `synthetic_batch`, `example_inputs`), or a function returning one.
 
 Data is `synthetic` or `package.module:fn` / `file.py:fn` with fn(step, global_batch_size) -> (inputs, targets), the
@@ -17,6 +21,7 @@ batches are the model's own (zoo) or drawn like its example batch (`executor.bat
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -30,7 +35,7 @@ from executor.batch import Batch, synthetic_like, training_loss
 from executor.errors import ExecutorError
 from executor.train import DataSource
 from profiler.errors import ProfileError
-from profiler.factory import import_user_module
+from profiler.factory import factory_kwargs, import_user_module
 
 
 def _import(spec: str, what: str) -> tuple[ModuleType, Any]:
@@ -99,6 +104,53 @@ def _user_model(name: str, module: ModuleType, factory: Callable, options: dict[
                      seq_len=getattr(module, "seq_len", None))
 
 
+def _call_factory(factory: Callable, name: str, options: dict[str, Any], batch_size: int) -> Any:
+    """`factory(**options)` (plus `batch_size` where it takes one), with every failure one `ExecutorError` line."""
+    try:
+        kwargs = factory_kwargs(factory, name, options, batch_size=batch_size)
+    except ProfileError as exc:
+        raise ExecutorError(str(exc)) from None
+    try:
+        return factory(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything; report it as one line
+        detail = " ".join(str(exc).split())[:300]
+        raise ExecutorError(f"calling model factory '{name}' failed: {type(exc).__name__}: {detail}; fix the factory "
+                            "(call it in Python to see the traceback) or its --option values") from None
+
+
+def _returned_model(name: str, module: ModuleType, factory: Callable, options: dict[str, Any],
+                    made: tuple) -> UserModel:
+    """A `UserModel` for a factory returning `(module, example_inputs[, loss_fn[, targets]])` (module docstring)."""
+    loss_fn = made[2] if len(made) > 2 else None
+    if not callable(loss_fn) and loss_fn is not None:
+        raise ExecutorError(f"model factory '{name}' returned {type(loss_fn).__name__} as its third element; it must "
+                            "be the loss function: (module, example_inputs, loss_fn[, targets])")
+    try:
+        per_batch = "batch_size" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        per_batch = False
+    examples: dict[int, tuple[Any, Any]] = {}
+
+    def build(**opts: Any) -> nn.Module:
+        return _call_factory(factory, name, opts, 1)[0]
+
+    def example_batch(batch_size: int) -> tuple[Any, Any]:
+        key = batch_size if per_batch else 0
+        if key not in examples:
+            with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+                torch.manual_seed(0)
+                made_here = _call_factory(factory, name, options, batch_size)
+            examples[key] = (made_here[1], made_here[3] if len(made_here) > 3 else None)
+        example = Batch.of(*examples[key])
+        if example.size == batch_size:
+            return example.inputs(), example.targets
+        drawn = synthetic_like(example, batch_size, seed=0)
+        return drawn.inputs(), drawn.targets
+
+    return UserModel(name=name, factory=build, example_batch=example_batch, loss_fn=loss_fn, options=dict(options),
+                     seq_len=getattr(module, "seq_len", None))
+
+
 def resolve_model(name: str, options: dict[str, Any] | None = None) -> Any:
     """A zoo model by name (size options applied), a `UserModel` for a factory or an `hf:config.json` (options
     override config fields), or an imported model description."""
@@ -115,15 +167,18 @@ def resolve_model(name: str, options: dict[str, Any] | None = None) -> Any:
     module, obj = _import(name, "model")
     if not hasattr(obj, "build") and callable(obj):
         with torch.device("meta"):  # find out what the function returns without allocating a model
-            made = obj(**(options or {}))
+            made = _call_factory(obj, name, options or {}, 1)
         if isinstance(made, nn.Module):
             return _user_model(name, module, obj, options or {})
+        if isinstance(made, tuple) and len(made) in (2, 3, 4) and isinstance(made[0], nn.Module):
+            return _returned_model(name, module, obj, options or {}, made)
         obj = made
     missing = [a for a in ("build", "loss", "synthetic_batch", "example_inputs") if not hasattr(obj, a)]
     if missing:
         raise ExecutorError(
             f"model '{name}' lacks {', '.join(missing)}; point --model at a factory returning an nn.Module (with "
-            "example_batch beside it), a ZooModel-like object, or a function returning one"
+            "example_batch beside it) or (module, example_inputs[, loss_fn[, targets]]), a ZooModel-like object, "
+            "or a function returning one"
         )
     return obj
 

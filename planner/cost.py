@@ -6,6 +6,7 @@ Every coefficient comes from the `ClusterSpec` (bandwidths, latencies, peak rate
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,12 +30,27 @@ class Group:
 
 @lru_cache(maxsize=4096)
 def place_group(size: int, stride: int, gpus_per_node: int) -> Group:
-    """Placement of the group {0, stride, 2*stride, ...} of `size` ranks on nodes of `gpus_per_node` devices."""
-    counts: dict[int, int] = {}
-    for i in range(size):
-        node = (i * stride) // gpus_per_node
-        counts[node] = counts.get(node, 0) + 1
-    return Group(size=size, per_node=max(counts.values()), nodes=len(counts))
+    """The worst placement of the groups {base, base + stride, ..., base + (size-1) * stride} of a mesh axis with
+    this stride, on nodes of `gpus_per_node` devices.
+
+    The axis's groups start at every base whose own coordinate is 0 (base % stride + multiples of stride * size);
+    when size does not divide the node (tp=6 on 8-GPU nodes) some of them straddle a node boundary although the
+    first does not. The group spanning the most nodes is returned, with `per_node` its smallest share of a node (the
+    adapters of that node carry the most data).
+    """
+    period = stride * size
+    bases = [lo + hi * period for lo in range(min(stride, gpus_per_node))
+             for hi in range(gpus_per_node // math.gcd(period, gpus_per_node) or 1)]
+    worst: tuple[int, int] | None = None
+    for base in bases:
+        counts: dict[int, int] = {}
+        for i in range(size):
+            node = (base + i * stride) // gpus_per_node
+            counts[node] = counts.get(node, 0) + 1
+        key = (len(counts), -min(counts.values()))
+        worst = key if worst is None or key > worst else worst
+    nodes, per_node = worst[0], -worst[1]
+    return Group(size=size, per_node=per_node, nodes=nodes)
 
 
 class CommModel:

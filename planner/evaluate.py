@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from planner.attention import layers_for_cluster
+from planner.budget import Budget
 from planner.candidate import CandidateCosts, Config, PartitionCosts
 from planner.cluster import ClusterError, ClusterSpec
 from planner.dp_comm import GRAD_REDUCE_BYTES
@@ -40,15 +41,21 @@ class ModelView:
     cut_bytes: list[float]
 
 
-def prepare(profile: ModelProfile, cluster: ClusterSpec) -> ModelView:
-    """Check that profile and cluster can be combined and derive the layer-graph facts the cost model needs."""
+def prepare(profile: ModelProfile, cluster: ClusterSpec, budget: Budget | None = None) -> ModelView:
+    """Check that profile and cluster can be combined and derive the layer-graph facts the cost model needs.
+
+    `budget` (shared with the search by `planner.plan`) bounds this work: past its deadline, or once its caller
+    cancels, preparation stops with PlanTimeout / PlanCancelled instead of running to the end.
+    """
     try:
         cluster.peak_flops_for(profile.dtype)
     except ClusterError as exc:
         raise PlanError(f"precision mismatch: the profile is in {profile.dtype.value} but {exc}") from None
-    graph = build_layer_graph(profile)
+    graph = build_layer_graph(profile, budget)
+    if budget is not None:
+        budget.check("checking the layer order")
     layer_order(graph)
-    return ModelView(profile=profile, cuts=legal_cuts(profile), cut_bytes=cut_bytes(profile, graph))
+    return ModelView(profile=profile, cuts=legal_cuts(profile), cut_bytes=cut_bytes(profile, graph, budget))
 
 
 def config_of(strategy: Strategy) -> Config:
@@ -67,9 +74,10 @@ def strategy_of(cfg: Config, bounds: tuple[int, ...] | list[int]) -> Strategy:
                     stages=[StageSpec(start=a, stop=b) for a, b in zip(bounds, bounds[1:])])
 
 
-def evaluate(profile: ModelProfile, cluster: ClusterSpec, strategy: Strategy) -> Prediction:
-    """Predicted step time, throughput and per-rank memory of a strategy the caller chose."""
-    view = prepare(profile, cluster)
+def evaluate(profile: ModelProfile, cluster: ClusterSpec, strategy: Strategy, budget: Budget | None = None
+             ) -> Prediction:
+    """Predicted step time, throughput and per-rank memory of a strategy the caller chose (within `budget`)."""
+    view = prepare(profile, cluster, budget)
     d = strategy.dims
     if d.world_size != cluster.world_size:
         raise PlanError(f"the strategy uses {d.world_size} devices but cluster '{cluster.name}' has "

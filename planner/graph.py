@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from planner.budget import Budget
 from planner.errors import AutoparError
 from planner.model_profile import INPUT_NODE, OUTPUT_NODE, ModelProfile
 
@@ -12,14 +13,23 @@ class GraphError(AutoparError):
     """A profile whose layer graph cannot be pipelined as listed."""
 
 
-def build_layer_graph(profile: ModelProfile) -> nx.DiGraph:
-    """Directed graph: one node per layer (attribute `index`) plus '<input>'/'<output>', edges carry `bytes`."""
+# Edges handled between two looks at the budget: cheap to check, yet a fraction of a second apart on any profile.
+_CHECK_EVERY = 256
+
+
+def build_layer_graph(profile: ModelProfile, budget: Budget | None = None) -> nx.DiGraph:
+    """Directed graph: one node per layer (attribute `index`) plus '<input>'/'<output>', edges carry `bytes`.
+
+    With a `budget`, stops (PlanTimeout / PlanCancelled) once it is spent or cancelled.
+    """
     g = nx.DiGraph()
     g.add_node(INPUT_NODE, index=-1)
     for layer in profile.layers:
         g.add_node(layer.name, index=layer.index)
     g.add_node(OUTPUT_NODE, index=profile.num_layers)
-    for e in profile.edges:
+    for n, e in enumerate(profile.edges):
+        if budget is not None and n % _CHECK_EVERY == 0:
+            budget.check("building the layer graph")
         prev = g.get_edge_data(e.src, e.dst)
         g.add_edge(e.src, e.dst, bytes=e.bytes + (prev["bytes"] if prev else 0.0))
     if not profile.edges:  # a profile without a dataflow graph: assume a chain
@@ -46,12 +56,17 @@ def legal_cuts(profile: ModelProfile) -> list[int]:
     return sorted({k for k in profile.cut_points if 0 < k < profile.num_layers})
 
 
-def cut_bytes(profile: ModelProfile, graph: nx.DiGraph | None = None) -> list[float]:
-    """Per-sample bytes that cross a cut before layer k, for k = 0..num_layers (0 and num_layers send nothing)."""
-    g = graph if graph is not None else build_layer_graph(profile)
+def cut_bytes(profile: ModelProfile, graph: nx.DiGraph | None = None, budget: Budget | None = None) -> list[float]:
+    """Per-sample bytes that cross a cut before layer k, for k = 0..num_layers (0 and num_layers send nothing).
+
+    With a `budget`, stops (PlanTimeout / PlanCancelled) once it is spent or cancelled.
+    """
+    g = graph if graph is not None else build_layer_graph(profile, budget)
     index = {n: g.nodes[n]["index"] for n in g.nodes}
     out = [0.0] * (profile.num_layers + 1)
-    for u, v, data in g.edges(data=True):
+    for n, (u, v, data) in enumerate(g.edges(data=True)):
+        if budget is not None and n % _CHECK_EVERY == 0:
+            budget.check("summing the bytes each pipeline cut sends")
         if u == INPUT_NODE:
             continue
         for k in range(index[u] + 1, min(index[v], profile.num_layers - 1) + 1):

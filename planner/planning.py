@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from planner.budget import Budget
 from planner.cluster import ClusterSpec, load_cluster
 from planner.enumerate import SearchSpace
 from planner.errors import AutoparError
@@ -16,7 +17,7 @@ from planner.strategy import Alternative, Plan, Provenance, Recompute, Schedule,
 
 log = logging.getLogger(__name__)
 
-PLANNER_VERSION = "0.1.0"
+PLANNER_VERSION = "0.2.0"  # part of the service's plan keys: bumped whenever the cost model or the search changes
 GB = 1e9
 
 
@@ -51,7 +52,8 @@ def load_profile(model: Any, *, example_inputs: Any = None, cluster: ClusterSpec
     example_inputs; profiled in `dtype`, else in what `cluster` trains in (`planner.precision.default_dtype`)."""
     if isinstance(model, ModelProfile) and dtype is None:
         return model
-    if isinstance(model, (str, Path)) and Path(model).suffix == ".json" and not model_options and dtype is None:
+    if (isinstance(model, (str, Path)) and Path(model).suffix == ".json" and not str(model).startswith("hf:")
+            and not model_options and dtype is None):
         return read_profile(model)  # a finished profile needs no torch
     from profiler.resolve import resolve_profile  # torch is imported only to profile a model here
 
@@ -61,7 +63,8 @@ def load_profile(model: Any, *, example_inputs: Any = None, cluster: ClusterSpec
 
 def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: int, example_inputs: Any = None,
          dtype: Any = None, model_options: dict[str, Any] | None = None, top_k: int = 5, time_limit_s: float = 10.0, seed: int = 0, objective: str = "throughput",
-         workers: int = 1, simplicity_tolerance: float = SIMPLICITY_TOLERANCE, **search_options: Any) -> Plan:
+         workers: int = 1, simplicity_tolerance: float = SIMPLICITY_TOLERANCE, cancel: Any = None,
+         **search_options: Any) -> Plan:
     """The best parallel strategy for training `model` on `cluster` with `global_batch_size` samples per step.
 
     `model` is a ModelProfile or a model reference (see `load_profile`); `model_options` are the reference's options
@@ -74,6 +77,10 @@ def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: in
     `simplicity_tolerance` (default 3%, the cost model's measured error): among strategies predicted within this
     fraction of the fastest, the simplest is chosen (DDP over ZeRO-1 over ZeRO-3, no pipeline over a pipeline, less
     recomputation, less tensor parallelism); 0 always takes the fastest. The memory objective ignores it.
+
+    `time_limit_s` bounds the whole call once the profile is loaded: graph preparation and search share one
+    deadline (`planner.budget.Budget`, at least 0.5 s). `cancel` is an optional `threading.Event`; setting it from
+    another thread stops preparation or search with `PlanCancelled` (the service sets it for an abandoned request).
     """
     if global_batch_size < 1:
         raise PlanError(f"global_batch_size must be >= 1, got {global_batch_size}")
@@ -90,10 +97,11 @@ def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: in
     if unknown:
         raise PlanError(f"unknown search option(s) {sorted(unknown)}; known: {sorted(SearchSpace.__dataclass_fields__)}")
     space = SearchSpace(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in search_options.items()})
-    view = prepare(profile, spec)
+    budget = Budget(time_limit_s, cancel)
+    view = prepare(profile, spec, budget)
     result = search(view, spec, global_batch_size=global_batch_size, top_k=top_k, time_limit_s=time_limit_s,
                     seed=seed, workers=workers, objective=obj, space=space,
-                    simplicity_tolerance=simplicity_tolerance)
+                    simplicity_tolerance=simplicity_tolerance, budget=budget)
     best = result.best
     log.info("planned %s on %s in %.2fs (%d candidates solved)", profile.name, spec.name, result.seconds,
              result.evaluated)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
 
+from planner.budget import Budget
 from planner.candidate import CandidateCosts, Config, PartitionCosts
 from planner.cluster import ClusterSpec
 from planner.enumerate import Bounder, SearchSpace, enumerate_configs, legal_degrees
@@ -132,17 +133,19 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
            time_limit_s: float = 10.0, seed: int = 0, workers: int = 1,
            objective: Objective = Objective.THROUGHPUT, space: SearchSpace | None = None,
            solve_limit_s: float = 0.2, relative_gap: float = 1e-3,
-           simplicity_tolerance: float = SIMPLICITY_TOLERANCE) -> SearchResult:
+           simplicity_tolerance: float = SIMPLICITY_TOLERANCE, budget: Budget | None = None) -> SearchResult:
     """Best strategy under the cost model, the best of the other degree groups, and the search's statistics.
 
     Anytime branch and bound: it stops when the smallest lower bound of the configurations still open reaches the
     best time found (optimal within `relative_gap`) or when `time_limit_s` is spent, and reports the gap it proved.
     A CP-SAT solve first gets `solve_limit_s`; a configuration it does not close goes back in the queue with four
     times that. With the throughput objective, the simplest strategy within `simplicity_tolerance` of the fastest
-    is chosen (see `simplicity`).
+    is chosen (see `simplicity`). A `budget` (from `planner.plan`, which started it before preparing the graph)
+    replaces `time_limit_s`: its deadline is the search's, and its cancellation flag stops the search.
     """
     t0 = time.perf_counter()
-    deadline = t0 + max(0.5, time_limit_s)
+    budget = budget or Budget(time_limit_s)
+    deadline = budget.expires_at
     space = space or SearchSpace()
     configs = enumerate_configs(view, cluster, global_batch_size, space)
     if not configs:
@@ -176,6 +179,7 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
         return min((s.key(objective)[0] for s in group_best.values()), default=float("inf"))
 
     def options(limit: float) -> StageOptions:
+        budget.check_cancelled()  # before every CP-SAT solve: an abandoned request stops here
         return StageOptions(time_limit_s=max(0.05, limit), seed=seed, workers=workers, relative_gap=relative_gap)
 
     # Pass 1: every configuration whose bound can still matter gets the balanced (greedy) partition, an upper
@@ -187,6 +191,9 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
         kth = ranked_vals[top_k] if len(ranked_vals) > top_k else float("inf")
         if key >= kth:
             break
+        if budget.expired() and group_best:
+            break  # the budget covers this pass too; what is scored so far is an answer
+        budget.check("scoring the candidate configurations")
         if g in group_best and key >= group_best[g].key(objective)[0]:
             continue
         res = _solve(view, cluster, cfg, key, StageOptions(), objective, may_solve=False)
@@ -230,7 +237,8 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
             evaluated += solved
         # The chosen configuration always gets a CP-SAT placement, so its status is the solver's word.
         if best.status == "GREEDY":
-            res = _solve(view, cluster, best.cfg, best.bound, options(solve_limit_s), objective, True)
+            res = _solve(view, cluster, best.cfg, best.bound,
+                         options(min(solve_limit_s, max(0.0, deadline - time.perf_counter()))), objective, True)
             evaluated += 1
             if res.fits and res.key(objective) <= best.key(objective):
                 best = res
@@ -256,7 +264,7 @@ def search(view: ModelView, cluster: ClusterSpec, *, global_batch_size: int, top
     proved = gap <= relative_gap
     cut_short = ([] if proved else [f"proved within {gap:.1%} of optimal"]) + (
         [] if checked else [f"not every simpler strategy within {simplicity_tolerance:.0%} checked"])
-    status = best.status + (f" (search stopped by its {max(0.5, time_limit_s):g} s budget; {'; '.join(cut_short)})"
+    status = best.status + (f" (search stopped by its {budget.time_limit_s:g} s budget; {'; '.join(cut_short)})"
                             if cut_short else "")
     pure = next((s for s in ranked if s.cfg.dims.tp == 1 and s.cfg.dims.pp == 1), None)
     return SearchResult(best=best, ranked=ranked, misfits=misfits, evaluated=evaluated,

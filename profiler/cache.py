@@ -4,7 +4,9 @@ of its module classes and of its loss, plus any file the caller names (the facto
 again without deleting the cache by hand (`autopar profile --no-cache` skips the cache altogether).
 
 The cache directory is always passed in by the caller (the top-level `profile` function or the CLI decides it);
-a corrupt or outdated entry is treated as a miss and overwritten.
+a corrupt or outdated entry is treated as a miss and overwritten. The directory is bounded: after each write the
+least recently used entries (a hit refreshes an entry's mtime) are deleted until the cache holds at most
+`MAX_CACHE_BYTES` (or the `max_bytes` the caller gives).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -26,6 +29,9 @@ logger = logging.getLogger(__name__)
 #: Bumped whenever the profiler counts something differently, so old cache entries stop matching.
 PROFILER_VERSION = 8  # 6: kernel counts and weight-GEMM shapes per layer; 7: vocabulary-parallel embedding and head;
 # 8: uneven vocabulary splits say so (`uneven_max`)
+
+#: Default bound on the cache directory's profile files; the least recently used go first past it.
+MAX_CACHE_BYTES = 256 * 1024 * 1024
 
 # (path, mtime_ns, size) -> sha256 of the file's bytes: each source file is read once per process and edit.
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
@@ -102,16 +108,53 @@ def load(cache_dir: Path, key: str) -> ModelProfile | None:
     if not path.is_file():
         return None
     try:
-        return ModelProfile.from_json(path)
+        profile = ModelProfile.from_json(path)
     except (ValidationError, ValueError, OSError) as exc:
         logger.info("ignoring unreadable cache entry %s (%s)", path, exc)
         return None
-
-
-def store(cache_dir: Path, key: str, profile: ModelProfile) -> None:
-    """Write atomically; a cache that cannot be written is only logged."""
     try:
-        profile.to_json(cache_dir / f"{key}.profile.json")
+        os.utime(path)  # a hit makes the entry the most recently used
+    except OSError:
+        pass
+    return profile
+
+
+def store(cache_dir: Path, key: str, profile: ModelProfile, max_bytes: int = MAX_CACHE_BYTES) -> None:
+    """Write atomically, then evict least recently used entries past `max_bytes`; a cache that cannot be written is
+    only logged."""
+    path = cache_dir / f"{key}.profile.json"
+    try:
+        profile.to_json(path)
     except OSError as exc:
         logger.warning("could not write the profile cache in %s (%s)", cache_dir, exc)
+        return
+    evict(cache_dir, max_bytes, keep=path)
+
+
+def evict(cache_dir: Path, max_bytes: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used profile files until the directory holds at most `max_bytes` of them (never
+    `keep`, the entry just written); the deleted paths."""
+    entries = []
+    for path in Path(cache_dir).glob("*.profile.json"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue  # removed meanwhile by another process
+        entries.append((stat.st_mtime_ns, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, path in sorted(entries, key=lambda e: e[0]):
+        if total <= max_bytes:
+            break
+        if keep is not None and path == keep:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        removed.append(path)
+    if removed:
+        logger.info("profile cache %s: evicted %d least recently used entries", cache_dir, len(removed))
+    return removed
 

@@ -133,7 +133,9 @@ def profile(
     progress: called as progress(description, done, total); seq_len: tokens per sample if not dim 1 of the input.
     loss_fn: the training loss, counted (and timed) as part of the last layer, whose output must be the model's
     output: called as loss_fn(output, targets), or as loss_fn(output) when targets is None (no targets are made up);
-    it must return a scalar. Without loss_fn, backward starts from a gradient of ones on the model's output.
+    it must return a scalar. Without loss_fn, a transformers model given `labels` has the loss it computes from them
+    counted this way (`profiler.hf.labels_as_targets`); any other model's backward starts from a gradient of ones on
+    its output.
     source_files: files beside the model's classes whose code shapes it (a factory's file): part of the cache key.
     """
     return _profile(model, example_inputs, device=device, dtype=dtype, layers=layers, name=name, warmup=warmup,
@@ -141,10 +143,13 @@ def profile(
                     loss_fn=loss_fn, targets=targets, owned=False, source_files=source_files)
 
 
-def _check_loss_layer(names: list[str], records: dict) -> None:
-    """The loss is counted with the last layer, so the model's output must be exactly that layer's output."""
+def _check_loss_layer(names: list[str], records: dict, loss_fn: Callable) -> None:
+    """The loss is counted with the last layer, so what it reads of the model's output (all of it, or what its
+    `reads(output)` gives) must be exactly that layer's output."""
     last = records[names[-1]].output
     model_out = records["<output>"].output
+    if callable(getattr(loss_fn, "reads", None)):
+        model_out = loss_fn.reads(model_out)
     if [id(t) for t in tensors_of(model_out)] != [id(t) for t in tensors_of(last)]:
         raise ProfileError(
             f"loss_fn is applied to the model's output, but the last layer '{names[-1] or '(model)'}' does not "
@@ -164,6 +169,8 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     if loss_fn is not None and not callable(loss_fn):
         raise ProfileError(f"loss_fn must be callable as loss_fn(output, targets), got {type(loss_fn).__name__}")
     inputs = hf.meta_safe_inputs(model, positional_inputs(model, example_inputs))
+    if loss_fn is None and targets is None:  # a transformers model's own loss from `labels` (profiler.hf)
+        inputs, loss_fn, targets = hf.labels_as_targets(model, inputs)
     dt = _resolve_dtype(model, dtype)
     spec = _input_spec(inputs, seq_len)
     batch = spec.batch_size
@@ -198,7 +205,7 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     }
     meta_loss = None
     if loss_fn is not None:
-        _check_loss_layer(names, records)
+        _check_loss_layer(names, records, loss_fn)
         meta_loss = TrainingLoss.on_device(loss_fn, targets, "meta", torch_dtype)
         # The loss makes the last layer unlike any other layer of the same shape.
         signature[names[-1]] += f"+loss:{meta_loss.name}"

@@ -22,6 +22,13 @@ model's own declarations here:
   experts).
 - `attention_mask`: transformers reads its values to build the mask, which the meta device cannot; an all-ones mask
   is dropped (transformers skips it as well), a padded one is refused with the fix.
+- Loss: a model given `labels` computes its loss inside its own forward, in glue no layer holds. When the profiler
+  knows that loss (`LabelsLoss`: the model's `loss_function` for causal and masked LMs, the plain cross-entropy of
+  BERT- and T5-style heads), the labels become the targets of a loss on the logits, counted and timed with the head
+  like any `loss_fn` (its float32 logits copy included); a sequence-to-sequence model gets the decoder inputs it
+  would have made from the labels. Other losses (a router auxiliary loss, classification heads) stay uncounted.
+- Blocks: one class whose parameters agree except for submodules only some blocks have (T5's first block of each
+  stack holds the relative position bias) count as repeated blocks.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import inspect
 import logging
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -129,8 +137,88 @@ def meta_safe_inputs(model: nn.Module, inputs: tuple) -> tuple:
     return (*inputs[:i], None, *inputs[i + 1:])
 
 
+class LabelsLoss:
+    """The loss a transformers model computes from `labels` in its forward, as `loss(output, labels)` of its logits
+    (`output` the model's output object or the head's logits tensor)."""
+
+    def __init__(self, model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str) -> None:
+        """`fn(logits, labels)`; `what` names it (part of the profile's cache key)."""
+        self.fn = fn
+        self.__qualname__ = f"{type(model).__name__}(labels).{what}"  # read by profiler.loss.loss_name
+
+    def reads(self, output: Any) -> Any:
+        """What the loss is a function of: the logits."""
+        return output if isinstance(output, torch.Tensor) else getattr(output, "logits", output)
+
+    def __call__(self, output: Any, labels: torch.Tensor) -> torch.Tensor:
+        """The scalar loss of `output` against `labels`."""
+        return self.fn(self.reads(output), labels)
+
+
+def labels_loss(model: nn.Module) -> LabelsLoss | None:
+    """The loss `model` computes from `labels`, when the profiler knows it (see the module docstring), else None."""
+    if not is_hf_model(model):
+        return None
+    try:
+        source = inspect.getsource(type(model).forward)
+    except (OSError, TypeError):
+        return None
+    config = getattr(model, "config", None)
+    if getattr(config, "output_router_logits", False):
+        return None  # the router's auxiliary loss needs more than the logits
+    if "self.loss_function(" in source:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+
+        kind = getattr(model, "loss_type", None)
+        fn = getattr(model, "_loss_function", None) or LOSS_MAPPING.get(kind or "ForCausalLM")
+        if fn not in (LOSS_MAPPING["ForCausalLM"], LOSS_MAPPING["ForMaskedLM"]):
+            return None
+        vocab = int(config.vocab_size)
+        return LabelsLoss(model, lambda logits, labels: fn(logits, labels, vocab_size=vocab), fn.__name__)
+    if "CrossEntropyLoss(" in source and "labels.view(-1)" in source:
+        def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))
+
+        return LabelsLoss(model, cross_entropy, "cross_entropy")
+    return None
+
+
+def labels_as_targets(model: nn.Module, inputs: tuple) -> tuple[tuple, LabelsLoss | None, Any]:
+    """`(inputs without labels, loss, labels)` for a model whose labels loss `labels_loss` knows; else `inputs`
+    unchanged with no loss. `inputs` are positional, as `forward` takes them."""
+    loss = labels_loss(model)
+    if loss is None:
+        return inputs, None, None
+    names = list(inspect.signature(model.forward).parameters)
+    at = names.index("labels") if "labels" in names else len(inputs)
+    labels = inputs[at] if at < len(inputs) else None
+    if not isinstance(labels, torch.Tensor):
+        return inputs, None, None
+    out = list(inputs)
+    out[at] = None
+    if "decoder_input_ids" in names:
+        d = names.index("decoder_input_ids")
+        if out[d] is None:  # the model would have shifted the labels into its decoder inputs
+            make = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+            if make is None:
+                return inputs, None, None
+            out[d] = make(labels=labels)
+    return tuple(out), loss, labels
+
+
+def _same_blocks(blocks: list[nn.Module]) -> bool:
+    """One class, and parameters that agree except for submodules only some of the blocks have."""
+    if len({type(b) for b in blocks}) != 1:
+        return False
+    params = [{n: tuple(p.shape) for n, p in b.named_parameters()} for b in blocks]
+    common = set.intersection(*(set(p.items()) for p in params))
+    everywhere = set.intersection(*({n for n, _ in b.named_modules()} for b in blocks))
+    return all(name.rpartition(".")[0] not in everywhere
+               for p in params for name, shape in p.items() if (name, shape) not in common)
+
+
 def _block_lists(model: nn.Module, called: dict[str, int]) -> list[str]:
-    """Outermost ModuleLists of identical blocks that the forward calls, in model order."""
+    """Outermost ModuleLists of repeated blocks (`_same_blocks`) that the forward calls, in model order."""
     found: list[str] = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
@@ -138,8 +226,7 @@ def _block_lists(model: nn.Module, called: dict[str, int]) -> list[str]:
         if any(name.startswith(f + ".") for f in found):
             continue
         children = list(module.named_children())
-        kinds = {(type(m), tuple((n, tuple(p.shape)) for n, p in m.named_parameters())) for _, m in children}
-        if len(kinds) == 1 and all(f"{name}.{c}" in called for c, _ in children):
+        if _same_blocks([m for _, m in children]) and all(f"{name}.{c}" in called for c, _ in children):
             found.append(name)
     return found
 

@@ -223,7 +223,16 @@ def _profile_code(ref: ModelRef, batch_size: int, common: dict[str, Any]) -> Res
     result = profile(loaded.module, loaded.inputs, name=str(ref), loss_fn=loaded.loss_fn, targets=loaded.targets,
                      seq_len=seq_len or (declared if isinstance(declared, int) else None), source_files=files,
                      **common)
-    return ResolvedProfile(result, ref, None if loaded.loss_fn is None else loss_name(loaded.loss_fn))
+    loss = loaded.loss_fn if loaded.loss_fn is not None else _labels_loss(loaded.module, loaded.inputs)
+    return ResolvedProfile(result, ref, None if loss is None else loss_name(loss))
+
+
+def _labels_loss(module: nn.Module, inputs: Any) -> Any:
+    """The loss `profile` counted for a model that computes its own from `labels` (`profiler.hf`), or None."""
+    from profiler import hf
+    from profiler.partition import positional_inputs
+
+    return hf.labels_as_targets(module, positional_inputs(module, inputs))[1]
 
 
 def _profile_hf(ref: ModelRef, batch_size: int, common: dict[str, Any]) -> ResolvedProfile:
@@ -235,4 +244,5 @@ def _profile_hf(ref: ModelRef, batch_size: int, common: dict[str, Any]) -> Resol
     inputs, _ = source.example_batch(batch_size)
     result = profile(module, inputs, name=str(ref), seq_len=source.seq_len, source_files=(source.config_file,),
                      **common)
-    return ResolvedProfile(result, ref, None)  # the model computes its loss from `labels` inside its forward
+    loss = _labels_loss(module, inputs)
+    return ResolvedProfile(result, ref, None if loss is None else loss_name(loss))

@@ -28,8 +28,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from planner.model_profile import ShardStyle, TensorParallelSpec, TPShard
 from profiler.errors import ProfileError
+from profiler.fx_shapes import find_segments
 from profiler.recording import LayerCall
-from profiler.tp_shapes import ShardError, analyze, find_segments
+from profiler.tp_shapes import ShardError, analyze
 
 logger = logging.getLogger(__name__)
 

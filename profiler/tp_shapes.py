@@ -25,6 +25,17 @@ from typing import Any
 
 from torch import fx, nn
 
+from profiler.fx_shapes import (
+    arg_of,
+    index_entries,
+    norm_dim,
+    op_name,
+    reshape_dim,
+    segment_bounds,
+    set_arg,
+    shape_of,
+)
+
 _ELEMENTWISE = {
     "add", "sub", "mul", "truediv", "div", "neg", "pow", "exp", "sqrt", "rsqrt", "tanh", "sigmoid", "relu", "gelu",
     "silu", "softplus", "mish", "elu", "leaky_relu", "hardswish", "dropout", "masked_fill", "where", "clamp", "clip",
@@ -76,124 +87,6 @@ class Analysis:
         return math.gcd(*self.sizes) if self.sizes else 1
 
 
-def op_name(node: fx.Node) -> str:
-    """The op's name: method or module target, or the function's `__name__`."""
-    if node.op in ("call_method", "call_module"):
-        return str(node.target)
-    return getattr(node.target, "__name__", str(node.target))
-
-
-def _shape(node: Any) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(int(s) for s in meta.shape) if hasattr(meta, "shape") else None
-
-
-def _arg(node: fx.Node, pos: int, name: str, default: Any = None) -> Any:
-    if name in node.kwargs:
-        return node.kwargs[name]
-    return node.args[pos] if len(node.args) > pos else default
-
-
-def _set_arg(node: fx.Node, pos: int, name: str, value: Any) -> None:
-    if name in node.kwargs:
-        node.update_kwarg(name, value)
-    else:
-        node.update_arg(pos, value)
-
-
-def _norm(dim: int, ndim: int) -> int:
-    return dim % ndim if ndim else dim
-
-
-def find_segments(gm: fx.GraphModule, colwise: list[str]) -> dict[str, tuple[int, ...]]:
-    """Colwise Linears whose output is split on its feature dim, with the global width of each piece."""
-    out: dict[str, tuple[int, ...]] = {}
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or node.target not in colwise:
-            continue
-        width = _shape(node)[-1]
-        for user in node.users:
-            name = op_name(user)
-            pieces = None
-            if name in ("split", "chunk", "split_with_sizes", "tensor_split") and isinstance(user.meta.get(
-                    "tensor_meta"), (tuple, list)):
-                dim = _arg(user, 2 if name != "chunk" else 2, "dim", 0)
-                if isinstance(dim, int) and _norm(dim, len(_shape(node))) == len(_shape(node)) - 1:
-                    pieces = tuple(int(m.shape[-1]) for m in user.meta["tensor_meta"])
-            elif name == "getitem" and isinstance(user.args[1], tuple | slice):
-                pieces = _slice_pieces(user.args[1], _shape(node))
-            if pieces and sum(pieces) == width and len(pieces) > 1:
-                if node.target in out and out[node.target] != pieces:
-                    cuts = sorted({*_bounds(out[node.target]), *_bounds(pieces)})
-                    pieces = tuple(b - a for a, b in zip(cuts, cuts[1:]))
-                out[node.target] = pieces
-    return out
-
-
-def _bounds(pieces: tuple[int, ...]) -> list[int]:
-    return [0, *(sum(pieces[:i + 1]) for i in range(len(pieces)))]
-
-
-def _slice_pieces(index: Any, shape: tuple[int, ...]) -> tuple[int, ...] | None:
-    """A last-dim slice [a:b] of a feature vector of width W as the pieces (a, b - a, W - b) without zeros."""
-    entries = _index_entries(index, len(shape))
-    if entries is None or not isinstance(entries.get(len(shape) - 1), slice):
-        return None
-    width = shape[-1]
-    start, stop, step = entries[len(shape) - 1].indices(width)
-    if step != 1:
-        return None
-    return tuple(p for p in (start, stop - start, width - stop) if p > 0)
-
-
-def _index_entries(index: Any, ndim: int) -> dict[int, Any] | None:
-    """Input dim -> the index entry applied to it (None-insertions skipped); None when it cannot be read."""
-    items = list(index) if isinstance(index, tuple) else [index]
-    if sum(i is Ellipsis for i in items) > 1:
-        return None
-    consuming = [i for i in items if i is not None and i is not Ellipsis]
-    if Ellipsis in items:
-        at = items.index(Ellipsis)
-        fill = ndim - len(consuming)
-        items = items[:at] + [slice(None)] * fill + items[at + 1:]
-    out, dim = {}, 0
-    for item in items:
-        if item is None:
-            continue
-        if not isinstance(item, int | slice):
-            return None
-        out[dim] = item
-        dim += 1
-    for d in range(dim, ndim):
-        out[d] = slice(None)
-    return out
-
-
-def _reshape_dim(inp: tuple[int, ...], out: tuple[int, ...], d: int) -> int | None:
-    """Output dim that carries input dim d's split through a reshape (outermost of its factor group), or None."""
-    start, size = math.prod(inp[:d]), inp[d]
-    pre = 1
-    for j, s in enumerate(out):
-        if pre == start and s > 1:
-            break
-        pre *= s
-        if pre > start:
-            return None  # the sharded dim starts inside an output dim: not the outermost of a merge
-    else:
-        return None
-    if out[j] == size:
-        return j
-    if out[j] < size:  # split: some output dims j..k multiply to size exactly
-        return j if start * size in _prefixes(out) else None
-    if out[j] % size:
-        return None
-    return j if math.prod(out[:j + 1]) in _prefixes(inp) else None  # merge with whole inner input dims
-
-
-def _prefixes(shape: tuple[int, ...]) -> set[int]:
-    return {math.prod(shape[:i]) for i in range(len(shape) + 1)}
-
-
 class _Walker:
     def __init__(self, gm: fx.GraphModule, colwise: dict[str, tuple[int, ...] | None], rowwise: set[str],
                  tp: int) -> None:
@@ -206,7 +99,7 @@ class _Walker:
         raise ShardError(f"'{op_name(node)}' ({node.name}) {why}")
 
     def shard(self, node: fx.Node, dim: int, segments: tuple[int, ...] | None = None) -> Shard:
-        shape = _shape(node)
+        shape = shape_of(node)
         segments = segments or (shape[dim],)
         for s in segments:
             if self.tp > 1 and s % self.tp:
@@ -232,7 +125,7 @@ class _Walker:
         """A node none of whose inputs is sharded: a colwise Linear starts a shard; anything else is whole."""
         if node.op == "call_module" and node.target in self.colwise:
             segments = self.colwise[node.target]
-            return self.shard(node, len(_shape(node)) - 1, segments)
+            return self.shard(node, len(shape_of(node)) - 1, segments)
         if node.op == "call_module" and node.target in self.rowwise:
             self.fail(node, "is planned rowwise but its input is not split on features")
         return None
@@ -240,7 +133,7 @@ class _Walker:
     def sharded_inputs(self, node: fx.Node) -> list[tuple[fx.Node, Any]]:
         return [(a, self.state[a]) for a in node.all_input_nodes if self.state.get(a) is not None]
 
-    def step(self, node: fx.Node) -> Any:  # noqa: C901 - one dispatch over the ops the region may use
+    def step(self, node: fx.Node) -> Any:
         name = op_name(node)
         if node.op == "output":
             self.fail(node, "receives a tensor that is still split across ranks (the layer output must be whole)")
@@ -254,10 +147,10 @@ class _Walker:
             return None if node.args[1] in ("dtype", "device", "ndim", "is_cuda") else self.fail(node, "reads an "
                                                                                                  "attribute")
         if name == "size" and isinstance(sx, Shard):
-            d = _arg(node, 1, "dim")
+            d = arg_of(node, 1, "dim")
             if d is None:
                 return _SizeOf(sx.dim)
-            return _LOCAL_INT if _norm(d, len(_shape(x))) == sx.dim else None
+            return _LOCAL_INT if norm_dim(d, len(shape_of(x))) == sx.dim else None
         if name == "dim":
             return None
         if name == "getitem":
@@ -284,20 +177,20 @@ class _Walker:
         if name in _RESHAPES:
             return self.reshape(node, x, sx, name)
         if name in ("transpose", "swapaxes"):
-            n = len(_shape(x))
-            a, b = _norm(_arg(node, 1, "dim0"), n), _norm(_arg(node, 2, "dim1"), n)
+            n = len(shape_of(x))
+            a, b = norm_dim(arg_of(node, 1, "dim0"), n), norm_dim(arg_of(node, 2, "dim1"), n)
             return Shard({a: b, b: a}.get(sx.dim, sx.dim), sx.segments)
         if name == "permute":
             dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], tuple | list) else node.args[1:]
-            dims = [_norm(d, len(dims)) for d in dims]
+            dims = [norm_dim(d, len(dims)) for d in dims]
             return Shard(dims.index(sx.dim), sx.segments)
         if name in ("softmax", "log_softmax"):
-            if _norm(_arg(node, 1, "dim"), len(_shape(x))) == sx.dim:
+            if norm_dim(arg_of(node, 1, "dim"), len(shape_of(x))) == sx.dim:
                 self.fail(node, "normalises over the sharded dim")
             return sx
         if name in ("layer_norm", "rms_norm"):
-            normalized = _arg(node, 1, "normalized_shape")
-            if sx.dim >= len(_shape(x)) - len(normalized):
+            normalized = arg_of(node, 1, "normalized_shape")
+            if sx.dim >= len(shape_of(x)) - len(normalized):
                 self.fail(node, "normalises over the sharded dim")
             return sx
         if name in _REDUCTIONS:
@@ -305,10 +198,10 @@ class _Walker:
         if name == "expand":
             return self.expand(node, x, sx)
         if name == "repeat_interleave":
-            dim = _arg(node, 2, "dim")
-            if not isinstance(_arg(node, 1, "repeats"), int) or dim is None or len(sx.segments) > 1:
+            dim = arg_of(node, 2, "dim")
+            if not isinstance(arg_of(node, 1, "repeats"), int) or dim is None or len(sx.segments) > 1:
                 self.fail(node, "repeats a sharded tensor in a way autopar cannot follow")
-            if _norm(dim, len(_shape(x))) == sx.dim:
+            if norm_dim(dim, len(shape_of(x))) == sx.dim:
                 return self.shard(node, sx.dim)
             return sx
         self.fail(node, "is not an op tensor parallelism can run on shards (only per-feature / per-head ops may sit "
@@ -319,14 +212,14 @@ class _Walker:
         sx = self.state.get(node.args[0]) if node.args else None
         if isinstance(module, nn.Linear):
             if node.target in self.rowwise:
-                if not isinstance(sx, Shard) or sx.dim != len(_shape(node.args[0])) - 1 or len(sx.segments) > 1:
+                if not isinstance(sx, Shard) or sx.dim != len(shape_of(node.args[0])) - 1 or len(sx.segments) > 1:
                     self.fail(node, "is planned rowwise but its input is not split on its last dim")
                 return None
             self.fail(node, "is a Linear that reads a sharded tensor but is not planned rowwise")
         if isinstance(module, _MODULES):
             return self.elementwise(node)
         if isinstance(module, nn.Softmax) and isinstance(sx, Shard):
-            if _norm(module.dim, len(_shape(node))) == sx.dim:
+            if norm_dim(module.dim, len(shape_of(node))) == sx.dim:
                 self.fail(node, "normalises over the sharded dim")
             return sx
         self.fail(node, f"is a {type(module).__name__} inside the sharded region (e.g. a norm over the split "
@@ -334,10 +227,10 @@ class _Walker:
         return None
 
     def elementwise(self, node: fx.Node) -> Shard:
-        out = _shape(node)
+        out = shape_of(node)
         found: Shard | None = None
         for a in node.all_input_nodes:
-            s, shape = self.state.get(a), _shape(a)
+            s, shape = self.state.get(a), shape_of(a)
             if shape is None:
                 if s is not None:
                     self.fail(node, "computes with the size of a sharded dim, which differs per rank")
@@ -348,7 +241,7 @@ class _Walker:
                     self.fail(node, "combines tensors split along different dims")
                 found = cand
         for a in node.all_input_nodes:
-            shape = _shape(a)
+            shape = shape_of(a)
             if shape is not None and self.state.get(a) is None:
                 aligned = found.dim - (len(out) - len(shape))
                 if aligned >= 0 and shape[aligned] != 1:
@@ -362,11 +255,11 @@ class _Walker:
             return sx[index]
         if isinstance(sx, _SizeOf):
             if isinstance(index, int):
-                return _LOCAL_INT if index % len(_shape(x.args[0]) or (0,)) == sx.dim else None
+                return _LOCAL_INT if index % len(shape_of(x.args[0]) or (0,)) == sx.dim else None
             self.fail(node, "slices the size of a sharded tensor")
         if not isinstance(sx, Shard):
             self.fail(node, "indexes with a sharded value")
-        entries = _index_entries(index, len(_shape(x)))
+        entries = index_entries(index, len(shape_of(x)))
         if entries is None:
             self.fail(node, "indexes a sharded tensor with a tensor or another index autopar cannot follow")
         item = entries[sx.dim]
@@ -374,16 +267,16 @@ class _Walker:
         if isinstance(item, int):
             self.fail(node, "picks one entry of the sharded dim")
         if item != slice(None):
-            start, stop, step = item.indices(_shape(x)[sx.dim])
+            start, stop, step = item.indices(shape_of(x)[sx.dim])
             segments = self.cut(node, sx, start, stop, step)
             entries = dict(entries)
             items = list(index) if isinstance(index, tuple) else [index]
-            pos = self.index_position(items, sx.dim, len(_shape(x)))
+            pos = self.index_position(items, sx.dim, len(shape_of(x)))
             items[pos] = slice(self.local(start) if start else None, self.local(stop))
             if self.tp > 1:
                 node.update_arg(1, tuple(items) if isinstance(index, tuple) else items[0])
         before = sum(1 for d, it in entries.items() if d < sx.dim and isinstance(it, int))
-        inserted = self.inserted_before(index, sx.dim, len(_shape(x)))
+        inserted = self.inserted_before(index, sx.dim, len(shape_of(x)))
         return self.shard(node, sx.dim - before + inserted, segments)
 
     @staticmethod
@@ -419,15 +312,15 @@ class _Walker:
         return inserted
 
     def cut(self, node: fx.Node, sx: Shard, start: int, stop: int, step: int) -> tuple[int, ...]:
-        bounds = _bounds(sx.segments)
+        bounds = segment_bounds(sx.segments)
         if step != 1 or start not in bounds or stop not in bounds:
             self.fail(node, f"cuts the sharded dim at [{start}:{stop}], not at a head / segment boundary "
                             f"{bounds}")
         return tuple(s for s, a in zip(sx.segments, bounds) if start <= a < stop)
 
     def split(self, node: fx.Node, x: fx.Node, sx: Shard, name: str) -> tuple:
-        ndim = len(_shape(x))
-        dim = _norm(_arg(node, 2, "dim", 0), ndim)
+        ndim = len(shape_of(x))
+        dim = norm_dim(arg_of(node, 2, "dim", 0), ndim)
         pieces = [int(m.shape[dim]) for m in node.meta["tensor_meta"]]
         if dim != sx.dim:
             return tuple(Shard(sx.dim, sx.segments) for _ in pieces)
@@ -443,13 +336,13 @@ class _Walker:
             sizes = node.kwargs[key] if key else node.args[1]
             new = self.local(sizes) if isinstance(sizes, int) else [self.local(p) for p in pieces]
             if self.tp > 1:
-                _set_arg(node, 1, key, new)
+                set_arg(node, 1, key, new)
         self.result.sizes.update(s for o in outs for s in o.segments)
         return tuple(outs)
 
     def reshape(self, node: fx.Node, x: fx.Node, sx: Shard, name: str) -> Shard:
-        inp, out = _shape(x), _shape(node)
-        j = _reshape_dim(inp, out, sx.dim)
+        inp, out = shape_of(x), shape_of(node)
+        j = reshape_dim(inp, out, sx.dim)
         if j is None:
             self.fail(node, f"reshapes {inp} -> {out} so that the sharded dim {sx.dim} is not the outermost of "
                             "the dims it becomes or joins")
@@ -458,12 +351,12 @@ class _Walker:
         if name in ("view", "reshape"):
             self.shape_args(node, 1, j, out)
         elif name == "unflatten":
-            dim = _norm(_arg(node, 1, "dim"), len(inp))
-            sizes = list(_arg(node, 2, "sizes"))
+            dim = norm_dim(arg_of(node, 1, "dim"), len(inp))
+            sizes = list(arg_of(node, 2, "sizes"))
             if dim <= j < dim + len(sizes) and sizes[j - dim] != -1:
                 sizes[j - dim] = self.local(out[j])
                 if self.tp > 1:
-                    _set_arg(node, 2, "sizes", tuple(sizes))
+                    set_arg(node, 2, "sizes", tuple(sizes))
         return self.shard(node, j, sx.segments if len(sx.segments) > 1 else None)
 
     def shape_args(self, node: fx.Node, first: int, j: int, out: tuple[int, ...]) -> None:
@@ -487,36 +380,36 @@ class _Walker:
             node.args = tuple(args[:first] + ([type(args[first])(sizes)] if packed else sizes))
 
     def reduction(self, node: fx.Node, x: fx.Node, sx: Shard) -> Shard:
-        ndim = len(_shape(x))
-        dims = _arg(node, 1, "dim")
+        ndim = len(shape_of(x))
+        dims = arg_of(node, 1, "dim")
         if dims is None:
             self.fail(node, "reduces over every dim, the sharded one included")
-        dims = {_norm(d, ndim) for d in (dims if isinstance(dims, tuple | list) else [dims])}
+        dims = {norm_dim(d, ndim) for d in (dims if isinstance(dims, tuple | list) else [dims])}
         if sx.dim in dims:
             self.fail(node, "reduces over the sharded dim")
-        keep = _arg(node, 2, "keepdim", False)
+        keep = arg_of(node, 2, "keepdim", False)
         return Shard(sx.dim if keep else sx.dim - sum(d < sx.dim for d in dims), sx.segments)
 
     def attention(self, node: fx.Node) -> Shard:
         q, k, v = node.args[:3]
         states = [self.state.get(t) for t in (q, k, v)]
         dims = {s.dim if isinstance(s, Shard) else None for s in states}
-        if len(dims) != 1 or None in dims or next(iter(dims)) >= len(_shape(q)) - 2:
+        if len(dims) != 1 or None in dims or next(iter(dims)) >= len(shape_of(q)) - 2:
             self.fail(node, "needs q, k and v all split along the same head dim")
-        mask = _arg(node, 3, "attn_mask")
+        mask = arg_of(node, 3, "attn_mask")
         if isinstance(mask, fx.Node) and self.state.get(mask) is None:
-            aligned = states[0].dim - (len(_shape(q)) - len(_shape(mask)))
-            if aligned >= 0 and _shape(mask)[aligned] != 1:
+            aligned = states[0].dim - (len(shape_of(q)) - len(shape_of(mask)))
+            if aligned >= 0 and shape_of(mask)[aligned] != 1:
                 self.fail(node, "has an attention mask that differs per head")
         return self.shard(node, states[0].dim)
 
     def matmul(self, node: fx.Node) -> Shard:
         a, b = node.args[:2]
         sa, sb = self.state.get(a), self.state.get(b)
-        n = len(_shape(node))
+        n = len(shape_of(node))
         if not isinstance(sa, Shard) or not isinstance(sb, Shard):
             self.fail(node, "multiplies a sharded tensor by a whole one (a weight would mix the split features)")
-        da, db = sa.dim + n - len(_shape(a)), sb.dim + n - len(_shape(b))
+        da, db = sa.dim + n - len(shape_of(a)), sb.dim + n - len(shape_of(b))
         if da != db or da >= n - 2:
             self.fail(node, "contracts over the sharded dim or mixes different sharded dims")
         return self.shard(node, da)
@@ -526,19 +419,19 @@ class _Walker:
         states = [self.state.get(t) for t in tensors]
         if any(not isinstance(s, Shard) for s in states) or len({s.dim for s in states}) != 1:
             self.fail(node, "joins sharded and whole tensors, or tensors split along different dims")
-        ndim = len(_shape(tensors[0]))
-        dim = _arg(node, 1, "dim", 0)
+        ndim = len(shape_of(tensors[0]))
+        dim = arg_of(node, 1, "dim", 0)
         sd = states[0].dim
         if name == "stack":
-            dim = _norm(dim, ndim + 1)
+            dim = norm_dim(dim, ndim + 1)
             return Shard(sd + (dim <= sd), states[0].segments)
-        if _norm(dim, ndim) == sd:
+        if norm_dim(dim, ndim) == sd:
             self.fail(node, "concatenates along the sharded dim")
         return states[0]
 
     def expand(self, node: fx.Node, x: fx.Node, sx: Shard) -> Shard:
-        out = _shape(node)
-        j = sx.dim + len(out) - len(_shape(x))
+        out = shape_of(node)
+        j = sx.dim + len(out) - len(shape_of(x))
         self.shape_args(node, 1, j, out)
         return Shard(j, sx.segments)
 

@@ -55,11 +55,15 @@ def detect_vocab_parallel(
     head = _find_head(model, names[-1], records, batch)
     embed = _find_embedding(model, names)
     if head is not None:
-        weight = model.get_submodule(_join(names[-1], head.path)).weight
-        tied = users[id(weight)] - {_join(names[-1], head.path) + ".weight"}
+        linear = model.get_submodule(_join(names[-1], head.path))
+        tied = users[id(linear.weight)] - {_join(names[-1], head.path) + ".weight"}
         embed_weight = None if embed is None else _join(embed[0], embed[1]) + ".weight"
+        if linear.bias is not None:  # a bias shared with another module (BERT's cls.predictions.bias) stays whole
+            tied_bias = users[id(linear.bias)] - {_join(names[-1], head.path) + ".bias"}
+            tied = tied | tied_bias
         if tied and tied != {embed_weight}:
-            logger.info("output head %s: its weight is shared with %s; left replicated", head.path, sorted(tied))
+            logger.info("output head %s: its parameters are shared with %s; left replicated", head.path,
+                        sorted(tied))
             head = None
     if embed is not None:
         layer, path = embed

@@ -173,11 +173,12 @@ def test_the_service_takes_numbers_and_flags_only_as_their_own_json_types(tmp_pa
 
 @pytest.mark.parametrize("source", ["file", "env"])
 def test_serve_takes_the_api_key_from_a_file_or_the_environment(tmp_path, monkeypatch, source):
-    import uvicorn
     from service_support import TestClient
 
+    import api.server
+
     served = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: served.append(app))  # keep the port; test the app
+    monkeypatch.setattr(api.server, "run_server", lambda config: served.append(config.app))  # keep the port
     monkeypatch.delenv("AUTOPAR_API_KEYS", raising=False)
     argv = ["serve", "--db", str(tmp_path / "plans.db")]
     if source == "file":

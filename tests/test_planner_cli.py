@@ -29,5 +29,7 @@ def test_show_refuses_a_file_that_is_not_a_plan(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"not": "a plan"}')
     r = CliRunner().invoke(app, ["show", str(bad)])
-    assert r.exit_code != 0
-    assert "not a valid plan" in str(r.exception) or "not a valid plan" in r.output
+    # The CLI's error contract: exit 2, one line naming the problem, no traceback.
+    assert r.exit_code == 2, r.output
+    assert "not a valid plan" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1

@@ -113,7 +113,10 @@ def test_search_finds_the_brute_force_optimum_on_small_random_instances(seed):
     expected = min(by_config.values(), default=float("inf"))
     view = prepare(profile, cluster)
     if expected == float("inf"):
-        with pytest.raises(PlanError):
+        # The error must name the reason the brute force found: no configuration splits the batch, or none fits.
+        legal = enumerate_configs(view, cluster, batch, space)
+        why = "no strategy fits in" if legal else r"not divisible by any data-parallel degree|no \(dp, tp, pp\) split"
+        with pytest.raises(PlanError, match=why):
             search(view, cluster, global_batch_size=batch, space=space, relative_gap=0.0, simplicity_tolerance=0.0,
                    time_limit_s=120)
         return

@@ -74,6 +74,32 @@ def test_profiler_marks_user_model_with_tied_head_and_layers_that_are_the_module
     assert by_name["wte"].tp.sharded_param_count == VOCAB * 16
 
 
+def test_a_head_whose_bias_is_shared_with_another_module_stays_whole():
+    """BERT's decoder bias is `cls.predictions.bias`: splitting the head would split that parameter in one place
+    only, so the head is left whole (the embedding is still split)."""
+    import torch
+    from torch import nn
+
+    import profiler
+
+    class SharedBias(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(64, 16)
+            self.mid = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 64)
+            self.bias = nn.Parameter(torch.zeros(64))
+            self.head.bias = self.bias  # tied as transformers ties BertLMPredictionHead.decoder.bias
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.mid(self.embed(ids))))
+
+    prof = profiler.profile(SharedBias(), (torch.zeros(2, 8, dtype=torch.long),), cache=False)
+    styles = {x.name: [s.style.value for s in x.tp.shards] if x.tp else [] for x in prof.layers}
+    assert styles["embed"] == ["vocab_rowwise"]
+    assert styles["head"] == []
+
+
 def test_head_per_rank_parameters_and_logits_activation_split_by_tp8():
     from planner.cost import device_param_count
     from planner.memory import estimate_layer_activation_bytes
