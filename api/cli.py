@@ -4,6 +4,7 @@
     autopar plan gpt2-medium --cluster dgx-a100-80gb --nodes 2 --global-batch 512 --out plan.json
     autopar show plan.json --chart plan.png
     autopar run plan.json --model gpt-tiny --steps 5 --nproc-per-node 2
+    autopar calibrate --nproc-per-node 2 --quick --out cluster.yaml
     autopar serve --port 8000 --db plans.db
     autopar demo
 
@@ -19,7 +20,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from api import cli_demo, cli_plan, cli_profile, cli_run, cli_serve
+from api import cli_calibrate, cli_demo, cli_plan, cli_profile, cli_run, cli_serve
 from planner.errors import AutoparError
 
 
@@ -66,7 +67,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (cli_profile, cli_plan, cli_run, cli_serve, cli_demo):
+for _module in (cli_profile, cli_plan, cli_run, cli_calibrate, cli_serve, cli_demo):
     _module.register(app)
 
 

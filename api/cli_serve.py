@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Annotated
@@ -45,6 +46,23 @@ def check_db(path: Path) -> None:
         raise AutoparError(f"cannot create the database {path} ({reason}); {fix} in a writable directory") from None
 
 
+def check_bind(host: str, port: int) -> None:
+    """Refuse, in one line, an interface that does not resolve or an address/port this host cannot listen on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError, ValueError) as exc:
+        raise AutoparError(f"--host {host!r} is not an address or host name this machine can resolve ({exc}); give "
+                           "an interface address such as 127.0.0.1 or 0.0.0.0") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise AutoparError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick a free port with "
+                               "--port or an address of this machine with --host") from None
+
+
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 exposes it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
@@ -62,6 +80,7 @@ def serve(
     """Serve plans over HTTP: POST /v1/plans, GET /v1/plans, /v1/evaluate, /v1/profiles; docs at /docs."""
     from api.server import run_server, server_config
 
+    check_bind(host, port)
     keys_given = (*(api_key or ()), *(read_api_keys(api_key_file) if api_key_file is not None else ()))
     settings = Settings.from_env(db_path=db, api_keys=keys_given or None)
     check_db(settings.db_path)

@@ -10,9 +10,11 @@ measured step time is the run's median (first step excluded); measured memory is
 since before the model was built, the executor's CPU measure. Models: zoo `gpt-tiny` and a ~20M-parameter GPT-2
 (`gpt2-small` with 6 blocks of width 256 and 128-token samples).
 
---measure times, on one thread as each rank runs: large fp32 and bf16 GEMMs (peak FLOP/s), a 64 MiB add (memory
-bandwidth), a chain of tiny ops forward and backward with autograd (kernel overhead) and small GEMMs (the GEMM ramp),
-each the best of several repeats so that other load on the host counts as little as possible.
+--measure times, on one thread as each rank runs, what `autopar calibrate` times on each rank
+(`executor.calibrate.measure_device`): fp32 and bf16 GEMMs over a range of shapes fitted to the cost model's
+efficiency curve (peak FLOP/s and the GEMM ramp), a 64 MiB copy (memory bandwidth) and a chain of tiny ops forward
+and backward with autograd (kernel overhead), each the best of several repeats. `autopar calibrate --nproc-per-node 2`
+measures the same with every rank busy, plus the gloo links, and writes a cluster file.
 """
 
 from __future__ import annotations
@@ -20,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -93,52 +93,6 @@ def fidelity(models: list[str], steps: int) -> list[tuple]:
     return rows
 
 
-def _best(fn, repeats: int = 7, inner: int = 1) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - t0) / inner)
-    return min(times)
-
-
-def measure_device() -> dict[str, float]:
-    """The `cpu` preset's device constants measured on this host, one thread (see the module docstring)."""
-    import torch
-
-    torch.set_num_threads(1)
-    out: dict[str, float] = {}
-    for dtype, key in ((torch.float32, "peak_flops.float32"), (torch.bfloat16, "peak_flops.bfloat16")):
-        rates = []
-        for n in (512, 1024):
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            rates.append(2 * n**3 / _best(lambda a=a, b=b: torch.mm(a, b)))
-        out[key] = max(rates)
-    x, y = torch.randn(16 * 2**20), torch.randn(16 * 2**20)
-    z = torch.empty_like(x)
-    out["memory_bandwidth"] = 3 * x.numel() * 4 / _best(lambda: torch.add(x, y, out=z))
-    p = torch.randn(4, requires_grad=True)
-
-    def chain() -> None:
-        v = p
-        for _ in range(100):
-            v = v * 1.0001
-        v.sum().backward()
-
-    out["kernel_overhead_seconds"] = _best(chain, inner=20) / 200  # 100 forward + 100 backward kernels
-    tiny = torch.randn(4)
-    dispatch = _best(lambda: tiny * 1.0001, inner=2000)
-    ramps = []
-    for m, n, k in ((64, 64, 64), (128, 128, 128), (256, 64, 64), (256, 256, 64), (256, 64, 256)):
-        a, b = torch.randn(m, k), torch.randn(k, n)
-        t = _best(lambda a=a, b=b: torch.mm(a, b), inner=50)
-        ramps.append(t - dispatch - 2 * m * n * k / out["peak_flops.float32"])
-    out["gemm_ramp_seconds"] = max(statistics.median(ramps), 0.0)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=8)
@@ -147,6 +101,9 @@ def main() -> None:
     args = parser.parse_args()
     console = Console()
     if args.measure:
+        # The measuring code `autopar calibrate` runs on each rank.
+        from executor.calibrate import measure_device
+
         for key, value in measure_device().items():
             console.print(f"{key:26s} {value:.3g}")
         return

@@ -14,7 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from planner.errors import AutoparError
 from planner.model_profile import DType
-from planner.validation import BANDWIDTH_RANGE, MAX_SECONDS, PEAK_FLOPS_RANGE, check_fields, check_number
+from planner.validation import (
+    BANDWIDTH_RANGE,
+    MAX_SECONDS,
+    PEAK_FLOPS_RANGE,
+    check_fields,
+    check_number,
+    reject_lax_scalars,
+)
 
 CLUSTER_SCHEMA_VERSION = 1
 
@@ -28,6 +35,11 @@ class ClusterError(AutoparError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lax_scalars(cls, data: object) -> object:
+        return reject_lax_scalars(cls, data)
 
     @model_validator(mode="after")
     def _physical_ranges(self) -> _Strict:

@@ -24,7 +24,6 @@ from planner.memory import (
 )
 from planner.strategy import MeshAxis, ParallelDims, Recompute, Schedule, ZeroStage
 
-
 #: Nodes a tensor-parallel group may span (see `legal_degrees`).
 MAX_TP_NODES = 2
 

@@ -6,8 +6,8 @@ All sizes are whole bytes so that the search (integer CP-SAT constraints) and `e
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 
 from planner.cost import device_param_count, tp_whole_bytes
 from planner.model_profile import DType, LayerProfile

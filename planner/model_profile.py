@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from planner.errors import AutoparError
-from planner.validation import check_fields
+from planner.validation import check_fields, reject_lax_scalars
 
 PROFILE_SCHEMA_VERSION = 2
 #: Versions this autopar still reads: 1 (before `LayerProfile.attention`) loads with no attention calls recorded.
@@ -64,6 +64,11 @@ class ShardStyle(str, Enum):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lax_scalars(cls, data: object) -> object:
+        return reject_lax_scalars(cls, data)
 
     @model_validator(mode="after")
     def _physical_ranges(self) -> _Strict:

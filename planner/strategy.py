@@ -13,13 +13,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from planner.cluster import ClusterSpec
 from planner.model_profile import DType, write_text_atomic
-from planner.validation import check_fields
+from planner.validation import check_fields, reject_lax_scalars
 
 PLAN_SCHEMA_VERSION = 1
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lax_scalars(cls, data: object) -> object:
+        return reject_lax_scalars(cls, data)
 
     @model_validator(mode="after")
     def _finite(self) -> _Strict:

@@ -8,6 +8,8 @@ large (or, for rates, so small) that no real model or machine has them and the c
 from __future__ import annotations
 
 import math
+import types
+import typing
 
 from pydantic import BaseModel
 
@@ -56,3 +58,55 @@ def check_fields(model: BaseModel, *, bounded: bool = True) -> None:
             check_number(name, value)
         else:
             check_number(name, value, rng[0], rng[1], rng[2])
+
+
+def _scalar_kind(annotation: object) -> tuple[str, str] | None:
+    """(container, scalar) for fields of JSON scalars pydantic's lax mode would coerce: container is 'one', 'list'
+    or 'dict', scalar 'number' (int / float) or 'bool'; None for anything else."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (int, float):
+        return "one", "number"
+    if annotation is bool:
+        return "one", "bool"
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_scalar_kind(a) for a in args if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    inner = _scalar_kind(args[0]) if origin in (list, tuple) and args else None
+    if inner is not None and inner[0] == "one":
+        return "list", inner[1]
+    inner = _scalar_kind(args[1]) if origin is dict and len(args) == 2 else None
+    if inner is not None and inner[0] == "one":
+        return "dict", inner[1]
+    return None
+
+
+def _wrong(value: object, scalar: str) -> bool:
+    if scalar == "bool":
+        return not isinstance(value, bool)
+    return isinstance(value, bool) or not isinstance(value, int | float)
+
+
+def reject_lax_scalars(model: type[BaseModel], data: object) -> object:
+    """Refuse values pydantic's lax mode would coerce: true / false or a string where a contract wants a number,
+    0 / 1 or a string where it wants a boolean. Called from the contracts' `mode="before"` validators (Python and
+    JSON input alike), so the CLI, the Python API and the service refuse the same inputs.
+    """
+    if not isinstance(data, dict):
+        return data
+    for name, field in model.model_fields.items():
+        value = data.get(name)
+        kind = _scalar_kind(field.annotation)
+        if kind is None or value is None:
+            continue
+        container, scalar = kind
+        if container == "one":
+            items = [value]
+        elif container == "dict":
+            items = list(value.values()) if isinstance(value, dict) else []
+        else:
+            items = list(value) if isinstance(value, list | tuple) else []
+        if any(_wrong(v, scalar) for v in items):
+            want = "true or false" if scalar == "bool" else "a number"
+            raise ValueError(f"{name} holds {items[[_wrong(v, scalar) for v in items].index(True)]!r} where "
+                             f"{want} is expected; give {want}")
+    return data

@@ -98,6 +98,8 @@ CASES = [
     ("serve-db-garbage", lambda t: ["serve", "--db", str(_garbage_db(t))], "database"),
     ("serve-db-truncated", lambda t: ["serve", "--db", str(_truncated_db(t))], "database"),
     ("serve-db-unwritable", lambda t: ["serve", "--db", str(_a_file(t) / "plans.db")], "plans.db"),
+    ("serve-host-garbage", lambda t: ["serve", "--host", "bad host!!", "--db", str(t / "p.db")], "--host"),
+    ("serve-host-not-ours", lambda t: ["serve", "--host", "192.0.2.1", "--db", str(t / "p.db")], "cannot listen"),
     ("plan-truncated-profile", lambda t: _plan_args(str(_truncated_profile(t))), "truncated.json"),
     ("plan-plan-as-model", lambda t: _plan_args(str(_plan_file(t))), "plan.json"),
     ("plan-all-zero-profile", lambda t: _plan_args(str(_zero_profile(t))), "zero.json"),

@@ -3,8 +3,9 @@ is one line on the terminal, exit code 2, and no traceback.
 
 Commands and their flags are read from the real `api.cli.app` (so a new flag is fuzzed without editing this test);
 values come from a pool of hostile and valid ones (numbers out of range, NaN, huge, negative, garbage, directories,
-missing, truncated and wrong-kind files, valid profiles and plans). `run` stops where it would launch processes and
-`serve` where it would bind a port: reaching that point means the input was accepted. `demo` takes no input.
+missing, truncated and wrong-kind files, valid profiles and plans). `run` and `calibrate` stop where they would launch
+processes and `serve` where it would bind a port: reaching that point means the input was accepted. `demo` takes no
+input.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def test_every_refused_cli_invocation_is_one_line_and_exit_2(data, files, monkey
     launcher = importlib.import_module("executor.launch")  # the module (the package re-exports a function of its name)
     monkeypatch.setattr(launcher, "launch", _launch)
     monkeypatch.setattr(launcher, "slurm_launch", _launch)
+    monkeypatch.setattr(importlib.import_module("executor.calibrate"), "launch_calibration", _launch)
     monkeypatch.setattr(api.server, "run_server", lambda config: None)
     monkeypatch.setenv("AUTOPAR_CACHE_DIR", files["dir"] + "/cache")
     monkeypatch.chdir(files["dir"])

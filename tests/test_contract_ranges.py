@@ -115,3 +115,26 @@ def test_service_evaluate_refuses_a_micro_batch_that_would_overflow(tmp_path):
         response = client.post("/v1/evaluate", json=body)
     assert response.status_code == 422, response.text
     assert "micro_batch_size" in response.text
+
+
+@pytest.mark.parametrize("patch, word", [
+    ({"fwd_flops": True}, "a number"),      # pydantic's lax mode would read true as 1.0
+    ({"fwd_flops": "1e9"}, "a number"),     # ... and a numeric string as its number
+    ({"param_count": False}, "a number"),
+])
+def test_contracts_refuse_what_lax_mode_would_coerce(patch, word):
+    from planner.model_profile import LayerProfile
+
+    base = dict(index=0, name="l", module_type="L", param_count=1, param_bytes=4, fwd_flops=1.0, bwd_flops=2.0,
+                fwd_bytes=0.0, bwd_bytes=0.0, saved_activation_bytes=0.0, input_bytes=0.0, output_bytes=0.0)
+    LayerProfile.model_validate(base)  # the unpatched layer is valid
+    with pytest.raises(ValueError, match=word):
+        LayerProfile.model_validate({**base, **patch})
+
+
+def test_a_boolean_field_takes_only_true_or_false():
+    from planner.cluster import load_cluster
+
+    with pytest.raises(Exception, match="true or false"):
+        load_cluster("cpu", overlap_dp_comm=0)
+    assert load_cluster("cpu", overlap_dp_comm=True).overlap_dp_comm is True

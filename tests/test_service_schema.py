@@ -14,7 +14,7 @@ from pathlib import Path
 
 import schemathesis
 from hypothesis import HealthCheck, settings
-from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 from service_support import make_app
 
 _workdir = Path(tempfile.mkdtemp(prefix="autopar-schemathesis-"))
@@ -28,8 +28,22 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
           database=None)
 def test_generated_requests_get_no_5xx_and_only_documented_answers(case):
-    # The default checks (no 5xx; status codes, headers, content types and bodies as documented) except two about
-    # the request schema's precision: an unknown zoo name or heads not dividing hidden is schema-valid JSON the
-    # service must still refuse, and pydantic's lax mode accepts a few values JSON Schema calls invalid (false for
-    # a float field is read as 0.0). test_service_api checks the refusals that matter, field by field.
-    case.call_and_validate(excluded_checks=[positive_data_acceptance, negative_data_rejection])
+    # Every default check, negative data rejection included (the contracts refuse what pydantic's lax mode would
+    # coerce: planner.validation.reject_lax_scalars), except positive data acceptance: a request can be valid JSON
+    # for the schema and still name something the service must refuse (see the test below).
+    case.call_and_validate(excluded_checks=[positive_data_acceptance])
+
+
+def test_positive_data_acceptance_must_stay_off_schema_valid_requests_are_refused():
+    """Why one check stays off: the schema cannot list the zoo's model names or say that heads must divide hidden,
+    so schema-valid requests exist that the service must answer with 422, not accept."""
+    from fastapi.testclient import TestClient
+
+    from service_support import zoo_request
+
+    client = TestClient(app)
+    body = zoo_request(8)
+    body["model"]["name"] = "no-such-model"  # any string is schema-valid here
+    r = client.post("/v1/plans", json=body)
+    assert r.status_code == 422, r.text
+    assert "no-such-model" in r.text
