@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,7 +52,9 @@ class DeviceSpec(_Strict):
     """One accelerator (or one CPU worker of a gloo test cluster)."""
 
     name: str = Field(description="Human-readable device name.")
-    type: str = Field(default="cuda", description="torch device type the executor uses: 'cuda' or 'cpu'.")
+    type: Literal["cuda", "cpu"] = Field(
+        default="cuda", description="torch device type the executor uses: 'cuda' (NCCL) or 'cpu' (gloo)."
+    )
     memory_bytes: int = Field(gt=0, description="Usable device memory in bytes.")
     peak_flops: dict[DType, float] = Field(description="Dense peak FLOP/s per dtype (no sparsity).")
     memory_bandwidth: float = Field(gt=0, description="Device memory bandwidth in bytes/s.")

@@ -138,3 +138,14 @@ def test_a_boolean_field_takes_only_true_or_false():
     with pytest.raises(Exception, match="true or false"):
         load_cluster("cpu", overlap_dp_comm=0)
     assert load_cluster("cpu", overlap_dp_comm=True).overlap_dp_comm is True
+
+
+def test_a_device_type_the_executor_cannot_run_is_refused():
+    """Issue 11 finding 7: `device.type: "xla"` was accepted; the executor runs only cuda (NCCL) and cpu (gloo)."""
+    from planner.cluster import ClusterError, load_cluster
+
+    xla = {"name": "x", "type": "xla", "memory_bytes": 10**9, "peak_flops": {"float32": 1e12},
+           "memory_bandwidth": 1e10}
+    with pytest.raises(ClusterError, match="device.type: Input should be 'cuda' or 'cpu'"):
+        load_cluster("cpu", device=xla)
+    assert load_cluster("cpu", device={**xla, "type": "cpu"}).device.type == "cpu"
