@@ -28,10 +28,10 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner import evaluate, load_cluster, plan  # noqa: E402
-from bench.models.nanogpt import block_bounds, nanogpt_profile  # noqa: E402
-from planner.gpt_formula import gpt_profile  # noqa: E402
-from planner.strategy import ParallelDims, Recompute, Schedule, StageSpec, Strategy, ZeroStage  # noqa: E402
+from bench.models.nanogpt import block_bounds, nanogpt_profile
+from planner import evaluate, load_cluster, plan
+from planner.gpt_formula import gpt_profile
+from planner.strategy import ParallelDims, Recompute, Schedule, StageSpec, Strategy, ZeroStage
 
 TABLE = ROOT / "bench" / "data" / "megatron_sc21_table1.csv"  # see bench/data/README.md
 SEQ, VOCAB = 2048, 51200

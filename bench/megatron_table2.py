@@ -25,9 +25,9 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.models.nanogpt import block_bounds, nanogpt_profile  # noqa: E402
-from planner import evaluate, load_cluster, plan  # noqa: E402
-from planner.strategy import ParallelDims, Recompute, Schedule, StageSpec, Strategy, ZeroStage  # noqa: E402
+from bench.models.nanogpt import block_bounds, nanogpt_profile
+from planner import evaluate, load_cluster, plan
+from planner.strategy import ParallelDims, Recompute, Schedule, StageSpec, Strategy, ZeroStage
 
 TABLE = ROOT / "bench" / "data" / "megatron_sc21_table2.csv"  # see bench/data/README.md
 SEQ, VOCAB = 2048, 51200

@@ -38,7 +38,6 @@ def test_positive_data_acceptance_must_stay_off_schema_valid_requests_are_refuse
     """Why one check stays off: the schema cannot list the zoo's model names or say that heads must divide hidden,
     so schema-valid requests exist that the service must answer with 422, not accept."""
     from fastapi.testclient import TestClient
-
     from service_support import zoo_request
 
     client = TestClient(app)
