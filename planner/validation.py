@@ -7,6 +7,7 @@ large (or, for rates, so small) that no real model or machine has them and the c
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 import typing
@@ -86,6 +87,17 @@ def _wrong(value: object, scalar: str) -> bool:
     return isinstance(value, bool) or not isinstance(value, int | float)
 
 
+@functools.cache
+def _scalar_fields(model: type[BaseModel]) -> tuple[tuple[str, str, str], ...]:
+    """(field, container, scalar) for the fields of `model` that hold JSON scalars (see `_scalar_kind`)."""
+    out = []
+    for name, field in model.model_fields.items():
+        kind = _scalar_kind(field.annotation)
+        if kind is not None:
+            out.append((name, *kind))
+    return tuple(out)
+
+
 def reject_lax_scalars(model: type[BaseModel], data: object) -> object:
     """Refuse values pydantic's lax mode would coerce: true / false or a string where a contract wants a number,
     0 / 1 or a string where it wants a boolean. Called from the contracts' `mode="before"` validators (Python and
@@ -93,20 +105,23 @@ def reject_lax_scalars(model: type[BaseModel], data: object) -> object:
     """
     if not isinstance(data, dict):
         return data
-    for name, field in model.model_fields.items():
+    for name, container, scalar in _scalar_fields(model):
         value = data.get(name)
-        kind = _scalar_kind(field.annotation)
-        if kind is None or value is None:
+        if value is None:
             continue
-        container, scalar = kind
         if container == "one":
+            if type(value) in (int, float) and scalar == "number" or type(value) is bool and scalar == "bool":
+                continue  # the common case, decided without building a list
             items = [value]
         elif container == "dict":
             items = list(value.values()) if isinstance(value, dict) else []
         else:
             items = list(value) if isinstance(value, list | tuple) else []
-        if any(_wrong(v, scalar) for v in items):
+        bad = next((v for v in items if _wrong(v, scalar)), _NOTHING)
+        if bad is not _NOTHING:
             want = "true or false" if scalar == "bool" else "a number"
-            raise ValueError(f"{name} holds {items[[_wrong(v, scalar) for v in items].index(True)]!r} where "
-                             f"{want} is expected; give {want}")
+            raise ValueError(f"{name} holds {bad!r} where {want} is expected; give {want}")
     return data
+
+
+_NOTHING = object()
