@@ -16,18 +16,32 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 
 import planner
 from api.deps import require_api_key
 from api.errors import error_responses, install_error_handlers
 from api.middleware import BodyLimitMiddleware
-from api.routes import health, v1
+from api.routes import BODY_MODELS, health, v1
 from api.runner import ResultCache, SearchRunner
 from api.service import ServiceContext
 from api.settings import Settings
 from api.storage import Storage
 
 log = logging.getLogger(__name__)
+
+
+def openapi_schema(app: FastAPI) -> dict:
+    """FastAPI's OpenAPI document plus the request-body schemas of the routes that parse their body in a worker
+    thread (`api.routes.BODY_MODELS`), so /docs and generated clients see the same contract as before."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        _, defs = models_json_schema([(m, "validation") for m in BODY_MODELS],
+                                     ref_template="#/components/schemas/{model}")
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -52,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.ctx = ServiceContext(settings=settings, storage=storage, runner=runner,
                                    evaluations=ResultCache(settings.evaluate_cache_entries))
+    app.openapi = lambda: openapi_schema(app)
     install_error_handlers(app)
     app.include_router(health)
     if settings.api_keys:

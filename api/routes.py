@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import planner
@@ -30,6 +33,43 @@ health = APIRouter(tags=["health"])
 # The API-key check is attached by the app factory, only when the server has keys, so /docs says when it is needed.
 v1 = APIRouter(prefix="/v1", responses=error_responses(400, 413, 422))
 
+def _parse_in_thread(model: type[BaseModel]):
+    """A dependency that reads the raw body and validates it as `model` in a worker thread.
+
+    FastAPI validates a declared body on the event loop; a profile of a few MiB takes most of a second to validate,
+    so several at once would stall every other request (`/healthz` included). Errors keep FastAPI's shape (a 422
+    with `body`-rooted locations, or `json_invalid` with the character offset).
+    """
+
+    async def parse(request: Request) -> Any:
+        raw = await request.body()
+        try:
+            return await run_in_threadpool(model.model_validate_json, raw or b"null")
+        except ValidationError as exc:
+            errors = exc.errors(include_url=False)
+            if errors and errors[0].get("type") == "json_invalid":
+                try:
+                    json.loads(raw)
+                    offset = 0
+                except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+                    offset = getattr(bad, "pos", getattr(bad, "start", 0))
+                reason = (errors[0].get("ctx") or {}).get("error", "JSON decode error")
+                raise RequestValidationError([{"type": "json_invalid", "loc": ("body", offset), "msg": reason,
+                                               "input": {}, "ctx": {"error": reason}}]) from None
+            raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+    return Depends(parse)
+
+
+def _documented_body(model: type[BaseModel]) -> dict:
+    """`openapi_extra` naming `model` as the JSON request body (its schema is added by `api.app.openapi_schema`)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+#: Request bodies parsed off the event loop, documented by `api.app` (see `_parse_in_thread`).
+BODY_MODELS: tuple[type[BaseModel], ...] = (PlanRequest, EvaluateRequest, ModelProfile)
+
 PlanId = Annotated[str, Path(min_length=1, max_length=100, description="Plan id.")]
 ProfileId = Annotated[str, Path(min_length=1, max_length=100, description="Profile id.")]
 
@@ -54,8 +94,9 @@ def readyz(ctx: Context, response: Response) -> Health:
     "/plans", response_model=PlanResponse, status_code=status.HTTP_201_CREATED,
     responses={200: {"model": PlanResponse, "description": "Served from the store (cached)"},
                **error_responses(429, 503, 504)},
+    openapi_extra=_documented_body(PlanRequest),
 )
-async def create_plan(body: PlanRequest, ctx: Context, client: ClientId, request: Request,
+async def create_plan(body: Annotated[PlanRequest, _parse_in_thread(PlanRequest)], ctx: Context, client: ClientId, request: Request,
                       response: Response) -> PlanResponse:
     """Search the best plan for a model on a cluster (201), or answer the stored one for the same request (200).
 
@@ -90,16 +131,18 @@ def delete_plan(plan_id: PlanId, ctx: Context) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@v1.post("/evaluate", response_model=EvaluateResponse, responses=error_responses(429, 503, 504))
-async def evaluate(body: EvaluateRequest, ctx: Context, client: ClientId, request: Request) -> EvaluateResponse:
+@v1.post("/evaluate", response_model=EvaluateResponse, responses=error_responses(429, 503, 504),
+         openapi_extra=_documented_body(EvaluateRequest))
+async def evaluate(body: Annotated[EvaluateRequest, _parse_in_thread(EvaluateRequest)], ctx: Context, client: ClientId, request: Request) -> EvaluateResponse:
     """Predict step time, throughput and memory of a strategy you choose (what-if); answers are cached in memory
     and equal requests in flight share one evaluation (nothing is written to the database)."""
     return await evaluation.evaluate(body, ctx, client=client, disconnected=request.is_disconnected)
 
 
 @v1.post("/profiles", response_model=ProfileCreated, status_code=status.HTTP_201_CREATED,
-         responses={200: {"model": ProfileCreated, "description": "Already stored"}})
-async def upload_profile(body: ModelProfile, ctx: Context, response: Response) -> ProfileCreated:
+         responses={200: {"model": ProfileCreated, "description": "Already stored"}},
+         openapi_extra=_documented_body(ModelProfile))
+async def upload_profile(body: Annotated[ModelProfile, _parse_in_thread(ModelProfile)], ctx: Context, response: Response) -> ProfileCreated:
     """Store a model profile (`autopar profile` output); answers its content id."""
     created = await run_in_threadpool(service.store_profile, body, ctx)
     if not created.created:
