@@ -3,6 +3,7 @@
     autopar profile gpt2-medium --batch-size 8 --device meta --out gpt2m.profile.json
     autopar plan gpt2-medium --cluster dgx-a100-80gb --nodes 2 --global-batch 512 --out plan.json
     autopar show plan.json --chart plan.png
+    autopar export plan.json --to torchtitan --format toml --out parallelism.toml
     autopar run plan.json --model gpt-tiny --steps 5 --nproc-per-node 2
     autopar calibrate --nproc-per-node 2 --quick --out cluster.yaml
     autopar serve --port 8000 --db plans.db
@@ -20,7 +21,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from api import cli_calibrate, cli_demo, cli_plan, cli_profile, cli_run, cli_serve
+from api import cli_calibrate, cli_demo, cli_export, cli_plan, cli_profile, cli_run, cli_serve
 from planner.errors import AutoparError
 
 
@@ -67,7 +68,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for _module in (cli_profile, cli_plan, cli_run, cli_calibrate, cli_serve, cli_demo):
+for _module in (cli_profile, cli_plan, cli_export, cli_run, cli_calibrate, cli_serve, cli_demo):
     _module.register(app)
 
 

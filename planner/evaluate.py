@@ -74,6 +74,13 @@ def strategy_of(cfg: Config, bounds: tuple[int, ...] | list[int]) -> Strategy:
                     stages=[StageSpec(start=a, stop=b) for a, b in zip(bounds, bounds[1:])])
 
 
+def name_stages(strategy: Strategy, profile: ModelProfile) -> Strategy:
+    """The strategy with each stage's `layers` set to the profile's module names, so the plan travels alone."""
+    names = [x.name for x in profile.layers]
+    stages = [s.model_copy(update={"layers": names[s.start:s.stop]}) for s in strategy.stages]
+    return strategy.model_copy(update={"stages": stages})
+
+
 def evaluate(profile: ModelProfile, cluster: ClusterSpec, strategy: Strategy, budget: Budget | None = None
              ) -> Prediction:
     """Predicted step time, throughput and per-rank memory of a strategy the caller chose (within `budget`)."""

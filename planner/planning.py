@@ -10,7 +10,7 @@ from planner.budget import Budget
 from planner.cluster import ClusterSpec, load_cluster
 from planner.enumerate import SearchSpace
 from planner.errors import AutoparError
-from planner.evaluate import PlanError, prepare
+from planner.evaluate import PlanError, name_stages, prepare
 from planner.model_profile import ModelProfile, ProfileError
 from planner.search import SIMPLICITY_TOLERANCE, Objective, Scored, SearchResult, search
 from planner.strategy import Alternative, Plan, Provenance, Recompute, Schedule, ZeroStage
@@ -106,14 +106,21 @@ def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: in
     log.info("planned %s on %s in %.2fs (%d candidates solved)", profile.name, spec.name, result.seconds,
              result.evaluated)
     return Plan(
-        kind=best.strategy.kind, strategy=best.strategy, prediction=best.prediction,
+        kind=best.strategy.kind, strategy=name_stages(best.strategy, profile), prediction=best.prediction,
         explanation=explain(result, spec, profile, obj),
-        alternatives=alternatives(result, top_k),
+        alternatives=[a.model_copy(update={"strategy": name_stages(a.strategy, profile)})
+                      for a in alternatives(result, top_k)],
         provenance=Provenance(model_name=profile.name, profile_hash=profile.profile_hash, cluster=spec,
                               planner_version=PLANNER_VERSION, search_seconds=result.seconds,
                               solver_status=result.status, candidates_evaluated=result.evaluated,
-                              dtype=profile.dtype),
+                              dtype=profile.dtype, seq_len=profile.input.seq_len,
+                              model_options=_scalar_options(model_options)),
     )
+
+
+def _scalar_options(options: dict[str, Any] | None) -> dict[str, str | int | float | bool]:
+    """The model options a plan records: the JSON scalars (what `--option key=value` gives), others left out."""
+    return {k: v for k, v in (options or {}).items() if isinstance(v, (str, int, float, bool))}
 
 
 def _dominant_loss(alt: Scored, best: Scored) -> str:

@@ -101,11 +101,20 @@ class StageSpec(_Strict):
 
     start: int = Field(ge=0)
     stop: int = Field(ge=1)
+    layers: list[str] = Field(
+        default_factory=list,
+        description="Fully qualified module names of layers [start, stop) (the profile's layer names), so the plan "
+                    "can be used without its profile (`autopar export`); empty in plans made before they were "
+                    "recorded.",
+    )
 
     @model_validator(mode="after")
     def _nonempty(self) -> StageSpec:
         if self.stop <= self.start:
             raise ValueError(f"stage [{self.start}, {self.stop}) holds no layer")
+        if self.layers and len(self.layers) != self.stop - self.start:
+            raise ValueError(f"stage [{self.start}, {self.stop}) names {len(self.layers)} layers, "
+                             f"{self.stop - self.start} expected")
         return self
 
 
@@ -279,6 +288,11 @@ class Provenance(_Strict):
     candidates_evaluated: int = Field(ge=0)
     dtype: DType | None = Field(default=None, description="Precision the plan was made for (the profile's); "
                                 "`autopar run` trains in it. None in plans written before it was recorded.")
+    model_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="Options of the model reference `model_name` (zoo config fields, factory "
+                                          "arguments) the plan was made with; empty when none were given.")
+    seq_len: int | None = Field(default=None, ge=1, description="Tokens per sample the model was profiled at; "
+                                "None for non-sequence inputs and in plans written before it was recorded.")
 
 
 class Plan(_Strict):

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import random
 import re
+import time
 import subprocess
 import sys
 
@@ -304,17 +305,32 @@ def test_ddp_is_chosen_when_zero3_is_faster_only_within_the_tolerance(memory_ban
     assert int(least_memory.strategy.zero_stage) == 3
 
 
-def test_a_larger_time_budget_finds_the_faster_plan_that_a_small_one_misses():
-    # The issue's case: a 96-layer GPT-3-175B shape on 64 A100s, where 16 capped solves chose ZeRO-3 dp64 (818 s)
-    # although dp2 tp4 pp8 (728 s) exists. The space is cut to ZeRO-3, 1F1B and selective/full recompute (where
-    # both live) to keep the test short.
+class _TickClock:
+    """A clock that advances a fixed tick at every reading: budgets then measure the search's own steps, not the
+    machine's speed, so what a budget lets the search do is the same on every machine."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_a_larger_time_budget_finds_the_faster_plan_that_a_small_one_misses(monkeypatch):
+    # The issue's case: a 96-layer GPT-3-175B shape on 64 A100s, where 16 capped solves stopped at a ZeRO-3 dp64
+    # plan although a pipelined one is faster. The space is cut to ZeRO-3, 1F1B and selective/full recompute (where
+    # both live) to keep the test short. The clock ticks 20 ms per reading, so the 0.5 s budget is 25 readings of
+    # the search's work: the bounds, a few greedy partitions, no closed CP-SAT solve.
     p = gpt_profile(num_layers=96, hidden=12288, heads=96, seq_len=2048, vocab_size=51200)
     cluster = load_cluster("dgx-a100-80gb", nodes=8)
     space = {"zero_stages": (3,), "recompute": (Recompute.SELECTIVE, Recompute.FULL),
              "schedules": (Schedule.ONE_F_ONE_B,)}
+    monkeypatch.setattr(time, "perf_counter", _TickClock(0.02))
     quick = plan(p, cluster, global_batch_size=3072, top_k=1, time_limit_s=0.5, simplicity_tolerance=0.0, **space)
-    ample = plan(p, cluster, global_batch_size=3072, top_k=1, time_limit_s=20, simplicity_tolerance=0.0, **space)
-    # strictly better (by more than rounding), and the larger budget proves a tighter gap
+    ample = plan(p, cluster, global_batch_size=3072, top_k=1, time_limit_s=1000, simplicity_tolerance=0.0,
+                 **space)
+    # strictly better (by more than rounding), found and proved by the larger budget
     assert ample.prediction.step_seconds < quick.prediction.step_seconds * 0.99
     assert (ample.strategy.dims.pp, ample.strategy.dims.tp) != (1, 1)
     assert "search stopped by its 0.5 s budget; proved within" in quick.provenance.solver_status
@@ -324,7 +340,6 @@ def test_a_larger_time_budget_finds_the_faster_plan_that_a_small_one_misses():
         return float(re.search(r"proved within ([0-9.]+)%", status).group(1)) if "proved within" in status else 0.0
 
     assert proved_gap(ample.provenance.solver_status) < proved_gap(quick.provenance.solver_status) / 2
-    assert ample.provenance.search_seconds < 25
 
 
 def _two_layer_profile(params: int, cut_bytes: float) -> ModelProfile:
