@@ -25,7 +25,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
 @schema.parametrize()
-@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+@settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
           database=None)
 def test_generated_requests_get_no_5xx_and_only_documented_answers(case):
     # Every default check, negative data rejection included (the contracts refuse what pydantic's lax mode would
