@@ -378,25 +378,16 @@ def launch_calibration(
         return Measurements.model_validate_json(result.read_text()) if result.exists() else None
 
 
-def _teardown(code: int) -> None:
-    # As executor.worker: barrier, destroy, flush, os._exit keeps gloo from aborting at interpreter exit.
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Rank entry point: `python -m executor.calibrate SPEC.json` (under torchrun)."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    from executor.worker import teardown  # the shutdown sequence every rank entry point uses
+
     spec_path = Path((sys.argv[1:] if argv is None else argv)[0])
     spec = CalibrateSpec.model_validate_json(spec_path.read_text())
     record(lambda: run_rank(spec, spec_path.parent, local_rank=int(os.environ.get("LOCAL_RANK", "0"))))()
-    _teardown(0)
+    teardown(0)
 
 
 if __name__ == "__main__":

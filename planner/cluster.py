@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from planner.errors import AutoparError
 from planner.model_profile import DType
@@ -19,9 +19,9 @@ from planner.validation import (
     BANDWIDTH_RANGE,
     MAX_SECONDS,
     PEAK_FLOPS_RANGE,
+    Contract,
     check_fields,
     check_number,
-    reject_lax_scalars,
 )
 
 CLUSTER_SCHEMA_VERSION = 1
@@ -34,14 +34,7 @@ class ClusterError(AutoparError):
     """A cluster description that cannot be used, with what to change."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_lax_scalars(cls, data: object) -> object:
-        return reject_lax_scalars(cls, data)
-
+class _Strict(Contract):
     @model_validator(mode="after")
     def _physical_ranges(self) -> _Strict:
         check_fields(self)  # finite, and bytes / seconds within planner.validation's bounds

@@ -55,11 +55,6 @@ class Affine:
         """Seconds for one layer of `elements` parameter elements."""
         return self.alpha + self.beta * elements
 
-    @property
-    def zero(self) -> bool:
-        """Whether the term costs nothing."""
-        return self.alpha == 0 and self.beta == 0
-
 
 @dataclass(frozen=True)
 class DPComm:
@@ -97,10 +92,10 @@ def dp_comm(comm: CommModel, group: Group, zero: ZeroStage, dtype: DType, *, pip
         # Bucketed: ceil(bytes / 25 MiB) calls, at most bytes / 25 MiB + 1.
         last = comm.all_reduce(DDP_BUCKET_BYTES, group) - ar.alpha if overlap else 0.0
         return DPComm(overlap=Affine(0.0, ar.beta + ar.alpha * g / DDP_BUCKET_BYTES), fixed=ar.alpha + last)
-    if zero == ZeroStage.OPTIMIZER or pipelined and zero == ZeroStage.GRADIENTS:
-        return DPComm(overlap=Affine() if pipelined else rs, blocking=ag + (rs if pipelined else Affine()))
+    if pipelined:  # gathered once, synced after the last micro-batch; ZeRO-3 gathers again for each backward
+        return DPComm(per_mb=ag if zero == ZeroStage.FULL else Affine(), blocking=ag + rs)
+    if zero == ZeroStage.OPTIMIZER:
+        return DPComm(overlap=rs, blocking=ag)
     if zero == ZeroStage.GRADIENTS:
         return DPComm(per_mb=rs, blocking=ag)
-    if pipelined:
-        return DPComm(per_mb=ag, blocking=ag + rs)
     return DPComm(per_mb=ag * 2 + rs)

@@ -135,7 +135,6 @@ class LayerTotals:
     time: float
     max_time: float
     window: float
-    grad: float
     elems: float
     act: int
     working: int
@@ -161,7 +160,7 @@ class Bounder:
         times = [f + g + r + t for f, g, r, t in zip(fwd, bwd, rcs, tpc)]
         working = estimate_working_set_bytes(layers_for_cluster(p, self.cluster), tp=tp, micro_batch=b, recompute=rc)
         return LayerTotals(time=sum(times), max_time=max(times), window=sum(window),
-                           grad=sum(elems) * p.dtype.itemsize, elems=sum(elems), act=sum(act),
+                           elems=sum(elems), act=sum(act),
                            working=working,
                            max_static_elems=max(elems), param_layers=sum(1 for e in elems if e > 0))
 

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from planner.cost import device_param_count, tp_whole_bytes
+from planner.dp_comm import DDP_BUCKET_BYTES, GRAD_REDUCE_BYTES
 from planner.model_profile import DType, LayerProfile
 from planner.strategy import Recompute, Schedule, ZeroStage
 
-#: Gradient buckets that DDP / ZeRO keep in flight (PyTorch DDP's default bucket is 25 MiB; two overlap).
-DP_BUCKET_BYTES = 2 * 25 * 1024**2
+#: Gradient buckets that DDP / ZeRO keep in flight (two of DDP's default bucket overlap).
+DP_BUCKET_BYTES = 2 * DDP_BUCKET_BYTES
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,14 @@ def estimate_state_bytes(
     low = dtype.itemsize < 4
     copy = float(dtype.itemsize)  # the unsharded compute-dtype parameters, where they are kept whole
     if zero == ZeroStage.NONE or dp == 1:
-        return StateBytes(parameters=4.0 + (copy if low else 0.0), gradients=4.0, optimizer=8.0)
+        return StateBytes(parameters=4.0 + (copy if low else 0.0), gradients=GRAD_REDUCE_BYTES, optimizer=8.0)
     whole_grads = micro_batches > 1 and (zero == ZeroStage.OPTIMIZER or pipelined)
     if zero == ZeroStage.FULL:
         params = 4.0 / dp + (copy if pipelined else 0.0)
     else:
         params = 4.0 / dp + copy
-    return StateBytes(parameters=params, gradients=4.0 if whole_grads else 4.0 / dp, optimizer=8.0 / dp)
+    grads = GRAD_REDUCE_BYTES if whole_grads else GRAD_REDUCE_BYTES / dp
+    return StateBytes(parameters=params, gradients=grads, optimizer=8.0 / dp)
 
 
 def optimizer_bytes_touched(dtype: DType) -> float:
@@ -127,7 +129,7 @@ def estimate_comm_buffer_bytes(
             # the gathered layer being used plus the next one prefetched, and one layer's fp32 gradients before their
             # reduce-scatter
             largest = max(device_param_count(x, tp) for x in layers)
-            total += 2 * largest * dtype.itemsize + largest * 4
+            total += 2 * largest * dtype.itemsize + largest * GRAD_REDUCE_BYTES
         else:
             total += DP_BUCKET_BYTES
     return math.ceil(total)

@@ -13,10 +13,10 @@ import json
 from enum import Enum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from planner.errors import AutoparError
-from planner.validation import check_fields, reject_lax_scalars
+from planner.validation import Contract, check_fields
 
 PROFILE_SCHEMA_VERSION = 2
 #: Versions this autopar still reads: 1 (before `LayerProfile.attention`) loads with no attention calls recorded.
@@ -62,14 +62,7 @@ class ShardStyle(str, Enum):
     VOCAB_COLWISE = "vocab_colwise"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_lax_scalars(cls, data: object) -> object:
-        return reject_lax_scalars(cls, data)
-
+class _Strict(Contract):
     @model_validator(mode="after")
     def _physical_ranges(self) -> _Strict:
         check_fields(self)  # finite, and FLOPs / bytes / seconds within planner.validation's bounds

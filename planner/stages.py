@@ -76,7 +76,7 @@ def _nearest(cuts: list[int], P: list[float], target: float, lo: int, hi: int) -
 def _key(costs: CandidateCosts, cuts: list[int], objective: str) -> tuple:
     c = costs
     return (objective, tuple(cuts), c.cfg.num_stages, c.cfg.dims.pp, c.cfg.virtual_stages, c.cfg.num_micro_batches,
-            tuple(c.P_time), tuple(c.P_window), tuple(c.P_grad), tuple(c.P_elems), tuple(c.P_static),
+            tuple(c.P_time), tuple(c.P_window), tuple(c.P_elems), tuple(c.P_static),
             tuple(c.P_act), tuple(c.cut_bytes), tuple(c.p2p_link), tuple(c.P_zero), tuple(c.P_dp_overlap),
             tuple(c.P_dp_blocking), c.dp.fixed, c.opt_per_elem, c.overlap, tuple(c.in_flight), c.const_bytes,
             c.capacity)

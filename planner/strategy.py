@@ -9,23 +9,16 @@ from __future__ import annotations
 from enum import Enum, IntEnum
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from planner.cluster import ClusterSpec
 from planner.model_profile import DType, write_text_atomic
-from planner.validation import check_fields, reject_lax_scalars
+from planner.validation import Contract, check_fields
 
 PLAN_SCHEMA_VERSION = 1
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_lax_scalars(cls, data: object) -> object:
-        return reject_lax_scalars(cls, data)
-
+class _Strict(Contract):
     @model_validator(mode="after")
     def _finite(self) -> _Strict:
         # Finite only: a prediction for large but valid inputs may exceed the profile's per-sample bounds.

@@ -12,7 +12,7 @@ import math
 import types
 import typing
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, model_validator
 
 #: FLOPs of one sample through one layer (or the whole model); 1e21 is ~1000x a trillion-parameter model's token.
 MAX_FLOPS = 1e21
@@ -125,3 +125,15 @@ def reject_lax_scalars(model: type[BaseModel], data: object) -> object:
 
 
 _NOTHING = object()
+
+
+class Contract(BaseModel):
+    """Base of the planner's JSON contracts (profile, cluster, strategy and plan): unknown fields refused, instances
+    frozen, and no lax coercion of scalars (`reject_lax_scalars`). Each contract module adds its own range checks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lax_scalars(cls, data: object) -> object:
+        return reject_lax_scalars(cls, data)

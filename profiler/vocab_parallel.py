@@ -27,7 +27,6 @@ as one all-reduce per pass of half its two passes' bytes, so the bytes per step 
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
@@ -104,10 +103,9 @@ def merge_specs(spec: TensorParallelSpec | None, vocab: TensorParallelSpec | Non
     total = spec.allreduces_per_forward * spec.allreduce_bytes + vocab.allreduces_per_forward * vocab.allreduce_bytes
     return TensorParallelSpec(
         shards=[*spec.shards, *vocab.shards],
-        # a Megatron spec's divisor binds; two uneven (vocabulary) specs bind only by their row counts
-        divisor=(spec.divisor if vocab.uneven_max is not None else math.gcd(spec.divisor, vocab.divisor))
-        if spec.uneven_max is None else vocab.divisor,
-        uneven_max=min(spec.uneven_max, vocab.uneven_max) if spec.uneven_max and vocab.uneven_max else None,
+        # vocabulary specs split unevenly: a Megatron spec's divisor binds, two vocabulary specs only their rows
+        divisor=spec.divisor if spec.uneven_max is None else vocab.divisor,
+        uneven_max=None if spec.uneven_max is None else min(spec.uneven_max, vocab.uneven_max),
         sharded_param_count=spec.sharded_param_count + vocab.sharded_param_count,
         allreduces_per_forward=count,
         allreduce_bytes=total / count if count else 0.0,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_resolve import _cli, _own_cache  # noqa: F401 - the CLI helper and the autouse per-test profile cache
 from typer.testing import CliRunner
 
 import planner
@@ -42,17 +43,6 @@ TUPLE_FACTORY = textwrap.dedent("""
         net = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 3))
         return net, (torch.randn(4, 8),), F.cross_entropy, torch.randint(0, 3, (4,))
 """)
-
-
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("AUTOPAR_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def _cli(*argv: str) -> str:
-    r = CliRunner().invoke(app, list(argv))
-    assert r.exit_code == 0, (r.output, r.exception)
-    return r.output
 
 
 def _run(tmp: Path, plan_file: Path, model: str) -> tuple[list[float], str]:

@@ -143,25 +143,25 @@ def test_a_slow_request_body_is_validated_off_the_event_loop(tmp_path, monkeypat
     """Issue 11: validating a multi-MiB profile took most of a second on the event loop, so a few at once stalled
     every request. Bodies are now validated in a worker thread: with validation made to take 1.5 s, /healthz still
     answers at once while the upload is in flight, and the upload succeeds."""
-    import planner.model_profile as mp
+    from planner import validation
     from planner.model_profile import ModelProfile
 
-    real = mp.reject_lax_scalars
+    real = validation.reject_lax_scalars
 
     def slow(model, data):
         if model is ModelProfile:
             time.sleep(1.5)
         return real(model, data)
 
-    monkeypatch.setattr(mp, "reject_lax_scalars", slow)
+    monkeypatch.setattr(validation, "reject_lax_scalars", slow)
     body = tiny_profile().model_dump(mode="json")
-    with running_server(make_app(tmp_path / "plans.db")) as url, httpx.Client(base_url=url, timeout=30) as http:
-        with ThreadPoolExecutor(1) as pool:
-            upload = pool.submit(http.post, "/v1/profiles", json=body)
-            time.sleep(0.3)  # the upload is now being validated
-            t0 = time.perf_counter()
-            assert http.get("/healthz").status_code == 200
-            waited = time.perf_counter() - t0
-            assert not upload.done()  # the probe really overlapped the validation
-            assert upload.result().status_code == 201
+    with (running_server(make_app(tmp_path / "plans.db")) as url, httpx.Client(base_url=url, timeout=30) as http,
+          ThreadPoolExecutor(1) as pool):
+        upload = pool.submit(http.post, "/v1/profiles", json=body)
+        time.sleep(0.3)  # the upload is now being validated
+        t0 = time.perf_counter()
+        assert http.get("/healthz").status_code == 200
+        waited = time.perf_counter() - t0
+        assert not upload.done()  # the probe really overlapped the validation
+        assert upload.result().status_code == 201
     assert waited < 0.5, f"/healthz waited {waited:.2f} s behind a body being validated"
