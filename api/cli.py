@@ -4,8 +4,12 @@
     autopar plan gpt2-medium --cluster dgx-a100-80gb --nodes 2 --global-batch 512 --out plan.json
     autopar show plan.json --chart plan.png
     autopar export plan.json --to torchtitan --format toml --out parallelism.toml
+    autopar evaluate gpt2-xl --cluster dgx-a100-80gb --global-batch 512 --from megatron-args launch.sh
+    autopar whatif gpt2-xl --global-batch 512 --cluster dgx-a100-80gb,dgx-h100 --gpus 8,16,32,64 --chart w.png
     autopar run plan.json --model gpt-tiny --steps 5 --nproc-per-node 2
     autopar calibrate --nproc-per-node 2 --quick --out cluster.yaml
+    autopar runs --limit 5; autopar compare RUN_ID
+    autopar plan gpt-tiny --cluster cpu --global-batch 16 --calibration .autopar/runs.db
     autopar serve --port 8000 --db plans.db
     autopar demo
 
@@ -21,7 +25,18 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from api import cli_calibrate, cli_demo, cli_export, cli_plan, cli_profile, cli_run, cli_serve
+from api import (
+    cli_calibrate,
+    cli_demo,
+    cli_evaluate,
+    cli_export,
+    cli_plan,
+    cli_profile,
+    cli_run,
+    cli_runs,
+    cli_serve,
+    cli_whatif,
+)
 from planner.errors import AutoparError
 
 
@@ -70,6 +85,9 @@ app = typer.Typer(
 
 for _module in (cli_profile, cli_plan, cli_export, cli_run, cli_calibrate, cli_serve, cli_demo):
     _module.register(app)
+cli_whatif.register(app)
+cli_evaluate.register(app)
+cli_runs.register(app)
 
 
 def main() -> None:

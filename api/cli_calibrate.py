@@ -58,6 +58,9 @@ def calibrate_command(
     )] = [],  # noqa: B006
     quick: Annotated[bool, typer.Option(
         help="Fewer shapes, sizes and repeats (about a minute on 2 CPU cores).")] = False,
+    framework: Annotated[bool, typer.Option(
+        help="On CPU, also measure the executor's framework overheads (DTensor, FSDP2 units, optimizer per tensor, "
+        "pipeline schedule; about 40 s on 2 cores). Without them the file copies --reference's, else has none.")] = True,
     reference: Annotated[str | None, typer.Option(
         help="Preset or file with the hardware's datasheet peaks: the file then keeps those peaks and records "
         "measured / datasheet as the efficiencies, and copies links it could not measure.")] = None,
@@ -95,7 +98,7 @@ def calibrate_command(
         raise AutoparError(f"--out {out} is a directory, or its directory does not exist; give a file path such as "
                            "cluster.yaml in an existing directory")
     spec = CalibrateSpec(device_type=device_type, dtypes=dtypes, nnodes=nnodes, nproc_per_node=nproc_per_node,
-                         quick=quick)
+                         quick=quick, framework=framework)
     endpoint = f"{master_addr}:{master_port}" if nnodes > 1 else None
     with Progress(TextColumn("[bold]calibrating[/]"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=False) as bar:

@@ -6,6 +6,8 @@
     autopar plan gpt2-medium --cluster dgx-a100-80gb --global-batch 512 --server http://127.0.0.1:8000
     autopar plan my_model.py:build --cluster cpu --global-batch 16 --option width=64
     autopar plan hf:configs/llama/config.json --cluster dgx-h100 --global-batch 256 --seq-len 4096
+    autopar plan gpt-tiny --cluster cpu --global-batch 16 --calibration .autopar/runs.db   # fitted to recorded runs
+    autopar plan gpt-tiny --cluster cpu --gpus-per-node 2 --global-batch 8 --verify-top-k 2 --steps 5 --out plan.json
 
 MODEL is any model reference (`profiler.resolve`: a zoo name, path/to/file.py:factory, package.module:factory,
 hf:path/to/config.json, profiled on the meta device on the spot) or a profile JSON written by `autopar profile`.
@@ -63,20 +65,33 @@ def _positive(value: float) -> float:
 
 def _make_plan(model: str, cluster_name: str, *, nodes: int | None, gpus_per_node: int | None, global_batch: int,
                options: dict[str, object], dtype: str | None, profile_path: Path | None, top_k: int,
-               time_limit: float, objective: str) -> Plan:
-    """Plan in this process (the place a `--server URL` option would send the same request instead)."""
+               time_limit: float, objective: str, calibration: str | None = None, api_key: str | None = None) -> Plan:
+    """Plan in this process (the place a `--server URL` option would send the same request instead); with
+    `calibration` (a run store file or service URL) on the cluster fitted to its recorded runs."""
     from planner import plan
 
     cluster = cluster_spec(cluster_name, nodes=nodes, gpus_per_node=gpus_per_node)
+    fitted = None
+    if calibration is not None:
+        from api.cli_runs import fit_from, is_calibrated_file, print_fit
+
+        fitted = fit_from(calibration, cluster, measured_links=is_calibrated_file(cluster_name), api_key=api_key)
+        print_fit(fitted)
+        cluster = fitted.cluster
     # A reference is profiled by `profiler.resolve` inside `plan` (torch is imported only then).
     return plan(str(profile_path or model), cluster, global_batch_size=global_batch, dtype=dtype,
-                model_options=options or None, top_k=top_k, time_limit_s=time_limit, objective=objective)
+                model_options=options or None, top_k=top_k, time_limit_s=time_limit, objective=objective,
+                calibration=fitted.calibration if fitted is not None else None)
 
 
 def _plan_on_server(server: str, api_key: str | None, model: str, cluster_name: str, *, nodes: int | None,
                     gpus_per_node: int | None, global_batch: int, options: dict[str, object], dtype: str | None,
-                    profile_path: Path | None, top_k: int, time_limit: float, objective: str) -> Plan:
+                    profile_path: Path | None, top_k: int, time_limit: float, objective: str,
+                    calibration: str | None = None) -> Plan:
     """The same request as `_make_plan`, answered by an `autopar serve` instance (stored and cached there)."""
+    if calibration is not None and calibration.rstrip("/") != server.rstrip("/"):
+        raise AutoparError(f"with --server the server fits to its own stored runs: give --calibration {server} "
+                           "(or drop --server to fit to a local run store)")
     from api.client import Client
     from planner.cluster import PRESETS
 
@@ -92,7 +107,7 @@ def _plan_on_server(server: str, api_key: str | None, model: str, cluster_name: 
     with Client(server, api_key=api_key) as client:
         answer = client.plan(model_arg, cluster_arg, global_batch_size=global_batch, nodes=nodes,
                              gpus_per_node=gpus_per_node, objective=objective, top_k=top_k,
-                             time_limit_s=time_limit, dtype=dtype, **options)
+                             time_limit_s=time_limit, dtype=dtype, calibrated=calibration is not None, **options)
     console.print(f"[dim]plan {answer.id} from {server}{' (cached)' if answer.cached else ''}[/]")
     return answer.plan
 
@@ -134,6 +149,17 @@ def print_plan(plan: Plan) -> None:
     console.print(f"[dim]{prov.model_name} (profile {prov.profile_hash}, {precision}) on {prov.cluster.name} "
                   f"{prov.cluster.nodes}x{prov.cluster.gpus_per_node}; planner {prov.planner_version}; "
                   f"{prov.candidates_evaluated} candidates in {prov.search_seconds:.2f} s; CP-SAT {prov.solver_status}[/]")
+    if prov.calibration is not None:
+        cal = prov.calibration
+        factors = ", ".join(f"{k} {v:.3f}x" for k, v in cal.factors.items()) or "none"
+        console.print(f"[dim]calibrated to {cal.runs} run(s) from {cal.source}: {factors}; median |log error| "
+                      f"{cal.median_abs_log_error_before:.3f} -> {cal.median_abs_log_error_after:.3f}[/]")
+    if prov.verification is not None:
+        ver = prov.verification
+        ran = "; ".join(f"{c.strategy}: " + ("failed" if c.measured_step_seconds is None else
+                                             f"{c.measured_step_seconds * 1e3:.1f} ms measured")
+                        + f", {c.predicted_step_seconds * 1e3:.1f} ms predicted" for c in ver.candidates)
+        console.print(f"[dim]verified on {ver.world_size} processes, {ver.steps} steps each: {ran}[/]")
 
 
 def register(app: typer.Typer) -> None:
@@ -161,11 +187,24 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", help="Write the plan JSON here."),
         chart: Path | None = typer.Option(None, "--chart", help="Draw the timeline and memory bars (PNG)."),
         server: str | None = typer.Option(None, "--server", help="Ask an `autopar serve` URL instead of planning here."),
+        calibration: str | None = typer.Option(
+            None, "--calibration", help="Run store file or `autopar serve` URL: plan on the cluster fitted to its "
+                                        "recorded runs of this cluster name (`autopar runs`)."),
         api_key: str | None = typer.Option(None, "--api-key", envvar="AUTOPAR_API_KEY",
                                            help="Key for --server; prefer AUTOPAR_API_KEY or --api-key-file, since "
                                                 "a key on the command line shows in `ps`."),
         api_key_file: Path | None = typer.Option(None, "--api-key-file", help="Read the key for --server from this "
                                                                                "file (its first line)."),
+        verify_top_k: int | None = typer.Option(
+            None, "--verify-top-k", min=1, help="Run the K best candidates that fit for --steps steps on this node, "
+                                                "record them, and keep the one measured fastest (api.verify)."),
+        steps: int | None = typer.Option(None, "--steps", min=1, help="Steps of each --verify-top-k run (default 5)."),
+        nproc_per_node: int | None = typer.Option(
+            None, "--nproc-per-node", min=1, help="Processes --verify-top-k may start here (default: the cluster's "
+                                                  "devices per node)."),
+        records: Path | None = typer.Option(None, "--records", help="Run store for the --verify-top-k runs (default: "
+                                                                   "$AUTOPAR_RUNS_DB, else ./.autopar/runs.db)."),
+        no_record: bool = typer.Option(False, "--no-record", help="Do not record the --verify-top-k runs."),
     ) -> None:
         """Find the fastest data / tensor / pipeline parallel strategy that fits."""
         if api_key_file is not None:
@@ -174,12 +213,24 @@ def register(app: typer.Typer) -> None:
             api_key = read_api_keys(api_key_file)[0]
         from api.cli_run import parse_options
 
-        make = _make_plan if server is None else partial(_plan_on_server, server, api_key)
+        make = partial(_make_plan, api_key=api_key) if server is None else partial(_plan_on_server, server, api_key)
         options = parse_options(option) | ({"seq_len": seq_len} if seq_len is not None else {})
+        if verify_top_k is None and (steps is not None or nproc_per_node is not None):
+            raise AutoparError("--steps and --nproc-per-node apply to --verify-top-k K (the candidates to run); "
+                               "add --verify-top-k or drop them")
+        if verify_top_k is not None:
+            from api.launching import runnable_reference
+
+            runnable_reference(model, options)  # a profile JSON cannot be run: refused before planning
         result = make(model, cluster, nodes=nodes, gpus_per_node=gpus_per_node, global_batch=global_batch,
-                      options=options, dtype=dtype, profile_path=profile, top_k=top_k,
-                      time_limit=time_limit, objective=objective)
+                      options=options, dtype=dtype, profile_path=profile, top_k=max(top_k, (verify_top_k or 0) + 1),
+                      time_limit=time_limit, objective=objective, calibration=calibration)
         print_plan(result)
+        if verify_top_k is not None:
+            from api.verify import verify_model_plan
+
+            result = verify_model_plan(result, model, options, dtype=dtype, top_k=verify_top_k, steps=steps or 5,
+                                       nproc_per_node=nproc_per_node, records=records, no_record=no_record)
         if out is not None:
             _write("plan", out, lambda: result.to_json(out))
             console.print(f"plan written to {out}")

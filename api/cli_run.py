@@ -8,30 +8,34 @@
     autopar run --plan-first examples/hf_gpt2.py:model --cluster cpu --global-batch 8 --nproc-per-node 2  # own model
     autopar run plan.json --model gpt2-medium --nnodes 2 --node-rank 0 --rdzv-endpoint node0:29500   # each node
     srun --ntasks-per-node=1 autopar run plan.json --model gpt2-medium   # Slurm: nodes and ranks from the job
+    autopar run plan.json --model gpt-tiny --steps 5 --records runs.db --server http://127.0.0.1:8000  # record it
+    autopar run --plan-first gpt-tiny --cluster cpu --global-batch 8 --nproc-per-node 2 --verify-top-k 2  # fastest
 
 --model / --plan-first take any model reference (`profiler.resolve`: a zoo name with --option key=value,
 path/to/file.py:factory, package.module:factory, hf:path/to/config.json). The run trains in the plan's precision
 (the one it was planned in) unless --dtype says otherwise; --plan-first plans in --dtype, else in what --cluster trains
 in (`planner.precision.default_dtype`). Before any rank starts it refuses a world size that differs from the plan's,
 a precision the plan was not made for (naming the --dtype that fits), a model whose profile hash differs from the
-plan's, and a device type this node does not have.
+plan's, and a device type this node does not have. A finished run is recorded (measured next to predicted, see
+`api.cli_runs`) in <save-dir>/autopar-runs.db, else ./.autopar/runs.db, unless --no-record; `autopar runs` lists them.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from api.launching import launch_plan, make_spec, run_profile, runnable_reference
 from planner.errors import AutoparError
+
+_profile_for = run_profile  # the name tests/test_resolve.py imports
 
 console = Console()
 err_console = Console(stderr=True)
@@ -52,30 +56,6 @@ def parse_options(items: list[str]) -> dict[str, object]:
             except ValueError:
                 out[key] = {"true": True, "false": False}.get(value.lower(), value)
     return out
-
-
-def _profile_for(ref, plan, dtype: str | None):
-    """The meta-device profile of the model to run, in the precision to train in: --dtype, else the plan's.
-
-    A plan that does not record its precision (older plan files) is matched by its profile hash against each
-    precision; a --dtype the plan was not made for is refused with the flag that fits.
-    """
-    from planner.model_profile import DType
-    from planner.precision import RUN_DTYPES, default_dtype, parse_dtype
-    from profiler.resolve import resolve_profile
-
-    wanted = parse_dtype(dtype) if dtype else (plan.provenance.dtype or default_dtype(plan.provenance.cluster))
-    profile = resolve_profile(ref, dtype=wanted).profile
-    if profile.profile_hash == plan.provenance.profile_hash:
-        return profile
-    fits = next((d for d in DType if profile.model_copy(update={"dtype": d}).profile_hash
-                 == plan.provenance.profile_hash), None)
-    if fits is None:
-        return profile  # another model or shape: `check_launch` says so
-    if dtype:
-        raise AutoparError(f"the plan was made for {fits.value} training but --dtype {dtype} was given; add --dtype "
-                           f"{RUN_DTYPES[fits]} (or re-plan with --dtype {dtype})")
-    return resolve_profile(ref, dtype=fits).profile
 
 
 def _mib(x: float | None) -> str:
@@ -150,20 +130,23 @@ def run_command(
     nodes: Annotated[int | None, typer.Option(help="Cluster nodes for --plan-first.")] = None,
     gpus_per_node: Annotated[int | None, typer.Option(help="Devices per node for --plan-first.")] = None,
     global_batch: Annotated[int | None, typer.Option(help="Global batch size for --plan-first.")] = None,
+    records: Annotated[Path | None, typer.Option(
+        help="Run store to record this run in (default: <save-dir>/autopar-runs.db, else ./.autopar/runs.db).")] = None,
+    no_record: Annotated[bool, typer.Option("--no-record", help="Do not record the run in a local run store.")] = False,
+    server: Annotated[str | None, typer.Option(
+        help="Also store the run record in this `autopar serve` URL (key: AUTOPAR_API_KEY).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="AUTOPAR_API_KEY", help="Key for --server.")] = None,
+    plan_id: Annotated[str | None, typer.Option(help="Service id of the plan, to link the run record to it.")] = None,
+    verify_top_k: Annotated[int | None, typer.Option(
+        min=1, help="With --plan-first: first run the K best candidates that fit for --verify-steps steps each, "
+        "record them, and train the one measured fastest.")] = None,
+    verify_steps: Annotated[int, typer.Option(min=1, help="Steps of each --verify-top-k candidate.")] = 5,
 ) -> None:
     """Run a plan: torchrun workers on this node, progress from rank 0, then measured vs predicted."""
     import torch
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from executor.launch import (
-        RankFailed,
-        RunSpec,
-        WorkerError,
-        check_launch,
-        launch,
-        read_report,
-        slurm_launch,
-    )
+    from executor.launch import RankFailed, WorkerError, check_launch, slurm_launch
     from executor.sources import OptimizerSpec, resolve_data, resolve_model
     from executor.train import check_tensorboard
     from planner.strategy import Plan
@@ -175,13 +158,12 @@ def run_command(
         raise AutoparError("which model does the plan train? add --model NAME (zoo name, path/to/file.py:factory or "
                            "package.module:factory)")
     from planner.precision import RUN_DTYPES
-    from profiler.resolve import RefKind, parse_reference
 
+    if verify_top_k is not None and plan_first is None:
+        raise AutoparError("--verify-top-k verifies the planner's candidates: use it with --plan-first MODEL (or "
+                           "run `autopar plan MODEL ... --verify-top-k K --out plan.json` and run that plan)")
     options = parse_options(option)
-    ref = parse_reference(model_name, options)
-    if ref.kind == RefKind.PROFILE:
-        raise AutoparError(f"{model_name} is a file (a profile?), not a model a run can build; give the model "
-                           "itself (zoo name, path/to/file.py:factory, package.module:factory or hf:path/to/config.json)")
+    ref = runnable_reference(model_name, options)
     model_name = str(ref)  # file paths made absolute: the workers may start in another directory
     zoo_model = resolve_model(model_name, options)
     if plan_first is not None:
@@ -192,14 +174,15 @@ def run_command(
             raise AutoparError("--plan-first needs --global-batch N")
         # Plan for the processes this launch starts unless told otherwise.
         spec_cluster = cluster_spec(cluster, nodes=nodes or nnodes, gpus_per_node=gpus_per_node or nproc_per_node)
-        plan = planner.plan(ref, spec_cluster, global_batch_size=global_batch, dtype=dtype)
+        plan = planner.plan(ref, spec_cluster, global_batch_size=global_batch, dtype=dtype,
+                            top_k=max(5, (verify_top_k or 0) + 1))
         console.print(f"planned: {plan.strategy.describe()} in {plan.provenance.dtype.value}")
     else:
         try:
             plan = Plan.from_json(plan_path)
         except (OSError, ValueError) as exc:
             raise AutoparError(f"cannot read plan {plan_path}: {exc}") from None
-    profile = _profile_for(ref, plan, dtype)
+    profile = run_profile(ref, plan, dtype)
     run_dtype = RUN_DTYPES[profile.dtype]
 
     slurm = slurm_launch(os.environ)
@@ -215,43 +198,53 @@ def run_command(
     check_launch(plan, profile, nnodes=nnodes, nproc_per_node=nproc, cuda_devices=cuda)
     resolve_data(data, zoo_model, seed=seed)  # a --data spec that cannot be imported fails here, not in every rank
 
-    with tempfile.TemporaryDirectory(prefix="autopar-run-") as tmp:
-        report_path = report or Path(tmp) / "report.json"
-        try:
-            spec = RunSpec(
-                plan=plan, profile=profile, model=model_name, model_options=options, data=data, steps=steps,
-                seed=seed, optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=run_dtype, clip_grad=clip_grad,
-                lr_schedule={"kind": lr_schedule, "warmup": warmup, "min_lr": min_lr},
-                tensorboard=str(tensorboard) if tensorboard else None, sync_batchnorm=sync_batchnorm,
-                save_dir=str(save_dir) if save_dir else None, save_every=save_every, resume=resume,
-                resume_fallback=resume_fallback,
-                report_path=str(report_path), collective_timeout_s=collective_timeout,
-            )
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise AutoparError(f"invalid run options: {problems}") from None
-        if tensorboard is not None:
-            check_tensorboard()
-        if resume and save_dir is None:
-            raise AutoparError("--resume needs --save-dir (where the checkpoints are)")
-        if resume_fallback and not resume:
-            raise AutoparError("--resume-fallback only applies with --resume")
-        console.print(f"launching {nnodes} x {nproc} processes: {plan.strategy.describe()} in {run_dtype}")
-        try:
-            launch(spec, nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                   run_id=run_id, workdir=tmp)
-        except WorkerError as exc:  # every rank stopped on it (loss diverged, damaged checkpoint): one line
-            err_console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)
-            sys.exit(1)
-        except RankFailed as exc:
-            err_console.print(f"[bold red]error:[/] rank {exc.rank} failed (exit code {exc.exitcode}); the job was stopped")
-            sys.stderr.write(exc.message + "\n")
-            sys.exit(1)
-        except (KeyboardInterrupt, SignalException):
-            err_console.print("[bold red]interrupted:[/] all ranks stopped")
-            sys.exit(130)
-        if Path(report_path).exists():
-            _print_report(read_report(report_path), run_dtype)
+    spec = make_spec(
+        plan, profile, model=model_name, model_options=options, data=data, steps=steps,
+        seed=seed, optimizer=OptimizerSpec(name=optimizer, lr=lr), dtype=run_dtype, clip_grad=clip_grad,
+        lr_schedule={"kind": lr_schedule, "warmup": warmup, "min_lr": min_lr},
+        tensorboard=str(tensorboard) if tensorboard else None, sync_batchnorm=sync_batchnorm,
+        save_dir=str(save_dir) if save_dir else None, save_every=save_every, resume=resume,
+        resume_fallback=resume_fallback,
+        report_path=str(report) if report else None, collective_timeout_s=collective_timeout,
+    )
+    if tensorboard is not None:
+        check_tensorboard()
+    if resume and save_dir is None:
+        raise AutoparError("--resume needs --save-dir (where the checkpoints are)")
+    if resume_fallback and not resume:
+        raise AutoparError("--resume-fallback only applies with --resume")
+    if verify_top_k is not None:
+        from api.verify import verify_candidates
+
+        # The candidates train as the winner will (data, optimizer, precision), for --verify-steps steps.
+        plan = verify_candidates(
+            plan, profile, top_k=verify_top_k, steps=verify_steps, model=model_name, model_options=options,
+            nproc_per_node=nproc, nnodes=nnodes, records=records, no_record=no_record, save_dir=save_dir,
+            server=server, api_key=api_key, data=data, seed=seed, optimizer=OptimizerSpec(name=optimizer, lr=lr),
+            dtype=run_dtype, clip_grad=clip_grad, sync_batchnorm=sync_batchnorm,
+            collective_timeout_s=collective_timeout)
+        spec = make_spec(plan, profile, **spec.model_dump(exclude={"plan", "profile"}))  # checked for the winner
+    console.print(f"launching {nnodes} x {nproc} processes: {plan.strategy.describe()} in {run_dtype}")
+    try:
+        run_report = launch_plan(spec, nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank,
+                                 rdzv_endpoint=rdzv_endpoint, run_id=run_id)
+    except WorkerError as exc:  # every rank stopped on it (loss diverged, damaged checkpoint): one line
+        err_console.print("[bold red]error:[/]", escape(str(exc)), soft_wrap=True)
+        sys.exit(1)
+    except RankFailed as exc:
+        err_console.print(f"[bold red]error:[/] rank {exc.rank} failed (exit code {exc.exitcode}); the job was stopped")
+        sys.stderr.write(exc.message + "\n")
+        sys.exit(1)
+    except (KeyboardInterrupt, SignalException):
+        err_console.print("[bold red]interrupted:[/] all ranks stopped")
+        sys.exit(130)
+    if run_report is not None:
+        _print_report(run_report, run_dtype)
+        from api.cli_runs import record_run
+
+        record_run(run_report, plan, profile, model=model_name, options=options, steps=steps,
+                   nproc_per_node=nproc, nnodes=nnodes, save_dir=save_dir, records=records, no_record=no_record,
+                   server=server, api_key=api_key, plan_id=plan_id)
 
 
 def register(app: typer.Typer) -> None:

@@ -21,14 +21,17 @@ from api.schemas import (
     PlanPage,
     PlanResponse,
     ProfileCreated,
+    RunPage,
     StoredProfile,
     StoredProfileRef,
+    StoredRun,
     ZooModelRef,
     ZooOptions,
 )
 from planner.cluster import ClusterSpec
 from planner.errors import AutoparError
 from planner.model_profile import DType, ModelProfile
+from planner.run_record import RunRecord
 from planner.strategy import Prediction, Strategy
 
 STORED_PROFILE_PREFIX = "prof-"
@@ -113,10 +116,13 @@ class Client:
         self, model: str | ModelProfile | BaseModel, cluster: str | ClusterSpec, *, global_batch_size: int,
         nodes: int | None = None, gpus_per_node: int | None = None, objective: str = "throughput",
         top_k: int = 5, time_limit_s: float | None = None, seed: int = 0, dtype: DType | str | None = None,
-        **size_options: Any,
+        calibrated: bool = False, **size_options: Any,
     ) -> PlanResponse:
-        """Ask for the best plan (the server answers a stored one for a repeated request, `cached=True`)."""
+        """Ask for the best plan (the server answers a stored one for a repeated request, `cached=True`);
+        `calibrated`: on the cluster fitted to the server's stored runs of that cluster name."""
         options: dict[str, Any] = {"objective": objective, "top_k": top_k, "seed": seed}
+        if calibrated:
+            options["calibrated"] = True
         if time_limit_s is not None:
             options["time_limit_s"] = time_limit_s
         body = {
@@ -162,6 +168,23 @@ class Client:
     def get_profile(self, profile_id: str) -> ModelProfile:
         """A stored profile."""
         return StoredProfile.model_validate_json(self._call("GET", f"/v1/profiles/{profile_id}").content).profile
+
+    def post_run(self, record: RunRecord) -> StoredRun:
+        """Store a run record on the server (linked to its plan when `record.plan_id` is set)."""
+        return StoredRun.model_validate_json(
+            self._call("POST", "/v1/runs", content=record.model_dump_json(),
+                       headers={"Content-Type": "application/json"}).content)
+
+    def list_runs(self, *, plan_id: str | None = None, cluster: str | None = None, limit: int | None = None,
+                  offset: int = 0) -> RunPage:
+        """A page of stored runs, newest first."""
+        params: dict[str, Any] = {"offset": offset} | ({"limit": limit} if limit else {})
+        params |= {k: v for k, v in (("plan_id", plan_id), ("cluster", cluster)) if v is not None}
+        return RunPage.model_validate_json(self._call("GET", "/v1/runs", params=params).content)
+
+    def get_run(self, run_id: str) -> RunRecord:
+        """A stored run record."""
+        return StoredRun.model_validate_json(self._call("GET", f"/v1/runs/{run_id}").content).record
 
     def clusters(self) -> list[ClusterSpec]:
         """The server's cluster presets."""

@@ -11,23 +11,30 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 import planner
-from api import evaluation, retention, service
+from api import evaluation, retention, run_store, service, whatif_service
 from api.deps import ClientId, Context
 from api.errors import error_responses
 from api.schemas import (
     ClusterList,
     EvaluateRequest,
     EvaluateResponse,
+    ExportRequest,
+    ExportResponse,
     Health,
     PlanPage,
     PlanRequest,
     PlanResponse,
     ProfileCreated,
+    RunPage,
     StoredProfile,
+    StoredRun,
+    WhatIfRequest,
 )
 from api.storage import SCHEMA_VERSION
 from planner.cluster import load_cluster, preset_names
 from planner.model_profile import ModelProfile
+from planner.run_record import RunRecord
+from planner.whatif import WhatIf
 
 health = APIRouter(tags=["health"])
 # The API-key check is attached by the app factory, only when the server has keys, so /docs says when it is needed.
@@ -68,10 +75,12 @@ def _documented_body(model: type[BaseModel]) -> dict:
 
 
 #: Request bodies parsed off the event loop, documented by `api.app` (see `_parse_in_thread`).
-BODY_MODELS: tuple[type[BaseModel], ...] = (PlanRequest, EvaluateRequest, ModelProfile)
+BODY_MODELS: tuple[type[BaseModel], ...] = (PlanRequest, EvaluateRequest, ModelProfile, RunRecord, WhatIfRequest,
+                                            ExportRequest)
 
 PlanId = Annotated[str, Path(min_length=1, max_length=100, description="Plan id.")]
 ProfileId = Annotated[str, Path(min_length=1, max_length=100, description="Profile id.")]
+RunId = Annotated[str, Path(min_length=1, max_length=100, description="Run id.")]
 
 
 @health.get("/healthz", response_model=Health, response_model_exclude_none=True)
@@ -131,6 +140,24 @@ def delete_plan(plan_id: PlanId, ctx: Context) -> Response:
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+@v1.post("/plans/{plan_id}/export", response_model=ExportResponse, responses=error_responses(404),
+         openapi_extra=_documented_body(ExportRequest))
+async def export_plan(plan_id: PlanId, body: Annotated[ExportRequest, _parse_in_thread(ExportRequest)],
+                      ctx: Context) -> ExportResponse:
+    """A stored plan as torchtitan, Megatron-LM, DeepSpeed, accelerate or Lightning configuration (what `autopar
+    export` writes), a file name for it, and what the target cannot express."""
+    return await run_in_threadpool(whatif_service.export_stored_plan, plan_id, body, ctx)
+
+
+@v1.post("/whatif", response_model=WhatIf, responses=error_responses(429, 503, 504),
+         openapi_extra=_documented_body(WhatIfRequest))
+async def create_whatif(body: Annotated[WhatIfRequest, _parse_in_thread(WhatIfRequest)], ctx: Context,
+                        client: ClientId, request: Request) -> WhatIf:
+    """Plan one model (zoo name or stored profile id) on every cluster preset x GPU count; a cell that cannot be
+    planned says why. At most 32 cells; counts against the client's search limit; cancelled on disconnect."""
+    return await whatif_service.create_whatif(body, ctx, client=client, disconnected=request.is_disconnected)
+
+
 @v1.post("/evaluate", response_model=EvaluateResponse, responses=error_responses(429, 503, 504),
          openapi_extra=_documented_body(EvaluateRequest))
 async def evaluate(body: Annotated[EvaluateRequest, _parse_in_thread(EvaluateRequest)], ctx: Context, client: ClientId, request: Request) -> EvaluateResponse:
@@ -171,3 +198,29 @@ def delete_profile(
 def list_clusters() -> ClusterList:
     """The built-in cluster presets (use their names in plan requests)."""
     return ClusterList(presets=[load_cluster(name) for name in preset_names()])
+
+
+@v1.post("/runs", response_model=StoredRun, status_code=status.HTTP_201_CREATED, responses=error_responses(404, 409),
+         openapi_extra=_documented_body(RunRecord))
+async def create_run(body: Annotated[RunRecord, _parse_in_thread(RunRecord)], ctx: Context) -> StoredRun:
+    """Store a run record (`autopar run --server`): the plan's prediction next to the run's measurement. A record
+    naming a `plan_id` is linked to that stored plan (404 when there is none)."""
+    return await run_in_threadpool(run_store.store_run, body, ctx)
+
+
+@v1.get("/runs", response_model=RunPage)
+def list_runs(
+    ctx: Context,
+    plan_id: Annotated[str | None, Query(max_length=100, description="Only runs of this plan.")] = None,
+    cluster: Annotated[str | None, Query(max_length=100, description="Only runs on this cluster name.")] = None,
+    limit: Annotated[int | None, Query(ge=1, le=1000, description="Runs per page.")] = None,
+    offset: Annotated[int, Query(ge=0, le=2**62, description="Runs to skip (newest first).")] = 0,
+) -> RunPage:
+    """Stored runs, newest first, with measured and predicted step time."""
+    return run_store.list_runs(ctx, plan_id=plan_id, cluster_name=cluster, limit=limit, offset=offset)
+
+
+@v1.get("/runs/{run_id}", response_model=StoredRun, responses=error_responses(404))
+def get_run(run_id: RunId, ctx: Context) -> StoredRun:
+    """A stored run record."""
+    return run_store.get_run(run_id, ctx.storage)

@@ -13,7 +13,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
 from planner.cluster import ClusterSpec, preset_names
+from planner.export import Format, Target
 from planner.model_profile import DType, ModelProfile
+from planner.run_record import RunRecord
 from planner.search import Objective
 from planner.strategy import Plan, Prediction, Strategy
 
@@ -144,6 +146,9 @@ class PlanOptions(_Body):
     seed: StrictInt = Field(
         default=0, ge=0, le=2**31 - 1, description="Solver seed (plans are deterministic per seed)."
     )
+    calibrated: StrictBool = Field(
+        default=False, description="Fit the cluster's efficiency factors to this server's stored runs of the same "
+                                   "cluster name (POST /v1/runs) before searching; the plan's provenance says so.")
 
 
 class PlanRequest(_Body):
@@ -203,6 +208,58 @@ class EvaluateResponse(BaseModel):
     cached: bool = Field(default=False, description="Answered from the server's cache of equal what-if requests.")
 
 
+#: Most (cluster, GPU count) cells one what-if request may ask for.
+MAX_WHATIF_CELLS = 32
+#: Most clusters, and most GPU counts, one what-if request may list.
+MAX_WHATIF_AXIS = 16
+
+PositivePrice = Annotated[StrictFloat, Field(gt=0, le=1e6)]
+
+
+class WhatIfOptions(_Body):
+    """Search options of a what-if grid."""
+
+    cell_time_limit_s: StrictFloat | None = Field(
+        default=None, gt=0, le=3600, description="Search budget of each cell (default 1 s); clamped so the whole grid "
+        "stays within the server's solver cap.")
+    seed: StrictInt = Field(default=0, ge=0, le=2**31 - 1, description="Solver seed.")
+
+
+class WhatIfRequest(_Body):
+    """Plan one model on every (cluster preset, GPU count) combination at one global batch."""
+
+    model: Annotated[ZooModelRef | StoredProfileRef, Field(discriminator="kind")] = Field(
+        description="Zoo model or stored profile id (tag: kind); profiled once for the whole grid.")
+    clusters: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        min_length=1, max_length=MAX_WHATIF_AXIS, description="Cluster preset names (GET /v1/clusters); a cell "
+        "uses whole nodes of the preset, or part of one node below a node.")
+    gpus: list[Annotated[StrictInt, Field(ge=1, le=MAX_NODES * MAX_GPUS_PER_NODE)]] = Field(
+        min_length=1, max_length=MAX_WHATIF_AXIS, description="Total GPU counts, e.g. [8, 16, 32].")
+    global_batch_size: StrictInt = Field(ge=1, le=MAX_GLOBAL_BATCH, description="Samples per optimizer step.")
+    price_per_gpu_hour: PositivePrice | dict[str, PositivePrice] | None = Field(
+        default=None, description="Price of one GPU-hour, for every cluster or per cluster name: gives each cell "
+        "its cost per million tokens.")
+    options: WhatIfOptions = Field(default_factory=WhatIfOptions, description="Search options.")
+
+
+class ExportRequest(_Body):
+    """Export a stored plan as the configuration of a trainer."""
+
+    target: Target = Field(description="torchtitan, megatron, deepspeed, accelerate or lightning.")
+    format: Format | None = Field(default=None, description="torchtitan: args (default) or toml; the other targets "
+                                  "have one format each.")
+
+
+class ExportResponse(BaseModel):
+    """A plan as a trainer's configuration (what `autopar export` writes)."""
+
+    target: Target = Field(description="The trainer exported for.")
+    format: Format = Field(description="The text's format.")
+    text: str = Field(description="The configuration text.")
+    file_name: str = Field(description="A file name to save the text under.")
+    warnings: list[str] = Field(description="What the target cannot express of the plan, one line each.")
+
+
 class ProfileCreated(BaseModel):
     """Where an uploaded profile is stored."""
 
@@ -233,6 +290,38 @@ class Health(BaseModel):
     status: str = Field(description="'ok', 'ready', or what is wrong.")
     version: str = Field(description="autopar version.")
     schema_version: int | None = Field(default=None, description="Database schema version (readiness only).")
+
+
+class StoredRun(BaseModel):
+    """A stored run record."""
+
+    id: str = Field(description="Run id.")
+    plan_linked: bool = Field(description="True when the record's plan_id names a plan stored here.")
+    record: RunRecord = Field(description="The record, as `autopar run` writes it.")
+
+
+class RunSummary(BaseModel):
+    """One line of the run list."""
+
+    id: str = Field(description="Run id.")
+    created: datetime = Field(description="When the run finished (UTC).")
+    plan_id: str | None = Field(description="Service id of the plan that ran, if it was made here.")
+    model_name: str = Field(description="Model reference the run built.")
+    cluster_name: str = Field(description="Cluster the plan was made for.")
+    strategy: str = Field(description="One-line strategy.")
+    measured_step_seconds: float = Field(description="Measured median seconds per step.")
+    predicted_step_seconds: float = Field(description="Predicted seconds per step.")
+    step_time_ratio: float = Field(description="Measured over predicted step time.")
+
+
+class RunPage(BaseModel):
+    """A page of runs, newest first."""
+
+    items: list[RunSummary] = Field(description="This page, newest first.")
+    total: int = Field(description="Runs matching the filters.")
+    limit: int = Field(description="Page size used.")
+    offset: int = Field(description="Runs skipped before this page.")
+    next_offset: int | None = Field(description="Offset of the next page, or null on the last one.")
 
 
 class ErrorDetail(BaseModel):

@@ -46,7 +46,7 @@ from planner.cluster import PRESETS, ClusterError, ClusterSpec, load_cluster, pr
 from planner.errors import AutoparError
 from planner.model_profile import ModelProfile
 from planner.precision import default_dtype
-from planner.strategy import Plan
+from planner.strategy import Plan, RunCalibration
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ class PlanJob:
     top_k: int
     time_limit_s: float
     seed: int
+    calibration: RunCalibration | None = None
 
 
 def prepare_plan(request: PlanRequest, ctx: ServiceContext) -> PlanJob:
@@ -249,6 +250,11 @@ def prepare_plan(request: PlanRequest, ctx: ServiceContext) -> PlanJob:
     cluster = resolve_cluster(request.cluster, ctx.settings)
     model = resolve_model(request.model, ctx, cluster)
     opts = request.options
+    calibration = None
+    if opts.calibrated:  # the fitted cluster is part of the key: new runs give a new plan
+        from api.run_store import calibrate_cluster
+
+        cluster, calibration = calibrate_cluster(cluster, ctx)
     time_limit = min(opts.time_limit_s or ctx.settings.default_solver_seconds, ctx.settings.max_solver_seconds)
     normalised = {
         "planner_version": planner.PLANNER_VERSION,
@@ -263,7 +269,7 @@ def prepare_plan(request: PlanRequest, ctx: ServiceContext) -> PlanJob:
     return PlanJob(
         key=digest(normalised), normalised=normalised, model=model, cluster=cluster,
         global_batch_size=request.global_batch_size, objective=opts.objective.value, top_k=opts.top_k,
-        time_limit_s=time_limit, seed=opts.seed,
+        time_limit_s=time_limit, seed=opts.seed, calibration=calibration,
     )
 
 
@@ -289,6 +295,7 @@ def search_and_store(job: PlanJob, ctx: ServiceContext, cancel: threading.Event 
     plan: Plan = planner.plan(
         profile, job.cluster, global_batch_size=job.global_batch_size, top_k=job.top_k,
         time_limit_s=job.time_limit_s, seed=job.seed, objective=job.objective, cancel=cancel,
+        **({"calibration": job.calibration} if job.calibration is not None else {}),
     )
     log.info("searched %s on %s in %.2f s: %s", job.model.name, job.cluster.name, time.perf_counter() - started,
              plan.strategy.describe())

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from api import run_store
 from planner.errors import AutoparError
+from planner.run_record import RunRecord
 
 
 class StorageError(AutoparError):
@@ -54,6 +56,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX plans_created_at ON plans (created_at);
     CREATE INDEX profiles_created_at ON profiles (created_at);
     """,
+    # 3: run records (POST /v1/runs): the local run store's table (api.run_store.RUNS_TABLE, frozen like this list).
+    run_store.RUNS_TABLE + ";",
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -253,6 +257,25 @@ class Storage:
             conn.execute("DELETE FROM plans WHERE profile_id = ?", (profile_id,))
             conn.execute("DELETE FROM profiles WHERE id = ?", (profile_id,))
         return True, int(users)
+
+    # -- runs (tables and queries shared with the local run store, api.run_store) ---------------------------------
+
+    def insert_run(self, record: RunRecord) -> bool:
+        """Store a run record; False (nothing written) when its id is already stored."""
+        with self._transaction() as conn:
+            return run_store.insert_run(conn, record)
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        """The run with this id, or None."""
+        with self._connect() as conn:
+            return run_store.select_run(conn, run_id)
+
+    def list_runs(self, *, plan_id: str | None = None, cluster_name: str | None = None, limit: int,
+                  offset: int = 0) -> tuple[list[RunRecord], int]:
+        """One page of runs, newest first, and how many match the filters."""
+        with self._connect() as conn:
+            return run_store.select_runs(conn, plan_id=plan_id, cluster_name=cluster_name, limit=limit,
+                                         offset=offset)
 
     def stored_bytes(self) -> int:
         """Bytes of stored plan and profile JSON (what the size cap counts)."""

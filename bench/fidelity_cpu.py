@@ -58,9 +58,10 @@ def _strategies(num_layers: int, cuts: list[int], batch: int) -> dict[str, Strat
     }
 
 
-def _run(plan_path: Path, zoo: str, options: dict, steps: int, report: Path) -> dict:
+def _run(plan_path: Path, zoo: str, options: dict, steps: int, report: Path, *, record: bool = False) -> dict:
+    """`autopar run` of one plan; recorded in the default run store ($AUTOPAR_RUNS_DB) only with `record`."""
     cmd = [sys.executable, "-c", "from api.cli import main; main()", "run", str(plan_path), "--model", zoo,
-           "--steps", str(steps), "--report", str(report)]
+           "--steps", str(steps), "--report", str(report), *([] if record else ["--no-record"])]
     for key, value in options.items():
         cmd += ["--option", f"{key}={value}"]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, capture_output=True,

@@ -71,6 +71,9 @@ class ParallelModel:
     fixed_inputs: dict[str, Any] = field(default_factory=dict)
     #: The head's logits stay split over the TP group and the loss runs under `loss_parallel` (executor.vocab_parallel).
     loss_parallel: bool = False
+    #: Pipelined transformers model: the batch input (`labels`) that becomes the targets of its own loss on the last
+    #: stage (`executor.pipeline.own_labels_loss`).
+    targets_key: str | None = None
 
     @property
     def dp_rank(self) -> int:
@@ -142,6 +145,8 @@ class ParallelModel:
         return total / nmb
 
     def _pipelined(self, batch: Batch) -> torch.Tensor | None:
+        if self.targets_key is not None:
+            batch = pipeline.inputs_to_targets(pipeline.without_all_ones_mask(batch), self.targets_key)
         for name, value in batch.kwargs.items():
             if not isinstance(value, torch.Tensor) and name in self.fixed_inputs and value != self.fixed_inputs[name]:
                 raise ExecutorError(
@@ -205,7 +210,8 @@ def apply_plan(
     BatchNorm statistics over the data-parallel group (else, with dp > 1, a warning names the BatchNorm layers).
 
     `loss_fn(output, targets)`, or None when the loss is the output's `.loss` / first element (see
-    `executor.batch`); a pipeline needs a loss_fn. `example_inputs` (a tuple or dict, any device; default: tensors
+    `executor.batch`); a pipeline needs a loss_fn, except for a transformers model given `labels`, whose own loss
+    runs on the last stage with the labels as targets. `example_inputs` (a tuple or dict, any device; default: tensors
     shaped as the profile's inputs) fixes how the model is called, which the pipeline's stages are traced for.
     """
     strategy = plan.strategy if isinstance(plan, Plan) else plan
@@ -235,6 +241,9 @@ def apply_plan(
             meta, profile, pipeline.meta_inputs(profile) if example_inputs is None else _to_meta(meta, example_inputs)
         )
 
+    targets_key = None  # a transformers model's own loss from its `labels`, on the pipeline's last stage
+    if dims.pp > 1 and loss_fn is None and (own := pipeline.own_labels_loss(meta)) is not None:
+        loss_fn, targets_key = own, "labels"
     if dims.pp > 1:
         if loss_fn is None:
             raise ExecutorError(
@@ -291,6 +300,7 @@ def apply_plan(
     pm = ParallelModel(
         strategy=strategy, mesh=mesh, device=device, parts=parts, loss_fn=loss_fn, stage_indices=stage_indices,
         autocast_dtype=mp_autocast or autocast_dtype, grad_scaler=grad_scaler, loss_parallel=split_logits,
+        targets_key=targets_key,
     )
     if dims.pp > 1:
         pm.shared_copies = shared.build_shared_copies(meta, profile, strategy, mesh, parts, stage_indices)
@@ -304,9 +314,15 @@ def apply_plan(
 
 def _to_meta(model: nn.Module, example_inputs: Any) -> tuple:
     """Example inputs as meta tensors in the model's positional order (see `profiler.partition.positional_inputs`)."""
+    from profiler.errors import ProfileError
+    from profiler.hf import meta_safe_inputs
     from profiler.partition import positional_inputs
 
     args = positional_inputs(model, example_inputs)
+    try:  # a transformers model's all-ones attention_mask is dropped, as the profiler does (profiler.hf)
+        args = meta_safe_inputs(model, tuple(args))
+    except ProfileError as exc:
+        raise ExecutorError(str(exc)) from None
     return tuple(tree_map(lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t, list(args)))
 
 

@@ -7,6 +7,8 @@ would put on them):
 
 - GEMMs of a range of shapes in each requested dtype (`measure_gemms`),
 - a large copy (memory bandwidth) and chains of tiny ops, with and without autograd (the fixed per-kernel cost);
+- on CPU, the framework overheads of DTensor TP, FSDP2 units, the optimizer per tensor and the pipeline schedule
+  (`executor.overhead`);
 
 and rank 0 keeps the median over ranks. Then the communication: all-reduce, all-gather and reduce-scatter over
 groups of 2..nproc ranks of node 0 and, with several nodes, over groups spanning them, plus point-to-point
@@ -37,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from executor.errors import ExecutorError
 from executor.mesh import init_distributed
-from planner.cluster_fit import Collective, CommSample, GemmSample, Measurements
+from planner.cluster_fit import FRAMEWORK_FIELDS, Collective, CommSample, GemmSample, Measurements
 from planner.model_profile import DType, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,8 @@ class CalibrateSpec(BaseModel):
     nnodes: int = Field(ge=1)
     nproc_per_node: int = Field(ge=1)
     quick: bool = Field(default=False, description="Fewer shapes, sizes and repeats (about a minute on 2 CPU cores).")
+    framework: bool = Field(default=True, description="On CPU, also measure the executor's framework overheads "
+                            "(executor.overhead: DTensor, FSDP2, optimizer, pipeline; ~40 s on 2 cores).")
     timeout_s: float = Field(default=300.0, gt=0, description="Longest wait of a collective for a peer.")
 
 
@@ -272,8 +276,9 @@ def measure_comms(spec: CalibrateSpec, device: torch.device,
 
 
 def total_steps(spec: CalibrateSpec) -> int:
-    """Progress steps a calibration reports: one per dtype, memory, each collective per group, each p2p link."""
-    return len(spec.dtypes) + 1 + 3 * len(_groups(spec)) + (spec.nproc_per_node > 1) + (spec.nnodes > 1)
+    """Progress steps a calibration reports: one per dtype, memory, framework overhead, each collective per group,
+    each p2p link."""
+    return len(spec.dtypes) + 2 + 3 * len(_groups(spec)) + (spec.nproc_per_node > 1) + (spec.nnodes > 1)
 
 
 def _device_memory_bytes(device: torch.device, nproc: int) -> int:
@@ -305,6 +310,14 @@ def run_rank(spec: CalibrateSpec, workdir: Path, *, local_rank: int) -> Measurem
     gemms = [g.model_copy(update={"seconds": s}) for g, s in zip(gemms, medians, strict=True)]
     copy, dispatch, overhead = _median_over_ranks(list(measure_memory(device, quick=spec.quick)))
     progress("memory bandwidth and kernel overhead")
+    framework: dict[str, float] = {}
+    if device.type == "cpu" and spec.framework:  # on CUDA the host's bookkeeping hides behind queued kernels
+        from executor.overhead import measure_framework_overhead
+
+        figures = measure_framework_overhead(quick=spec.quick)
+        framework = {k: figures[k] for k in FRAMEWORK_FIELDS if k in figures}
+        framework = dict(zip(framework, _median_over_ranks(list(framework.values())), strict=True))
+    progress("framework overhead")
     comms = measure_comms(spec, device, progress)
     if rank != 0:
         return None
@@ -312,7 +325,7 @@ def run_rank(spec: CalibrateSpec, workdir: Path, *, local_rank: int) -> Measurem
     m = Measurements(
         device_name=name, device_type=device.type, memory_bytes=_device_memory_bytes(device, spec.nproc_per_node),
         nodes=spec.nnodes, gpus_per_node=spec.nproc_per_node, gemms=gemms, copy_bytes_per_second=copy,
-        dispatch_seconds=dispatch, kernel_overhead_seconds=overhead, comms=comms,
+        dispatch_seconds=dispatch, kernel_overhead_seconds=overhead, comms=comms, framework=framework,
         provenance={"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "backend": dist.get_backend(), "threads per rank": str(torch.get_num_threads()),

@@ -2,7 +2,9 @@
 
 The stages are pieces of the model's own forward, traced with torch.fx (`profiler.partition`, the same definition of
 a legal cut the profiler and the planner use): the code the model runs between its layers travels with the stage
-that owns it, so the stages composed are the model. A stage module keeps the model's own parameter names, so
+that owns it, so the stages composed are the model. A Hugging Face transformers model is cut between its blocks
+instead (`profiler.hf_partition`): each stage runs the model's own forward with other stages' layers passed through,
+and its loss from `labels` (`profiler.hf.labels_loss`) runs on the last stage with the labels as targets. A stage module keeps the model's own parameter names, so
 checkpoints and initial values are the same whatever the cut. A parameter shared by layers of two stages ends up as
 one copy per stage module (each stage is cut from its own copy of the model); `executor.shared` keeps the copies
 equal.
@@ -23,10 +25,12 @@ from torch.distributed.pipelining.schedules import (
     _PipelineSchedule,
 )
 
+from executor.batch import Batch
 from executor.errors import ExecutorError
 from executor.shared import check_tp_layouts, split_groups
 from planner.model_profile import ModelProfile
 from planner.strategy import Schedule, StageSpec, Strategy
+from profiler.hf import LabelsLoss, is_hf_model, labels_loss
 from profiler.partition import Partition, PartitionError, partition
 
 log = logging.getLogger(__name__)
@@ -53,6 +57,35 @@ def check_pipelinable(
     for aliases, _ in split_groups(model, names, stage_of_layer):
         check_tp_layouts(aliases, profile, tp)
     return cuts
+
+
+def own_labels_loss(model: nn.Module) -> LabelsLoss | None:
+    """The loss a transformers model computes from `labels`, as a loss of the last stage's logits (None otherwise)."""
+    return labels_loss(model) if is_hf_model(model) else None
+
+
+def inputs_to_targets(batch: Batch, key: str) -> Batch:
+    """`batch` with its keyword input `key` (a transformers model's `labels`) moved to the targets."""
+    kwargs = dict(batch.kwargs)
+    targets = kwargs.pop(key, None)
+    if not isinstance(targets, torch.Tensor):
+        raise ExecutorError(f"the pipelined model computes its loss from '{key}' on its last stage, but the batch has "
+                            f"no '{key}' tensor; add {key} to every batch, or give a loss_fn(output, targets)")
+    return Batch(args=batch.args, kwargs=kwargs, targets=targets)
+
+
+def without_all_ones_mask(batch: Batch) -> Batch:
+    """`batch` without a keyword `attention_mask` of all ones, which changes nothing in a transformers model (it
+    builds the same causal mask without one) and which later pipeline stages could not receive; a padded mask is
+    refused (the stages pass on only the hidden state)."""
+    mask = batch.kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor):
+        return batch
+    if not bool((mask == 1).all()):
+        raise ExecutorError("the batch's attention_mask has padding, which later pipeline stages cannot receive (they "
+                            "get only the hidden state); train on unpadded (packed) batches, or plan with pp=1")
+    return Batch(args=batch.args, kwargs={k: v for k, v in batch.kwargs.items() if k != "attention_mask"},
+                 targets=batch.targets)
 
 
 def meta_inputs(profile: ModelProfile) -> tuple[torch.Tensor, ...]:

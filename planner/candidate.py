@@ -6,11 +6,12 @@ pipeline rank holds, which lets CP-SAT (`planner.stages`) optimise stage boundar
 computes the same quantities in floating point for a given partition (used by `planner.evaluate` and by tests).
 
 Per pipeline rank r, per micro-batch:
-    C_r  = compute + recompute + TP all-reduces of its layers + the pipeline sends it makes
+    C_r  = compute (with the host's FSDP2-unit and pipeline-stage work) + recompute + TP all-reduces of its layers
+           + the pipeline sends it makes
     K_r  = DP collectives repeated every micro-batch (ZeRO-2 gradient reduce-scatter, ZeRO-3 parameter gathers)
     R_r  = max(C_r, K_r) when DP communication overlaps compute, else C_r + K_r
 Once per step, after the pipeline drains:
-    X_r  = optimizer step + non-overlappable DP collectives + max(0, overlappable DP collectives - backward window)
+    X_r  = optimizer step (bytes, plus a cost per parameter tensor) + non-overlappable DP collectives + max(0, overlappable DP collectives - backward window)
            (+ DDP's last bucket); every DP term is per layer, from `planner.dp_comm`
     step = m R_max + (sum_r R_r - R_max) / v + max_r X_r            (see planner.pipeline)
 """
@@ -27,6 +28,7 @@ from planner.cost import (
     Group,
     device_param_count,
     estimate_layer_compute,
+    framework_overhead,
     place_group,
     uses_measured_times,
 )
@@ -66,7 +68,8 @@ class Config:
 class RankCosts:
     """What one pipeline rank costs under a partition (seconds, bytes)."""
 
-    compute: float = 0.0
+    compute: float = 0.0  # includes `framework`
+    framework: float = 0.0  # host-side FSDP2 unit and pipeline stage work per micro-batch (planner.cost)
     forward: float = 0.0
     recompute: float = 0.0
     tp_comm: float = 0.0
@@ -138,16 +141,18 @@ def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batc
         return hit[2]
     comm, dtype = CommModel(cluster), profile.dtype
     measured = uses_measured_times(profile, cluster)
-    passes = 3 if recompute == Recompute.FULL else 2  # forward, backward (+ the recomputed forward)
+    full = recompute == Recompute.FULL  # the forward (and its TP all-reduces) runs again in backward
     layers = layers_for_cluster(profile, cluster)  # attention counted as the cluster's device runs it
     rows: dict[int, tuple] = {}
     for i in set(_representatives(profile, layers)):  # a transformer's identical blocks are costed once
         layer = layers[i]
         c = estimate_layer_compute(layer, cluster, dtype, tp=tp, micro_batch=micro_batch, recompute=recompute.value,
                                    measured=measured)
-        n_ar = layer.tp.allreduces_per_forward if (layer.tp is not None and tp > 1) else 0
+        # All-reduces as the executor issues them (TensorParallelSpec: forward, backward, recomputed forward).
+        n_ar = (layer.tp.allreduces_per_step(recompute_forward=full)
+                if (layer.tp is not None and tp > 1) else 0)
         ar = comm.all_reduce(micro_batch * layer.tp.allreduce_bytes, tp_group) if n_ar else 0.0
-        rows[i] = (c.fwd, c.bwd, c.recompute, n_ar * ar * passes, c.bwd + c.recompute, device_param_count(layer, tp),
+        rows[i] = (c.fwd, c.bwd, c.recompute, n_ar * ar, c.bwd + c.recompute, device_param_count(layer, tp),
                    estimate_layer_activation_bytes(layer, tp=tp, micro_batch=micro_batch, recompute=recompute))
     cols = tuple(list(col) for col in zip(*(rows[i] for i in _representatives(profile, layers))))
     if len(_TABLES) > 4096:  # keep memory bounded across many plans in one process
@@ -183,11 +188,16 @@ class CandidateCosts:
         static = [int(n * state.total + 0.999999) for n in elems]
         self.fwd, self.bwd, self.rc, self.tpc = fwd, bwd, rc, tpc
         self.elems = elems
-        self.P_compute = _prefix([f + g for f, g in zip(fwd, bwd)])
+        # Host-side framework work (planner.cost.FrameworkOverhead): each FSDP2 / replicate unit (a layer with
+        # parameters) per micro-batch, each pipeline stage per micro-batch, each parameter tensor in the optimizer.
+        self.framework = framework_overhead(cluster, dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero)
+        host = [self.framework.unit_seconds(layer) if e > 0 else 0.0 for e, layer in zip(elems, profile.layers)]
+        self.P_host = _prefix(host)
+        self.P_compute = _prefix([f + g + h for f, g, h in zip(fwd, bwd, host)])
         self.P_fwd = _prefix(fwd)
         self.P_rc = _prefix(rc)
         self.P_tp = _prefix(tpc)
-        self.P_time = _prefix([f + g + r + t for f, g, r, t in zip(fwd, bwd, rc, tpc)])
+        self.P_time = _prefix([f + g + r + t + h for f, g, r, t, h in zip(fwd, bwd, rc, tpc, host)])
         self.P_window = _prefix(window)
         self.P_grad = _prefix(grad)
         self.P_elems = _prefix(elems)
@@ -207,6 +217,8 @@ class CandidateCosts:
         self.P_dp_blocking = _prefix([self.dp.blocking.of(e) if e > 0 else 0.0 for e in elems])
         mem_bw = cluster.device.memory_bandwidth * cluster.memory_efficiency
         self.opt_per_elem = optimizer_bytes_touched(dtype) / mem_bw / (d.dp if zero_ >= ZeroStage.OPTIMIZER else 1)
+        self.P_opt = _prefix([self.opt_per_elem * e + self.framework.optimizer_seconds(layer)
+                              for e, layer in zip(elems, profile.layers)])
         self.overlap = cluster.overlap_dp_comm
 
         # Memory: v * memory_r = v * static_r + in_flight_r * act_r + v * const <= v * capacity (integers).
@@ -251,15 +263,18 @@ class CandidateCosts:
                 ranks[(c + 1) % pp].p2p += t  # backward send of the gradient
         for r, rk in enumerate(ranks):
             elems = sum(self.P_elems[hi] - self.P_elems[lo] for lo, hi in _chunks_of(r, bounds, pp))
-            busy = rk.compute + rk.recompute + rk.tp_comm + rk.p2p
             chunks = _chunks_of(r, bounds, pp)
+            stage_work = len(chunks) * self.framework.stage_per_mb  # the schedule's own work for each chunk
+            rk.framework = sum(self.P_host[hi] - self.P_host[lo] for lo, hi in chunks) + stage_work
+            rk.compute += stage_work
+            busy = rk.compute + rk.recompute + rk.tp_comm + rk.p2p
             rk.zero_per_mb = sum(self.P_zero[hi] - self.P_zero[lo] for lo, hi in chunks)
             rk.per_mb = max(busy, rk.zero_per_mb) if self.overlap else busy + rk.zero_per_mb
             rk.dp_overlap = sum(self.P_dp_overlap[hi] - self.P_dp_overlap[lo] for lo, hi in chunks)
             rk.dp_blocking = sum(self.P_dp_blocking[hi] - self.P_dp_blocking[lo] for lo, hi in chunks)
             exposed = max(0.0, rk.dp_overlap - rk.window) if self.overlap else rk.dp_overlap
             rk.dp_exposed = exposed + self.dp.fixed
-            rk.optimizer = self.opt_per_elem * elems
+            rk.optimizer = sum(self.P_opt[hi] - self.P_opt[lo] for lo, hi in chunks)
             rk.tail = rk.optimizer + rk.dp_blocking + rk.dp_exposed
             rk.param_bytes = elems * self.state.parameters
             rk.grad_state_bytes = elems * self.state.gradients

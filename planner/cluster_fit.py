@@ -16,6 +16,8 @@ measured from:
   (the bus bandwidth); an all-reduce is two passes, a point-to-point send one link latency plus B / bw. That is
   linear in (1 / bw_intra, 1 / bw_inter, collective_latency, intra.latency, inter.latency): one non-negative least
   squares over every collective, group and size measured (relative error again) gives all five at once.
+- Framework overheads (`FRAMEWORK_FIELDS`): measured directly as the cost model charges them (executor.overhead),
+  copied as they are.
 
 Only the products peak * e_max, bandwidth * memory_efficiency and link bandwidth * comm_efficiency are measurable.
 Without a `reference` cluster the efficiencies are 1.0 and the rates are the measured ones (as the `cpu` preset
@@ -38,6 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from planner.cluster import ClusterError, ClusterSpec, load_cluster
 from planner.cost import Group
 from planner.model_profile import DType, write_text_atomic
+
+#: The `DeviceSpec` framework-overhead fields `autopar calibrate` measures (executor.overhead).
+FRAMEWORK_FIELDS = ("tp_module_overhead_seconds", "fsdp_unit_overhead_seconds", "fsdp_tensor_overhead_seconds",
+                    "ddp_bucket_overhead_seconds", "optimizer_tensor_seconds", "optimizer_dtensor_seconds",
+                    "pipeline_microbatch_overhead_seconds", "op_dispatch_seconds")
 
 
 class Collective(str, Enum):
@@ -94,6 +101,11 @@ class Measurements(BaseModel):
     dispatch_seconds: float = Field(ge=0, description="Seconds of a tiny op without autograd (eager dispatch).")
     kernel_overhead_seconds: float = Field(ge=0, description="Seconds per tiny op in a forward+backward chain.")
     comms: list[CommSample] = Field(default_factory=list, description="Collective and send timings.")
+    framework: dict[str, float] = Field(
+        default_factory=dict,
+        description="Framework overheads by `DeviceSpec` field name (executor.overhead; CPU runs only), copied into "
+                    "the device as measured. Empty in measurements made before they were timed.",
+    )
     provenance: dict[str, str] = Field(default_factory=dict, description="Host, date, torch version, backend.")
 
 
@@ -278,6 +290,8 @@ def build_cluster(m: Measurements, *, name: str = "calibrated", reference: Clust
             "memory_bandwidth": m.copy_bytes_per_second / mem_eff,
             "kernel_overhead_seconds": m.kernel_overhead_seconds,
             "gemm_ramp_seconds": max(primary.intercept - m.dispatch_seconds, 0.0),
+            **({k: getattr(reference.device, k) for k in FRAMEWORK_FIELDS} if reference is not None else {}),
+            **{k: v for k, v in m.framework.items() if k in FRAMEWORK_FIELDS},
         },
         "intra_node": intra, "inter_node": inter,
         "compute_efficiency": compute_eff, "memory_efficiency": mem_eff, "comm_efficiency": comm_eff,
@@ -305,6 +319,12 @@ def provenance_lines(cal: Calibration, m: Measurements) -> list[str]:
     lines.append(f"memory bandwidth: large copy, {m.copy_bytes_per_second:.4g} bytes/s (read + written)")
     lines.append(f"kernel overhead: tiny ops forward + backward, {m.kernel_overhead_seconds:.3g} s each "
                  f"(dispatch alone {m.dispatch_seconds:.3g} s, subtracted from the GEMM ramp)")
+    if m.framework:
+        lines.append("framework overhead (executor.overhead, collectives taken out): " + ", ".join(
+            f"{k} {v:.3g} s" for k, v in m.framework.items() if k in FRAMEWORK_FIELDS))
+    elif m.device_type == "cpu":
+        lines.append("framework overhead: not measured (--no-framework); the reference cluster's figures if one "
+                     "was given, else none")
     if cal.comm_fit is not None:
         kinds = sorted({s.collective.value for s in m.comms})
         sizes = sorted({s.size for s in m.comms})

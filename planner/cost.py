@@ -194,8 +194,10 @@ def estimate_pass_seconds(
     weight GEMMs (compute-bound at these sizes; each listed GEMM at its own size's efficiency, see
     `estimate_weight_gemm_seconds`), activation matmuls (attention; intensity about the head dimension, often
     memory-bound) and memory-bound ops (bytes only; the fused byte count when `cluster.fused_elementwise`).
-    Plus `weight_bytes` read (and written) once, and `device.kernel_overhead_seconds` for each kernel the pass
-    launches. A profile without the split is one roofline over the whole layer.
+    Plus `weight_bytes` read (and written) once, `device.kernel_overhead_seconds` for each kernel the pass
+    launches, `device.op_dispatch_seconds` for each other op it dispatches (views, aliases: host work in eager
+    PyTorch; a kernel's own dispatch is in its overhead), and under TP `device.tp_module_overhead_seconds` for each sharded module (DTensor dispatch).
+    A profile without the split is one roofline over the whole layer.
     TP divides the FLOPs and bytes of a TP-able layer by `tp`, except that its inputs and outputs (LayerNorm,
     residual adds) stay whole on every rank (`tp_whole_bytes`: not a vocabulary-parallel head's split logits).
     """
@@ -219,8 +221,12 @@ def estimate_pass_seconds(
     gemm = max(gemm_s, b * _tp_split(gemm_b, 0.0 if split else whole, t) / mem_bw)
     actmm = max(b * mm_f / t / compute, b * mm_b / t / mem_bw)
     kernels = layer.bwd_kernels if backward else layer.fwd_kernels
+    other_ops = max((layer.bwd_ops if backward else layer.fwd_ops) - kernels, 0)
+    # Each TP-sharded module runs on DTensors (executor.parallelize.apply_tp): host work on top of its kernels.
+    dtensor = len(layer.tp.shards) * cluster.device.tp_module_overhead_seconds if t > 1 else 0.0
     return (gemm + actmm + b * _tp_split(mem, whole, t) / mem_bw + weight_bytes / mem_bw
-            + kernels * cluster.device.kernel_overhead_seconds)
+            + kernels * cluster.device.kernel_overhead_seconds + other_ops * cluster.device.op_dispatch_seconds
+            + dtensor)
 
 
 def estimate_layer_compute(
@@ -265,3 +271,63 @@ def device_param_count(layer: LayerProfile, tp: int) -> float:
     sharded = min(layer.tp.sharded_param_count, layer.param_count)
     return sharded / tp + (layer.param_count - sharded)
 
+
+
+def executor_uses_fsdp2(*, dp: int, tp: int, pp: int, zero: int) -> bool:
+    """Whether the executor gives the data-parallel axis to FSDP2 / the composable `replicate` (whose parameters are
+    DTensors and whose units run hooks every micro-batch) rather than DDP or nothing (`executor.optim.uses_fsdp2`)."""
+    return dp > 1 and not (pp == 1 and tp == 1 and int(zero) == 0)
+
+
+@dataclass(frozen=True)
+class FrameworkOverhead:
+    """Host-side framework work of one configuration, each term where the executor does it (one home for the float
+    evaluation in `planner.candidate`, the bound in `planner.enumerate` and, through those tables, the CP-SAT model).
+
+    The TP term (per DTensor-sharded module per pass) lives in `estimate_pass_seconds`, with the layer's kernels.
+    """
+
+    #: seconds per FSDP2 / replicate unit (a layer holding parameters) per micro-batch, and per tensor of the unit
+    unit_per_mb: float = 0.0
+    unit_tensor_per_mb: float = 0.0
+    #: seconds per pipeline stage (model chunk) per micro-batch; 0 without a pipeline
+    stage_per_mb: float = 0.0
+    #: seconds per parameter tensor in the optimizer step: plain, and DTensor (FSDP2 / replicate / TP-sharded)
+    plain_tensor: float = 0.0
+    dtensor: float = 0.0
+    #: every parameter is a DTensor (FSDP2 / replicate holds them)
+    all_dtensor: bool = False
+    tp: int = 1
+
+    def unit_seconds(self, layer: LayerProfile) -> float:
+        """Per-micro-batch seconds of `layer` as an FSDP2 / replicate unit (0 without FSDP2 or parameters)."""
+        if layer.param_count <= 0:
+            return 0.0
+        return self.unit_per_mb + self.unit_tensor_per_mb * layer.param_tensors
+
+    def optimizer_seconds(self, layer: LayerProfile) -> float:
+        """Per-tensor optimizer seconds of `layer` on one rank (every rank holds a shard or copy of each tensor).
+
+        Under TP without FSDP2 only the sharded Linears' weights and biases are DTensors (two per shard, at most
+        the layer's tensor count); the rest (norms) stay plain.
+        """
+        n = layer.param_tensors
+        if self.all_dtensor:
+            dt = n
+        elif self.tp > 1 and layer.tp is not None:
+            dt = min(n, 2 * len(layer.tp.shards))
+        else:
+            dt = 0
+        return dt * self.dtensor + (n - dt) * self.plain_tensor
+
+
+def framework_overhead(cluster: ClusterSpec, *, dp: int, tp: int, pp: int, zero: int) -> FrameworkOverhead:
+    """The `FrameworkOverhead` of a (dp, tp, pp, ZeRO) configuration on `cluster`'s device."""
+    dev = cluster.device
+    fsdp2 = executor_uses_fsdp2(dp=dp, tp=tp, pp=pp, zero=zero)
+    return FrameworkOverhead(
+        unit_per_mb=dev.fsdp_unit_overhead_seconds if fsdp2 else 0.0,
+        unit_tensor_per_mb=dev.fsdp_tensor_overhead_seconds if fsdp2 else 0.0,
+        stage_per_mb=dev.pipeline_microbatch_overhead_seconds if pp > 1 else 0.0,
+        plain_tensor=dev.optimizer_tensor_seconds, dtensor=dev.optimizer_dtensor_seconds, all_dtensor=fsdp2, tp=tp,
+    )

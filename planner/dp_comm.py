@@ -89,7 +89,9 @@ def dp_comm(comm: CommModel, group: Group, zero: ZeroStage, dtype: DType, *, pip
         ar = _collective(comm, "all_reduce", group, g)
         if pipelined:
             return DPComm(blocking=ar)
-        # Bucketed: ceil(bytes / 25 MiB) calls, at most bytes / 25 MiB + 1.
+        # Bucketed: ceil(bytes / 25 MiB) calls, at most bytes / 25 MiB + 1; each bucket also costs DDP's own host
+        # work (`ddp_bucket_overhead_seconds`, planner.cost.FrameworkOverhead's DDP counterpart).
+        ar = Affine(ar.alpha + comm.cluster.device.ddp_bucket_overhead_seconds, ar.beta)
         last = comm.all_reduce(DDP_BUCKET_BYTES, group) - ar.alpha if overlap else 0.0
         return DPComm(overlap=Affine(0.0, ar.beta + ar.alpha * g / DDP_BUCKET_BYTES), fixed=ar.alpha + last)
     if pipelined:  # gathered once, synced after the last micro-batch; ZeRO-3 gathers again for each backward

@@ -12,7 +12,7 @@ from functools import cache, lru_cache
 from planner.attention import layers_for_cluster
 from planner.candidate import Config, _spans, _strides, layer_table
 from planner.cluster import ClusterSpec
-from planner.cost import CommModel, place_group, uses_measured_times
+from planner.cost import CommModel, framework_overhead, place_group, uses_measured_times
 from planner.dp_comm import Affine, DPComm, dp_comm
 from planner.evaluate import ModelView
 from planner.memory import (
@@ -190,11 +190,15 @@ class Bounder:
             return term.alpha * t.param_layers + term.beta * t.elems
 
         k_sum = total(dpc.per_mb)
-        s_lb = max(t.time, k_sum) if overlap else t.time + k_sum
-        r_lb = max(s_lb / pp, t.max_time)
+        fo = framework_overhead(self.cluster, dp=d.dp, tp=d.tp, pp=pp, zero=cfg.zero)
+        # Host work per micro-batch (planner.candidate): FSDP2 units and every rank's v pipeline chunks.
+        busy = t.time + sum(fo.unit_seconds(x) for x in self.profile.layers) + pp * v * fo.stage_per_mb
+        s_lb = max(busy, k_sum) if overlap else busy + k_sum
+        r_lb = max(s_lb / pp, t.max_time + v * fo.stage_per_mb)
         pipe = (m - 1 / v) * r_lb + s_lb / v
         mem_bw = self.cluster.device.memory_bandwidth * self.cluster.memory_efficiency
-        opt = optimizer_bytes_touched(dtype) / mem_bw / (d.dp if zero >= ZeroStage.OPTIMIZER else 1) * t.elems
+        opt = (optimizer_bytes_touched(dtype) / mem_bw / (d.dp if zero >= ZeroStage.OPTIMIZER else 1) * t.elems
+               + sum(fo.optimizer_seconds(x) for x in self.profile.layers))
         dp_avg = total(dpc.overlap) / pp
         exposed = (max(0.0, dp_avg - t.window / pp) if overlap else dp_avg) + dpc.fixed
         # Averages over ranks bound the largest rank's tail from below (max(0, x - w) is convex).

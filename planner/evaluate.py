@@ -159,10 +159,10 @@ def _comm_list(costs: CandidateCosts, pc: PartitionCosts, zero_exposed: float) -
     slow, tail = pc.ranks[pc.slowest], pc.ranks[pc.tail_rank]
     out = []
     if cfg.dims.tp > 1 and slow.tp_comm > 0:
-        passes = 3 if cfg.recompute == Recompute.FULL else 2
+        full = cfg.recompute == Recompute.FULL
         layers = [costs.profile.layers[i] for i in slow.layers]
-        nbytes = m * passes * sum(cfg.micro_batch * x.tp.allreduces_per_forward * x.tp.allreduce_bytes
-                                  for x in layers if x.tp is not None)
+        nbytes = m * sum(cfg.micro_batch * x.tp.allreduces_per_step(recompute_forward=full) * x.tp.allreduce_bytes
+                         for x in layers if x.tp is not None)
         out.append(CommCost(collective="all_reduce", axis=MeshAxis.TP, purpose="tp block outputs", bytes=nbytes,
                             seconds=m * slow.tp_comm, exposed_seconds=m * slow.tp_comm))
     if cfg.num_stages > 1:

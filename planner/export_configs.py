@@ -93,12 +93,16 @@ def accelerate_config(plan: Plan) -> tuple[dict[str, object], list[str]]:
     warnings = mesh_warning(plan, "accelerate", "dp_replicate, dp_shard, cp, tp (outermost first)")
     warnings += _no_pipeline(plan, "accelerate")
     dtype = precision_name(plan)
+    # accelerate launches one process per device of its parallelism sizes (it refuses a num_processes other than
+    # their product): without the pipeline, dp x tp processes.
+    processes = d.dp * d.tp
+    machines = c.nodes if processes == d.world_size else max(1, -(-processes // c.gpus_per_node))
     cfg: dict[str, object] = {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "FSDP" if s.zero_stage != ZeroStage.NONE else ("MULTI_GPU" if d.world_size > 1 else "NO"),
+        "distributed_type": "FSDP" if s.zero_stage != ZeroStage.NONE else ("MULTI_GPU" if processes > 1 else "NO"),
         "mixed_precision": _ACCELERATE_PRECISION[dtype] if dtype is not None else "no",
-        "num_machines": c.nodes,
-        "num_processes": d.world_size,
+        "num_machines": machines,
+        "num_processes": processes,
         "machine_rank": 0,
         "use_cpu": False,
     }

@@ -107,14 +107,26 @@ class TensorParallelSpec(_Strict):
     divisor: int = Field(ge=1, description="TP degree must divide this (attention heads, or KV heads with GQA).")
     sharded_param_count: int = Field(ge=0, description="Parameters split across the TP group (the rest replicate).")
     allreduces_per_forward: int = Field(
-        ge=0, description="All-reduces of the layer output per forward (one per rowwise Linear); backward has as many."
+        ge=0, description="All-reduces per forward: the output of each rowwise Linear (and of a vocabulary-parallel "
+                          "embedding), a vocabulary-parallel loss's reductions."
     )
-    allreduce_bytes: float = Field(ge=0, description="Bytes per sample of each of those all-reduces.")
+    allreduces_per_backward: int | None = Field(
+        default=None, ge=0,
+        description="All-reduces per backward: the input gradient of each colwise Linear, as DTensor's "
+                    "ColwiseParallel issues them (separate q, k and v projections: three; a fused qkv: one, as "
+                    "Megatron). None (profiles before it was counted): as many as in forward.",
+    )
+    allreduce_bytes: float = Field(ge=0, description="Bytes per sample of each of those all-reduces (their mean).")
     uneven_max: int | None = Field(
         default=None, ge=1,
         description="Set when the shards may be uneven (a vocabulary split by DTensor): any TP degree up to this "
                     "works, and `divisor` is not a constraint. None: the degree must divide `divisor`.",
     )
+
+    def allreduces_per_step(self, *, recompute_forward: bool) -> int:
+        """All-reduces of one micro-batch's forward and backward (the forward's twice under full recompute)."""
+        bwd = self.allreduces_per_forward if self.allreduces_per_backward is None else self.allreduces_per_backward
+        return self.allreduces_per_forward * (2 if recompute_forward else 1) + bwd
 
     def allows(self, tp: int) -> bool:
         """Whether the layer can be split over `tp` ranks."""
@@ -171,6 +183,8 @@ class FusedAttentionCosts(_Strict):
     bwd_membound_fused_bytes: float = Field(ge=0, description="As LayerProfile.bwd_membound_fused_bytes.")
     fwd_kernels: int = Field(default=0, ge=0, description="As LayerProfile.fwd_kernels.")
     bwd_kernels: int = Field(default=0, ge=0, description="As LayerProfile.bwd_kernels.")
+    fwd_ops: int = Field(default=0, ge=0, description="As LayerProfile.fwd_ops.")
+    bwd_ops: int = Field(default=0, ge=0, description="As LayerProfile.bwd_ops.")
 
 
 class WeightGemm(_Strict):
@@ -267,6 +281,17 @@ class LayerProfile(_Strict):
         default=0, ge=0, description="Kernels one forward call launches (aten ops that move data; views excluded)."
     )
     bwd_kernels: int = Field(default=0, ge=0, description="Kernels one backward call launches.")
+    fwd_ops: int = Field(
+        default=0, ge=0,
+        description="Aten ops one forward call dispatches on the host, views, aliases and allocations included (a "
+                    "superset of fwd_kernels); 0 in profiles made before they were counted: no per-op cost.",
+    )
+    bwd_ops: int = Field(default=0, ge=0, description="Aten ops one backward call dispatches (as fwd_ops).")
+    param_tensors: int = Field(
+        default=0, ge=0,
+        description="Parameter tensors this layer owns (the optimizer's per-tensor loop runs over them); 0 in "
+                    "profiles made before it was counted: the cost model then charges no per-tensor optimizer cost.",
+    )
     gemms: list[WeightGemm] = Field(
         default_factory=list, description="The layer's weight GEMMs by shape (their FLOPs are the weight-GEMM class)."
     )

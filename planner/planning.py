@@ -13,11 +13,11 @@ from planner.errors import AutoparError
 from planner.evaluate import PlanError, name_stages, prepare
 from planner.model_profile import ModelProfile, ProfileError
 from planner.search import SIMPLICITY_TOLERANCE, Objective, Scored, SearchResult, search
-from planner.strategy import Alternative, Plan, Provenance, Recompute, Schedule, ZeroStage
+from planner.strategy import Alternative, Plan, Provenance, Recompute, RunCalibration, Schedule, ZeroStage
 
 log = logging.getLogger(__name__)
 
-PLANNER_VERSION = "0.2.0"  # part of the service's plan keys: bumped whenever the cost model or the search changes
+PLANNER_VERSION = "0.3.1"  # part of the service's plan keys: bumped whenever the cost model or the search changes
 GB = 1e9
 
 
@@ -64,7 +64,7 @@ def load_profile(model: Any, *, example_inputs: Any = None, cluster: ClusterSpec
 def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: int, example_inputs: Any = None,
          dtype: Any = None, model_options: dict[str, Any] | None = None, top_k: int = 5, time_limit_s: float = 10.0, seed: int = 0, objective: str = "throughput",
          workers: int = 1, simplicity_tolerance: float = SIMPLICITY_TOLERANCE, cancel: Any = None,
-         **search_options: Any) -> Plan:
+         calibration: RunCalibration | None = None, **search_options: Any) -> Plan:
     """The best parallel strategy for training `model` on `cluster` with `global_batch_size` samples per step.
 
     `model` is a ModelProfile or a model reference (see `load_profile`); `model_options` are the reference's options
@@ -81,6 +81,7 @@ def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: in
     `time_limit_s` bounds the whole call once the profile is loaded: graph preparation and search share one
     deadline (`planner.budget.Budget`, at least 0.5 s). `cancel` is an optional `threading.Event`; setting it from
     another thread stops preparation or search with `PlanCancelled` (the service sets it for an abandoned request).
+    `calibration` (from `planner.run_fit`, with `cluster` the fitted one) is recorded in the plan's provenance.
     """
     if global_batch_size < 1:
         raise PlanError(f"global_batch_size must be >= 1, got {global_batch_size}")
@@ -114,7 +115,7 @@ def plan(model: Any, cluster: ClusterSpec | str | Path, *, global_batch_size: in
                               planner_version=PLANNER_VERSION, search_seconds=result.seconds,
                               solver_status=result.status, candidates_evaluated=result.evaluated,
                               dtype=profile.dtype, seq_len=profile.input.seq_len,
-                              model_options=_scalar_options(model_options)),
+                              model_options=_scalar_options(model_options), calibration=calibration),
     )
 
 

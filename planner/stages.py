@@ -78,7 +78,7 @@ def _key(costs: CandidateCosts, cuts: list[int], objective: str) -> tuple:
     return (objective, tuple(cuts), c.cfg.num_stages, c.cfg.dims.pp, c.cfg.virtual_stages, c.cfg.num_micro_batches,
             tuple(c.P_time), tuple(c.P_window), tuple(c.P_elems), tuple(c.P_static),
             tuple(c.P_act), tuple(c.cut_bytes), tuple(c.p2p_link), tuple(c.P_zero), tuple(c.P_dp_overlap),
-            tuple(c.P_dp_blocking), c.dp.fixed, c.opt_per_elem, c.overlap, tuple(c.in_flight), c.const_bytes,
+            tuple(c.P_dp_blocking), c.dp.fixed, tuple(c.P_opt), c.framework.stage_per_mb, c.overlap, tuple(c.in_flight), c.const_bytes,
             c.capacity)
 
 
@@ -137,6 +137,7 @@ def _segments(costs: CandidateCosts) -> list[_Segment]:
     def sig(i: int) -> tuple:
         d = lambda P: P[i + 1] - P[i]
         return (d(c.P_time), d(c.P_window), d(c.P_zero), d(c.P_dp_overlap), d(c.P_dp_blocking), d(c.P_elems),
+                d(c.P_opt),
                 d(c.P_static), d(c.P_act),
                 c.cut_bytes[i + 1] if i + 1 < L else None)
 
@@ -161,6 +162,8 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
     use_k, overlap = costs.P_zero[-1] > 0, costs.overlap
     # DDP's rounding call and last bucket: exposed once per step (DDP runs only without a pipeline: one rank).
     fixed = round(costs.dp.fixed * scale)
+    # The pipeline schedule's own work per micro-batch for each of a rank's v chunks (planner.cost.FrameworkOverhead).
+    stage_work = round(v * costs.framework.stage_per_mb * scale)
 
     def inc(P: list[float], f: float = 1.0) -> list[int]:
         # per-layer integer increment of prefix table P in each segment (time tables scaled to units)
@@ -169,7 +172,7 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
     incs = {
         "time": inc(costs.P_time),
         "zero": inc(costs.P_zero),
-        "tail": [round(((costs.P_elems[g.start + 1] - costs.P_elems[g.start]) * costs.opt_per_elem
+        "tail": [round(((costs.P_opt[g.start + 1] - costs.P_opt[g.start])
                         + (costs.P_dp_blocking[g.start + 1] - costs.P_dp_blocking[g.start])) * scale) for g in segs],
         "dpcomm": inc(costs.P_dp_overlap),
         "window": inc(costs.P_window),
@@ -232,7 +235,7 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
                                                         for x in incs[k])
     horizon += sum(max(0, x) for g in segs for x in [round(costs.p2p_seconds(0, min(g.start + g.count, L - 1))
                                                            * scale)]) * 2 * n
-    horizon += fixed * 2 + TIME_UNITS * 4
+    horizon += fixed * 2 + stage_work * 2 + TIME_UNITS * 4
     # per_mb[r]: time of pipeline rank r per micro-batch; tail: largest once-per-step work after the drain.
     per_mb = [model.new_int_var(0, horizon, f"per_microbatch_rank_{r}") for r in range(pp)]
     slowest = model.new_int_var(0, horizon, "slowest_rank_time")
@@ -249,7 +252,8 @@ def _solve(costs: CandidateCosts, cuts: list[int], options: StageOptions, object
         def rank_sum(name: str) -> cp_model.LinearExpr:
             return sum(prefix(name, c + 1) - prefix(name, c) for c in chunks)
 
-        busy = rank_sum("time") + sum(sends[c] for c in chunks if c < n - 1) + sum(sends[c - 1] for c in chunks if c)
+        busy = (rank_sum("time") + stage_work + sum(sends[c] for c in chunks if c < n - 1)
+                + sum(sends[c - 1] for c in chunks if c))
         if use_k:
             zero = rank_sum("zero")
             if overlap:

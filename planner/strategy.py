@@ -269,6 +269,40 @@ class Alternative(_Strict):
     reason: str = Field(description="e.g. 'does not fit: 12.4 GB over on stage 0' or '9% slower: bubble 14%'.")
 
 
+class RunCalibration(_Strict):
+    """How the plan's cluster was fitted to recorded runs (`autopar plan --calibration`, `planner.run_fit`)."""
+
+    source: str = Field(description="Run store path or service URL the runs came from.")
+    runs: int = Field(ge=1, description="Runs the fit used.")
+    factors: dict[str, float] = Field(description="Fitted value over the prior cluster's, per fitted parameter.")
+    at_prior: list[str] = Field(default_factory=list, description="Parameters the runs could not identify (kept).")
+    at_bound: list[str] = Field(default_factory=list, description="Parameters stopped at their physical bound.")
+    median_abs_log_error_before: float = Field(ge=0, description="Median |log(measured / predicted)| before.")
+    max_abs_log_error_before: float = Field(ge=0, description="Largest |log(measured / predicted)| before.")
+    median_abs_log_error_after: float = Field(ge=0, description="Median |log(measured / predicted)| after.")
+    max_abs_log_error_after: float = Field(ge=0, description="Largest |log(measured / predicted)| after.")
+
+
+class VerifiedCandidate(_Strict):
+    """One candidate that `--verify-top-k` ran on the real cluster, next to its prediction."""
+
+    strategy: str = Field(description="Strategy.describe() of the candidate.")
+    predicted_rank: int = Field(ge=1, description="Its place in the planner's order (1: the planner's choice).")
+    predicted_step_seconds: float = Field(gt=0, description="The cost model's step time for it.")
+    measured_step_seconds: float | None = Field(
+        default=None, gt=0, description="Median measured step time (first step excluded); None when the run failed.")
+    run_id: str | None = Field(default=None, description="Id of its run record; None when it was not recorded.")
+    failure: str | None = Field(default=None, description="Why the run failed, when it did.")
+
+
+class Verification(_Strict):
+    """How the plan's strategy was chosen by running the best candidates (`autopar plan --verify-top-k`)."""
+
+    steps: int = Field(ge=1, description="Training steps each candidate ran.")
+    world_size: int = Field(ge=1, description="Processes each candidate ran on.")
+    candidates: list[VerifiedCandidate] = Field(description="Every candidate run, in the planner's order.")
+
+
 class Provenance(_Strict):
     """Where a plan came from."""
 
@@ -286,6 +320,10 @@ class Provenance(_Strict):
                                           "arguments) the plan was made with; empty when none were given.")
     seq_len: int | None = Field(default=None, ge=1, description="Tokens per sample the model was profiled at; "
                                 "None for non-sequence inputs and in plans written before it was recorded.")
+    calibration: RunCalibration | None = Field(
+        default=None, description="Set when the cluster was fitted to recorded runs before planning.")
+    verification: Verification | None = Field(
+        default=None, description="Set when the strategy was chosen by running candidates (`--verify-top-k`).")
 
 
 class Plan(_Strict):

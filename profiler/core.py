@@ -286,6 +286,7 @@ def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch)
             name=n,
             module_type=type(module).__name__,
             param_count=sum(p.numel() for p in params),
+            param_tensors=len(params),
             shared_param_count=sum(p.numel() for p in shared),
             active_param_count=hf.active_param_count(module, params),
             param_bytes=sum(p.numel() * p.element_size() for p in params),
@@ -314,6 +315,8 @@ def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch)
             fused_attention=None if cost.fused is None else _fused_costs(cost.fused, batch),
             fwd_kernels=cost.fwd_kernels,
             bwd_kernels=cost.bwd_kernels,
+            fwd_ops=cost.fwd_ops,
+            bwd_ops=cost.bwd_ops,
             gemms=[WeightGemm(module=g.module, m=g.m / batch, n=g.n, k=g.k, fwd_count=g.fwd_count,
                               bwd_count=g.bwd_count) for g in cost.gemms],
         ))
@@ -331,11 +334,13 @@ def _attention_call(c: AttentionCallInfo, batch: int) -> AttentionCall:
 
 def _fused_costs(cost: LayerCost, batch: int) -> FusedAttentionCosts:
     """The fused-attention count per sample (`LayerCost.saved_bytes` is the profile's saved_activation_bytes)."""
-    per_call = ("saved_activation_bytes", "fwd_kernels", "bwd_kernels")  # kernels do not grow with the batch
+    # kernels and dispatched ops do not grow with the batch
+    per_call = ("saved_activation_bytes", "fwd_kernels", "bwd_kernels", "fwd_ops", "bwd_ops")
     per_sample = {name: getattr(cost, name) / batch for name in FusedAttentionCosts.model_fields
                   if name not in per_call}
     return FusedAttentionCosts(saved_activation_bytes=cost.saved_bytes / batch, fwd_kernels=cost.fwd_kernels,
-                               bwd_kernels=cost.bwd_kernels, **per_sample)
+                               bwd_kernels=cost.bwd_kernels, fwd_ops=cost.fwd_ops, bwd_ops=cost.bwd_ops,
+                               **per_sample)
 
 
 def profile_zoo(

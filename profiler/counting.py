@@ -26,12 +26,16 @@ Everything here is for the whole batch the layer was called with; the caller div
 - Dropout is counted as the GPU kernel runs it (`native_dropout`: one read, one write and a 1-byte mask; backward one
   kernel), not as the CPU/meta decomposition (allocate, bernoulli, divide, multiply with a mask in the input dtype).
 - Ops that only alias their input (`_unsafe_view`) or only allocate (`empty_like`) move no data and count no bytes.
+- Dispatched ops: every aten op the pass dispatches, views, aliases and allocations included (`fwd_ops` /
+  `bwd_ops`); eager PyTorch pays a host cost for each (argument parsing, the dispatcher, autograd's node), kernel or
+  not. Kernels are the data-producing subset.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +86,9 @@ class LayerCost:
     # Kernels each pass launches and the weight GEMMs by shape (see `weight_gemms`).
     fwd_kernels: int = 0
     bwd_kernels: int = 0
+    # Every aten op each pass dispatches (kernels, views, aliases, allocations).
+    fwd_ops: int = 0
+    bwd_ops: int = 0
     gemms: tuple[GemmCount, ...] = ()
 
 
@@ -118,6 +125,19 @@ class _Op:
     writes: list[tuple[int, int, float]]  # (storage key, record id, bytes)
 
 
+def _from_module_tracker() -> bool:
+    """Whether the op being dispatched comes from FlopCounterMode's module tracker (its forward hooks alias each
+    module's inputs to follow backward): counting's own work, which an eager training step does not do."""
+    frame = sys._getframe(2)
+    for _ in range(12):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.endswith("module_tracker.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata
 
@@ -129,6 +149,7 @@ class _OpMeter(TorchDispatchMode):
         super().__init__()
         self.excluded = excluded
         self.bytes = 0.0
+        self.dispatched = 0  # every op seen, views included
         self.flops_skipped = 0.0  # counted by torch's FLOP formulas but skipped by a causal fused kernel
         self.outputs: list[tuple[int, float]] = []
         self.ops: list[_Op] = []
@@ -143,6 +164,8 @@ class _OpMeter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not _from_module_tracker():
+            self.dispatched += 1
         ins = tensors_of((args, kwargs))
         outs = tensors_of(out)
         if not func.is_view:
@@ -302,6 +325,7 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
     bwd_cls = RooflineClasses(0.0, 0.0, 0.0, 0.0)
     bwd_flops = bwd_bytes = 0.0
     bwd_ops: list[_Op] = []
+    bwd_dispatched = 0
     weights = {_key(p): (name.rpartition(".")[0], p.shape[0], p.numel() // p.shape[0])
                for name, p in module.named_parameters() if p.dim() >= 2}
     grad_of: dict[int, int] = {}
@@ -316,6 +340,7 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
         input_grads = {_key(t.grad) for t in tensors_of((args, kwargs)) if t.grad is not None}
         bwd_cls = bwd_meter.classes(input_grads, grad_keys)
         bwd_ops = bwd_meter.ops
+        bwd_dispatched = bwd_meter.dispatched
         grad_of = {_key(p.grad): _key(p) for p in module.parameters() if p.grad is not None}
     for p in module.parameters():
         p.grad = None
@@ -339,6 +364,8 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
         bwd_membound_fused_bytes=bwd_cls.membound_fused_bytes,
         fwd_kernels=fwd_meter.kernels,
         bwd_kernels=len(bwd_ops),
+        fwd_ops=fwd_meter.dispatched,
+        bwd_ops=bwd_dispatched,
         gemms=weight_gemms(fwd_meter.ops, bwd_ops, weights, grad_of),
     )
 

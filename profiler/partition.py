@@ -14,8 +14,9 @@ with torch.fx, its layers kept as opaque calls, and the traced graph (not the li
 The profiler records the legal cuts in `ModelProfile.cut_points`, the planner only ever cuts there, and the executor
 builds its stages with `Partition.stage_modules`, refusing a plan whose cuts the same `Partition` does not allow.
 
-A model torch.fx cannot trace (data-dependent control flow, `**kwargs` forwarding, most Hugging Face models) gets no
-cuts at all: `Partition.trace_error` says why, and it trains with pp=1.
+A model torch.fx cannot trace (data-dependent control flow, `**kwargs` forwarding) gets no cuts at all:
+`Partition.trace_error` says why, and it trains with pp=1. Hugging Face transformers models, which fx cannot trace,
+are cut between their blocks by `profiler.hf_partition` instead (same interface, stage programs proved on a small copy).
 """
 
 from __future__ import annotations
@@ -209,6 +210,12 @@ def partition(model: nn.Module, layer_names: Sequence[str], args: Sequence[Any] 
 
     Run it on a meta copy with meta inputs: the graph is executed once to learn each value's type and size.
     """
+    from profiler.hf import is_hf_model
+
+    if is_hf_model(model):
+        from profiler.hf_partition import partition_hf
+
+        return partition_hf(model, layer_names, args, kwargs)
     kwargs = dict(kwargs or {})
     names = list(layer_names)
     result = Partition(layer_names=names)

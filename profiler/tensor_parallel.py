@@ -192,6 +192,10 @@ def _spec(
         divisor=max(divisor, 1),
         sharded_param_count=sharded,
         allreduces_per_forward=len(rowwise),
+        # DTensor's ColwiseParallel turns its replicated input's gradient from partial to whole on its own: one
+        # all-reduce per colwise Linear in backward (separate q/k/v: three; Megatron's one `f` before them: one).
+        # Those gradients are the block's hidden width, as the rowwise outputs are.
+        allreduces_per_backward=len(colwise),
         allreduce_bytes=sum(row_out_bytes) / max(len(row_out_bytes), 1),
     )
 

@@ -80,8 +80,9 @@ def detect_vocab_parallel(
             shards=[TPShard(module=path, style=ShardStyle.VOCAB_ROWWISE)],
             divisor=1, uneven_max=module.num_embeddings,
             sharded_param_count=_owned(module, layer, owner),
-            allreduces_per_forward=1,
-            allreduce_bytes=_embedding_output_bytes(model, layer, path, records[layer], batch) / 2,
+            # The partial output is all-reduced in forward; the ids need no gradient, so backward has none.
+            allreduces_per_forward=1, allreduces_per_backward=0,
+            allreduce_bytes=_embedding_output_bytes(model, layer, path, records[layer], batch),
         )
     if head is not None:
         module = model.get_submodule(_join(names[-1], head.path))
@@ -89,8 +90,10 @@ def detect_vocab_parallel(
             shards=[TPShard(module=head.path, style=ShardStyle.VOCAB_COLWISE)],
             divisor=1, uneven_max=module.out_features,
             sharded_param_count=_owned(module, names[-1], owner),
-            allreduces_per_forward=1,
-            allreduce_bytes=(head.input_bytes + _LOSS_REDUCTIONS * 4 * head.tokens) / 2,
+            # Forward: loss_parallel's per-token reductions (max, sum of exponentials, target logit); backward: the
+            # replicated input's gradient (ColwiseParallel), the head's input width.
+            allreduces_per_forward=_LOSS_REDUCTIONS, allreduces_per_backward=1,
+            allreduce_bytes=(head.input_bytes + _LOSS_REDUCTIONS * 4 * head.tokens) / (_LOSS_REDUCTIONS + 1),
         )
     return specs
 
@@ -99,15 +102,20 @@ def merge_specs(spec: TensorParallelSpec | None, vocab: TensorParallelSpec | Non
     """One layer's Megatron spec and its vocabulary-parallel spec as one (either may be None)."""
     if spec is None or vocab is None:
         return spec or vocab
-    count = spec.allreduces_per_forward + vocab.allreduces_per_forward
-    total = spec.allreduces_per_forward * spec.allreduce_bytes + vocab.allreduces_per_forward * vocab.allreduce_bytes
+    def backward(s: TensorParallelSpec) -> int:
+        return s.allreduces_per_forward if s.allreduces_per_backward is None else s.allreduces_per_backward
+
+    count = spec.allreduces_per_step(recompute_forward=False) + vocab.allreduces_per_step(recompute_forward=False)
+    total = (spec.allreduces_per_step(recompute_forward=False) * spec.allreduce_bytes
+             + vocab.allreduces_per_step(recompute_forward=False) * vocab.allreduce_bytes)
     return TensorParallelSpec(
         shards=[*spec.shards, *vocab.shards],
         # vocabulary specs split unevenly: a Megatron spec's divisor binds, two vocabulary specs only their rows
         divisor=spec.divisor if spec.uneven_max is None else vocab.divisor,
         uneven_max=None if spec.uneven_max is None else min(spec.uneven_max, vocab.uneven_max),
         sharded_param_count=spec.sharded_param_count + vocab.sharded_param_count,
-        allreduces_per_forward=count,
+        allreduces_per_forward=spec.allreduces_per_forward + vocab.allreduces_per_forward,
+        allreduces_per_backward=backward(spec) + backward(vocab),
         allreduce_bytes=total / count if count else 0.0,
     )
 

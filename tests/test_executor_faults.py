@@ -90,7 +90,8 @@ def test_damaged_shard_is_refused_and_fallback_resumes_from_the_previous_good_ch
     common = [str(_fsdp_plan(tmp_path)), "--model", "gpt-tiny", "--steps", "4", "--save-dir", str(ckpt), "--lr", "1e-3"]
     first = sup.autopar_run(*common, "--save-every", "2", "--report", str(tmp_path / "a.json"))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-4000:]
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step_00000002", "step_00000004"]  # no .partial left over
+    # No .partial left over; beside the checkpoints only the run store `autopar run` records into.
+    assert sorted(p.name for p in ckpt.iterdir()) == ["autopar-runs.db", "step_00000002", "step_00000004"]
 
     shard = ckpt / "step_00000004" / "__1_0.distcp"
     _flip_bytes(shard)

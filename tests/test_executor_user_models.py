@@ -90,9 +90,11 @@ def plan_cases(world: int) -> tuple[dict, dict, dict]:
                 inapplicable[name] = "fewer layers than stages"
                 continue
             cuts = _pick_cuts(profile.cut_points, stages)
-            if cuts is None:
-                illegal = [k for k in range(1, profile.num_layers) if k not in profile.cut_points]
-                refused[name] = {"model": model, "strategy": _strategy(kw, illegal[:stages - 1], profile.num_layers)}
+            if cuts is None:  # one illegal cut, the other boundaries anywhere
+                illegal = next(k for k in range(1, profile.num_layers) if k not in profile.cut_points)
+                others = [k for k in range(1, profile.num_layers) if k != illegal][:stages - 2]
+                refused[name] = {"model": model, "strategy": _strategy(kw, sorted([illegal, *others]),
+                                                                       profile.num_layers)}
             else:
                 run[name] = {"model": model, "strategy": _strategy(kw, cuts, profile.num_layers)}
     return run, refused, inapplicable

@@ -184,7 +184,8 @@ def test_accelerate_yaml_round_trips_and_names_the_missing_pipeline(hybrid):
     cfg = yaml.safe_load(result.text)
     par = cfg["parallelism_config"]
     assert par["parallelism_config_dp_replicate_size"] * par["parallelism_config_dp_shard_size"] == d.dp
-    assert par["parallelism_config_tp_size"] == d.tp and cfg["num_processes"] == d.world_size
+    # accelerate runs dp x tp processes (the pipeline it cannot express is left out, not folded into them)
+    assert par["parallelism_config_tp_size"] == d.tp and cfg["num_processes"] == d.dp * d.tp
     assert cfg["fsdp_config"]["fsdp_version"] == 2 and cfg["fsdp_config"]["fsdp_activation_checkpointing"]
     assert cfg["mixed_precision"] == "bf16"
     assert any(f"pp={d.pp}" in w and "cannot be expressed" in w for w in result.warnings)
@@ -195,9 +196,19 @@ def test_accelerate_own_loader_reads_the_export(hybrid, tmp_path):
     pytest.importorskip("accelerate")
     from accelerate.commands.config.config_args import load_config_from_file
 
+    from accelerate.parallelism_config import ParallelismConfig
+
+    d = hybrid.strategy.dims
     path = tmp_path / "accelerate.yaml"
     path.write_text(export_plan(hybrid, "accelerate").text)
-    assert load_config_from_file(str(path)).num_processes == hybrid.strategy.dims.world_size
+    loaded = load_config_from_file(str(path))
+    assert loaded.num_processes == d.dp * d.tp and loaded.mixed_precision == "bf16"
+    assert loaded.fsdp_config["fsdp_version"] == 2
+    # accelerate refuses a launch whose parallelism sizes do not multiply to its processes
+    sizes = {k.removeprefix("parallelism_config_").removesuffix("_size") + "_size": v
+             for k, v in loaded.parallelism_config.items()}
+    par = ParallelismConfig(**sizes)
+    assert par.total_size == loaded.num_processes and (par.dp_shard_size, par.tp_size) == (d.dp, d.tp)
 
 
 def _calls(tree: ast.AST) -> dict[str, dict[str, object]]:
