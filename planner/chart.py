@@ -66,6 +66,13 @@ def draw_plan(plan: Plan, path: str | Path, cluster: ClusterSpec | None = None) 
     ax_m.set_ylabel("GB per device")
     ax_m.legend(fontsize=7, ncol=3)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")

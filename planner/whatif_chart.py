@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from planner.chart import save_figure
 from planner.evaluate import PlanError
 from planner.whatif import CellStatus, WhatIf
 
@@ -58,10 +59,4 @@ def draw_whatif(result: WhatIf, path: str | Path) -> Path:
         more = f" (and {len(missing) - 4} more)" if len(missing) > 4 else ""
         fig.text(0.01, 0.01, "no plan: " + " | ".join(shown) + more, fontsize=6, va="bottom")
     fig.tight_layout(rect=(0, 0.05 if missing else 0, 1, 0.95))
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return save_figure(fig, path)
