@@ -35,8 +35,6 @@ from rich.table import Table
 from api.launching import launch_plan, make_spec, run_profile, runnable_reference
 from planner.errors import AutoparError
 
-_profile_for = run_profile  # the name tests/test_resolve.py imports
-
 console = Console()
 err_console = Console(stderr=True)
 

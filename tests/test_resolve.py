@@ -62,7 +62,7 @@ def _cli(*argv: str) -> str:
 def test_a_zoo_name_gives_one_profile_hash_and_precision_from_every_entry_point(tmp_path, cluster, dtype):
     from service_support import TestClient, make_app, zoo_request
 
-    from api.cli_run import _profile_for
+    from api.launching import run_profile as _profile_for
     from profiler.resolve import parse_reference
 
     prof, plan_file = tmp_path / "p.json", tmp_path / "plan.json"
@@ -131,7 +131,7 @@ def test_default_precision_is_bf16_on_gpu_presets_and_fp32_on_cpu():
 
 
 def test_run_takes_the_plans_precision_and_names_the_dtype_flag_that_fits(tmp_path):
-    from api.cli_run import _profile_for
+    from api.launching import run_profile as _profile_for
     from profiler.resolve import parse_reference
 
     bf16_plan = planner.plan("gpt-tiny", "dgx-h100", global_batch_size=8, time_limit_s=2)
