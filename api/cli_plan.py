@@ -130,13 +130,15 @@ def print_plan(plan: Plan) -> None:
                                                         f"{c.exposed_seconds:.4g} s exposed")
     console.print(t)
     mt = Table(title="memory per device (GB)")
-    for col in ("rank", "layers", "params", "grads", "optimizer", "activations", "buffers", "total", "usable"):
+    for col in ("rank", "layers", "params", "grads", "optimizer", "activations", "buffers", "runtime", "opt temps",
+                "output", "total", "usable"):
         mt.add_column(col, justify="right")
     stages = s.stages
     for r, mb in enumerate(p.memory):
         held = [f"{st.start}-{st.stop - 1}" for i, st in enumerate(stages) if i % s.dims.pp == r]
         mt.add_row(str(r), ",".join(held), *(f"{x / GB:.2f}" for x in (
-            mb.parameters, mb.gradients, mb.optimizer_state, mb.activations, mb.comm_buffers, mb.total, mb.capacity)))
+            mb.parameters, mb.gradients, mb.optimizer_state, mb.activations, mb.comm_buffers, mb.runtime,
+            mb.optimizer_temporaries, mb.output_buffers, mb.total, mb.capacity)))
     console.print(mt)
     if plan.alternatives:
         at = Table(title="alternatives")

@@ -73,8 +73,8 @@ def _print_report(report, dtype: str) -> None:
     if report.steps:
         table.add_row("final loss", f"{report.steps[-1].loss:.5f}", "-", "-")
     # On CPU the peak RSS includes the interpreter and torch: show the growth since before the model was built.
-    cpu = report.memory_kind == "cpu_peak_rss"
-    kind = "peak RSS - start" if cpu else "peak allocated"
+    cpu = report.memory_kind != "cuda_max_allocated"
+    kind = "peak private RSS - start" if cpu else "peak allocated"
     for m in report.memory:
         used = m.peak_bytes - m.start_bytes if cpu else m.peak_bytes
         r = f"{used / m.predicted_bytes:.2f}x" if m.predicted_bytes else "-"

@@ -154,7 +154,8 @@ def print_compare(record: RunRecord) -> None:
         t.add_row(f"  {label} (ms)", "-", _ms(value), "-")
     t.add_row("step time min / max (ms)", f"{_ms(min(m.per_step_seconds))} / {_ms(max(m.per_step_seconds))}", "-", "-")
     t.add_row("tokens/s", f"{m.tokens_per_second:,.0f}", f"{record.plan.prediction.tokens_per_second:,.0f}", "-")
-    what = "peak RSS - start" if m.memory_kind == "cpu_peak_rss" else "peak allocated"
+    what = {"cpu_peak_rss": "peak RSS - start", "cpu_peak_private": "peak private RSS - start"}.get(
+        m.memory_kind, "peak allocated")
     for rank, ratio in zip(m.memory, record.errors.memory_ratio):
         pred = "-" if rank.predicted_bytes is None else f"{rank.predicted_bytes / 2**20:,.1f}"
         t.add_row(f"rank {rank.rank} (pp {rank.pp_rank}) {what} MiB",

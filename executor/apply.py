@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,13 +36,27 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map
 
-from executor import hf_tp, optim, parallelize, pipeline, shared, tp_rewrite, vocab_parallel
+from executor import (
+    hf_tp,
+    optim,
+    parallelize,
+    pipeline,
+    sequence_parallel,
+    shared,
+    tp_rewrite,
+    vocab_parallel,
+)
 from executor import init as minit
 from executor.batch import Batch, training_loss
 from executor.errors import ExecutorError
 from executor.mesh import axis_rank, build_mesh
 from planner.model_profile import ModelProfile
 from planner.strategy import MeshAxis, Plan, Strategy, ZeroStage
+from profiler.hf_encdec import EncDecPartition
+
+#: Recent torch schedules take `return_outputs`; with it off, the last stage does not keep every micro-batch's output
+#: until the step ends (older torch keeps them; planner.memory.estimate_output_buffer_bytes counts what is kept here).
+_SCHEDULE_TAKES_RETURN_OUTPUTS = "return_outputs" in inspect.signature(_PipelineSchedule.step).parameters
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +89,9 @@ class ParallelModel:
     #: Pipelined transformers model: the batch input (`labels`) that becomes the targets of its own loss on the last
     #: stage (`executor.pipeline.own_labels_loss`).
     targets_key: str | None = None
+    #: Pipelined encoder-decoder: its first stage also takes those targets, from which it makes the decoder's inputs
+    #: as the model does (`profiler.hf_encdec`).
+    targets_to_first_stage: bool = False
 
     @property
     def dp_rank(self) -> int:
@@ -159,7 +177,11 @@ class ParallelModel:
         if self.has_first_stage:
             # Stage 0's program takes the batch's tensors by the forward's own parameter names.
             kwargs |= {k: v for k, v in batch.kwargs.items() if isinstance(v, torch.Tensor)}
+            if self.targets_to_first_stage and self.targets_key is not None:
+                kwargs[self.targets_key] = batch.targets
         args = tuple(a for a in batch.args if isinstance(a, torch.Tensor)) if self.has_first_stage else ()
+        if _SCHEDULE_TAKES_RETURN_OUTPUTS:  # the losses are all we use: do not keep every micro-batch's output
+            kwargs["return_outputs"] = False
         with self._autocast():
             self.schedule.step(*args, **kwargs)
         if not self.has_last_stage:
@@ -233,6 +255,8 @@ def apply_plan(
             meta.get_submodule(name)
         except AttributeError:
             raise ExecutorError(f"the profile names layer '{name}' but the model has no such module; re-profile it") from None
+    sequence_parallel.check_sequence_parallel(strategy, profile, hf_model=hf_tp.is_hf_model(meta))
+    sp_layers = sequence_parallel.sequence_parallel_layers(profile, strategy)
     mesh = build_mesh(strategy, device.type)
     dims = strategy.dims
     tp_calls = {}  # what each TP layer receives: its forward is made to run on shards (executor.tp_rewrite)
@@ -278,13 +302,16 @@ def apply_plan(
                         hf_tp.apply_hf_tp(layers[layer.name], layer.name, spec, mesh[MeshAxis.TP.value])
                     elif spec is not None:
                         parallelize.apply_tp(layers[layer.name], layer.name, spec, mesh[MeshAxis.TP.value],
-                                             example_call=tp_calls.get(layer.name))
+                                             example_call=tp_calls.get(layer.name),
+                                             sequence_parallel=layer.name in sp_layers)
                     if vocab:
                         parallelize.apply_vocab_parallel(layers[layer.name], layer.name, vocab,
                                                          mesh[MeshAxis.TP.value], split_logits=split_logits)
             vocab_parallel.retie_split(part, groups)  # before data parallelism wraps the tied tensor
         no_ac = vocab_parallel.embedding_layers(profile) if dims.tp > 1 else set()
         parallelize.apply_ac([m for n, m in layers.items() if n not in no_ac], strategy.recompute)
+        if sp_layers:  # sequence shards start after the embedding, end before the head; after AC: recomputed too
+            sequence_parallel.apply_boundaries(part, profile, layer_names, sp_layers, mesh[MeshAxis.TP.value])
         tied = _shared_layers(part, layer_names)  # within this part: a cut has already untied the others
         unit_layers = [m for n, m in layers.items() if n not in tied]
         if fsdp2:
@@ -305,6 +332,7 @@ def apply_plan(
     if dims.pp > 1:
         pm.shared_copies = shared.build_shared_copies(meta, profile, strategy, mesh, parts, stage_indices)
         pm.fixed_inputs = dict(cuts.constants)
+        pm.targets_to_first_stage = isinstance(cuts, EncDecPartition)
         pm.stages, pm.schedule = pipeline.build_schedule(
             parts, stage_indices, strategy, device=device, group=mesh[MeshAxis.PP.value].get_group(), loss_fn=loss_fn
         )

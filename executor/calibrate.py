@@ -2,7 +2,7 @@
 
 The launcher (`launch_calibration`, called by api/cli_calibrate.py on every node) starts `python -m executor.calibrate
 SPEC.json` on each rank through torchrun, as `autopar run` starts its workers; gloo on CPU, NCCL on CUDA. Every rank
-then times, at the same time as the others (so that ranks sharing a host's cores or memory see the load training
+then measures the runtime's own memory (`executor.runtime_memory`) and times, at the same time as the others (so that ranks sharing a host's cores or memory see the load training
 would put on them):
 
 - GEMMs of a range of shapes in each requested dtype (`measure_gemms`),
@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from executor.errors import ExecutorError
 from executor.mesh import init_distributed
-from planner.cluster_fit import FRAMEWORK_FIELDS, Collective, CommSample, GemmSample, Measurements
+from planner.cluster_fit import MEASURED_DEVICE_FIELDS, Collective, CommSample, GemmSample, Measurements
 from planner.model_profile import DType, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -305,6 +305,9 @@ def run_rank(spec: CalibrateSpec, workdir: Path, *, local_rank: int) -> Measurem
             write_text_atomic(workdir / PROGRESS_FILE, f"{done[0]} {total} {what}")
 
     torch.manual_seed(rank)
+    from executor.runtime_memory import measure_runtime_memory  # first: before other work leaves freed memory
+
+    runtime, dtensor_runtime = _median_over_ranks(list(measure_runtime_memory(device)))
     gemms = measure_gemms(spec.dtypes, device, quick=spec.quick, progress=progress)
     medians = _median_over_ranks([g.seconds for g in gemms])
     gemms = [g.model_copy(update={"seconds": s}) for g, s in zip(gemms, medians, strict=True)]
@@ -315,7 +318,7 @@ def run_rank(spec: CalibrateSpec, workdir: Path, *, local_rank: int) -> Measurem
         from executor.overhead import measure_framework_overhead
 
         figures = measure_framework_overhead(quick=spec.quick)
-        framework = {k: figures[k] for k in FRAMEWORK_FIELDS if k in figures}
+        framework = {k: figures[k] for k in MEASURED_DEVICE_FIELDS if k in figures}
         framework = dict(zip(framework, _median_over_ranks(list(framework.values())), strict=True))
     progress("framework overhead")
     comms = measure_comms(spec, device, progress)
@@ -326,6 +329,7 @@ def run_rank(spec: CalibrateSpec, workdir: Path, *, local_rank: int) -> Measurem
         device_name=name, device_type=device.type, memory_bytes=_device_memory_bytes(device, spec.nproc_per_node),
         nodes=spec.nnodes, gpus_per_node=spec.nproc_per_node, gemms=gemms, copy_bytes_per_second=copy,
         dispatch_seconds=dispatch, kernel_overhead_seconds=overhead, comms=comms, framework=framework,
+        runtime_memory_bytes=runtime, dtensor_runtime_memory_bytes=dtensor_runtime,
         provenance={"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": socket.gethostname(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "backend": dist.get_backend(), "threads per rank": str(torch.get_num_threads()),

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from executor.errors import ExecutorError
 from executor.optim import LRSchedule, mixed_precision, uses_fsdp2
+from executor.sequence_parallel import check_sequence_parallel
 from executor.sources import OptimizerSpec
 from executor.train import RunReport
 from planner.model_profile import ModelProfile, write_text_atomic
@@ -134,6 +135,7 @@ def check_launch(
             f"this model: the stages would not compute its forward (legal cuts: {profile.cut_points or 'none'}); "
             "re-plan, or run with pp=1"
         )
+    check_sequence_parallel(plan.strategy, profile)
     device_type = plan.provenance.cluster.device.type
     if device_type not in ("cuda", "cpu"):
         raise LaunchError(f"the plan's device type '{device_type}' is not supported (cuda or cpu)")

@@ -18,6 +18,8 @@ cost model already charges (`planner.cost.CommModel`) timed alone and taken out,
   `executor.sources`) step + zero_grad over many tiny parameters, per tensor, plain and FSDP2-sharded (DTensor);
 - `pipeline_microbatch_overhead_seconds`: a 2-stage `Schedule1F1B` over tiny stages fitted against the micro-batch
   count, less each stage's plain forward + backward and its two point-to-point sends: per micro-batch per stage;
+- `transcendental_element_seconds`: GELU / softmax / log-softmax / exp per element on a 1M-element tensor, less a
+  multiply's memory traffic (`measure_transcendental`, one process);
 - `op_dispatch_seconds`: one eager aten op that launches no kernel, a `view` of a tensor that requires grad (Python
   binding, dispatcher, autograd's view node): what each of a layer's views and aliases costs on the host (one process,
   no collectives).
@@ -230,6 +232,25 @@ def measure_op_dispatch(*, iters: int, repeats: int) -> float:
     return lockstep_seconds(views, iters=iters, repeats=repeats, group=False) / batch
 
 
+def measure_transcendental(*, repeats: int, numel: int = 1 << 20) -> float:
+    """Seconds per element of the ops that evaluate exp / log / tanh / erf (`profiler.transcendental`) beyond their
+    memory traffic: GELU (tanh) forward and backward, softmax, log-softmax forward and backward and exp on a
+    `numel`-element fp32 tensor (beyond the caches, like a layer's activations), each less a multiply of the same
+    tensor per element (its reads and writes), best of repeats; their mean."""
+    import torch.nn.functional as F
+
+    x = torch.randn(numel // 1024, 1024)
+    g = torch.randn_like(x)
+    y = torch.log_softmax(x, -1)
+    aten = torch.ops.aten
+    ops = [lambda: F.gelu(x, approximate="tanh"), lambda: aten.gelu_backward(g, x, approximate="tanh"),
+           lambda: torch.softmax(x, -1), lambda: torch.log_softmax(x, -1),
+           lambda: aten._log_softmax_backward_data(g, y, -1, torch.float32), lambda: torch.exp(x)]
+    base = lockstep_seconds(lambda: x * 1.5, iters=3, repeats=repeats, group=False)
+    extra = [max(lockstep_seconds(op, iters=3, repeats=repeats, group=False) - base, 0.0) for op in ops]
+    return sum(extra) / len(extra) / numel
+
+
 def measure_framework_overhead(*, quick: bool = False) -> dict[str, float]:
     """This rank's framework overheads (module docs); every rank must call it. With one process only the plain
     optimizer's per-tensor cost and the per-op dispatch are measured. Keys are `planner.cluster.DeviceSpec` field names (plus the tiny
@@ -244,7 +265,8 @@ def measure_framework_overhead(*, quick: bool = False) -> dict[str, float]:
         mesh = init_device_mesh("cpu", (world,))
     plain_opt, dtensor_opt = measure_optimizer(mesh, tensors=32 if quick else 64, iters=iters, repeats=repeats)
     out = {"optimizer_tensor_seconds": plain_opt,
-           "op_dispatch_seconds": measure_op_dispatch(iters=iters, repeats=repeats * 2)}
+           "op_dispatch_seconds": measure_op_dispatch(iters=iters, repeats=repeats * 2),
+           "transcendental_element_seconds": measure_transcendental(repeats=repeats * 2)}
     if mesh is None:
         return out
     # Tiny collectives on a shared host vary several-fold from sample to sample: many samples, the best of them.

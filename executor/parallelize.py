@@ -33,7 +33,13 @@ from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
@@ -50,7 +56,7 @@ log = logging.getLogger(__name__)
 
 def apply_tp(
     layer: nn.Module, layer_name: str, spec: TensorParallelSpec, tp_mesh: DeviceMesh, *,
-    example_call: LayerCall | None = None, localize: bool = True,
+    example_call: LayerCall | None = None, localize: bool = True, sequence_parallel: bool = False,
 ) -> None:
     """Shard the Linears the profile listed for this layer Megatron-style (colwise feeding rowwise).
 
@@ -59,6 +65,11 @@ def apply_tp(
     the layer's forward is first made to run on local shards (`executor.tp_rewrite.localize_layer`, which needs the
     layer's `example_call` from `tp_rewrite.record_tp_calls`): fused projections permuted, hard-coded sizes made
     local. Without it the forward must infer local sizes itself (transformers' layers, `executor.hf_tp`).
+
+    `sequence_parallel` (the spec must allow it): the layer takes and returns local sequence shards (dim 1), as
+    torchtitan plans it: `SequenceParallel()` on its norms, each TP region's input gathered by
+    `PrepareModuleInput(Shard(1) -> Replicate())` (kept a DTensor, so the region's colwise input gradients add up
+    as partial sums and are reduce-scattered once), rowwise outputs reduce-scattered (`output_layouts=Shard(1)`).
     """
     degree = tp_mesh.size()
     if not spec.allows(degree):
@@ -87,9 +98,36 @@ def apply_tp(
                 f"divisible by tp={degree}; plan a tp degree that divides it"
             )
         plan[shard.module] = ColwiseParallel() if shard.style == ShardStyle.COLWISE else RowwiseParallel()
+    sp = spec.sequence_parallel if sequence_parallel else None
+    if sequence_parallel and sp is None:
+        raise ExecutorError(f"layer '{layer_name}': the profile does not mark it sequence-parallel; plan without "
+                            "sequence parallelism or re-profile the model")
+    if sp is not None:
+        for shard in spec.shards:
+            if shard.style == ShardStyle.ROWWISE:
+                plan[shard.module] = RowwiseParallel(output_layouts=Shard(1))
+        for path in sp.norms:
+            plan[path] = SequenceParallel(use_local_output=True)
+        for path in sp.regions:
+            plan[path] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        missing = [p for p in [*sp.norms, *sp.regions] if not _has_submodule(layer, p)]
+        if missing:
+            raise ExecutorError(f"layer '{layer_name}' has no submodule '{missing[0]}' the profile runs "
+                                "sequence-parallel; re-profile the model")
     if localize:
         localize_layer(layer, layer_name, spec, example_call, degree)
+        if sp is not None and "forward" in vars(layer):  # the rewritten forward calls past the regions' hooks
+            raise ExecutorError(f"layer '{layer_name}': its forward had to be rewritten for tensor parallelism, which "
+                                "sequence parallelism cannot wrap; plan without sequence parallelism")
     parallelize_module(layer, tp_mesh, plan)
+
+
+def _has_submodule(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def apply_vocab_parallel(

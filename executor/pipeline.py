@@ -4,7 +4,9 @@ The stages are pieces of the model's own forward, traced with torch.fx (`profile
 a legal cut the profiler and the planner use): the code the model runs between its layers travels with the stage
 that owns it, so the stages composed are the model. A Hugging Face transformers model is cut between its blocks
 instead (`profiler.hf_partition`): each stage runs the model's own forward with other stages' layers passed through,
-and its loss from `labels` (`profiler.hf.labels_loss`) runs on the last stage with the labels as targets. A stage module keeps the model's own parameter names, so
+and its loss from `labels` (`profiler.hf.labels_loss`) runs on the last stage with the labels as targets; a T5-style
+encoder-decoder's stages (`profiler.hf_encdec`) send several tensors each, and its first stage also gets the labels,
+from which it makes the decoder's inputs. A stage module keeps the model's own parameter names, so
 checkpoints and initial values are the same whatever the cut. A parameter shared by layers of two stages ends up as
 one copy per stage module (each stage is cut from its own copy of the model); `executor.shared` keeps the copies
 equal.

@@ -7,8 +7,12 @@ model's gradient norm, the optimizer and LR-scheduler steps (see `executor.optim
 
 The report sets what was measured next to what the plan predicted: median step time (first step excluded, it pays
 for warm-up) and each rank's peak memory against the prediction for its pipeline rank. On CUDA peak memory is
-`torch.cuda.max_memory_allocated`; on CPU it is the process's peak resident set size, which also counts the Python
-interpreter and torch itself, so it is an upper bound on what the plan's memory model describes.
+`torch.cuda.max_memory_allocated`; on CPU it is the process's peak private resident memory (anonymous pages plus
+shared memory: tensors, the Python heap, thread stacks, gloo's buffers), read as the kernel's peak RSS (VmHWM) less
+the file-backed pages (RssFile: torch's shared-library code paged in as new code paths first run, shared with every
+other process and dropped under memory pressure, so no part of what training holds). Code pages keep arriving
+during the first step, so after it the peak is folded into a carried maximum and the kernel's peak restarted
+(`restart_peak_window`): later steps' peaks are exact, the first step's is its peak less the code it paged in.
 """
 
 from __future__ import annotations
@@ -84,7 +88,10 @@ class RunReport(_Strict):
     steps: list[StepRecord]
     measured_step_seconds: float | None = Field(description="Median step time, first step excluded when possible.")
     predicted_step_seconds: float | None = Field(default=None)
-    memory_kind: Literal["cuda_max_allocated", "cpu_peak_rss"]
+    memory_kind: Literal["cuda_max_allocated", "cpu_peak_rss", "cpu_peak_private"] = Field(
+        description="cuda_max_allocated; cpu_peak_private (peak private RSS, the module docstring); cpu_peak_rss in "
+                    "reports written before it (peak RSS with torch's code pages)."
+    )
     memory: list[RankMemory]
     diverged_at_step: int | None = Field(
         default=None, description="Step at which the loss (or the training state) became NaN/inf; the run stopped."
@@ -98,10 +105,32 @@ class RunReport(_Strict):
         return self.measured_step_seconds / self.predicted_step_seconds
 
 
+#: Peak private bytes of the windows closed by `restart_peak_window` (CPU: the kernel keeps one peak per process).
+_carried_peak = [0]
+
+
+def _proc_status() -> dict[str, int]:
+    """VmRSS, VmHWM and RssFile of this process in bytes (empty where /proc is missing)."""
+    try:
+        with open("/proc/self/status") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    out = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def current_memory_bytes(device: torch.device) -> int:
     """Memory in use now, by the same measure as `peak_memory_bytes` (0 where it cannot be read)."""
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
+    st = _proc_status()
+    if "VmRSS" in st and "RssFile" in st:
+        return st["VmRSS"] - st["RssFile"]
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
@@ -113,8 +142,24 @@ def peak_memory_bytes(device: torch.device) -> int:
     """Peak memory of this process on its device (see the module docstring for what CPU measures)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    st = _proc_status()
+    if "VmHWM" in st and "RssFile" in st:
+        return max(_carried_peak[0], st["VmHWM"] - st["RssFile"])
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def restart_peak_window(device: torch.device, *, keep: bool = True) -> None:
+    """CPU: fold the peak so far into the carried maximum (`keep=False`: forget it) and restart the kernel's peak RSS
+    (`/proc/self/clear_refs` 5), so code pages paged in before now stop blurring later peaks. No-op on CUDA."""
+    if device.type == "cuda":
+        return
+    _carried_peak[0] = max(_carried_peak[0], peak_memory_bytes(device)) if keep else 0
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the kernel's peak then spans the whole run
+        pass
 
 
 def check_tensorboard() -> None:
@@ -210,6 +255,8 @@ def train(
             local = pm.forward_backward(pm.local_batch(*data(step, gbs)))
             lr = optimizers[0].param_groups[0]["lr"] if optimizers else None
             norm = _optimizer_step(pm, optimizers, schedulers, clip_grad, tensorboard_dir is not None)
+            if step == start_step:  # the first step has paged in the code every later step runs
+                restart_peak_window(pm.device)
             loss = pm.global_loss(local)  # also lines the ranks up, so the time covers the slowest one
             if not math.isfinite(loss):  # every rank sees the same all-reduced value: all stop here, unsaved
                 raise LossDiverged(step, loss)
@@ -266,6 +313,6 @@ def build_report(
         steps=list(records),
         measured_step_seconds=measured,
         predicted_step_seconds=plan.prediction.step_seconds if plan is not None else None,
-        memory_kind="cuda_max_allocated" if pm.device.type == "cuda" else "cpu_peak_rss",
+        memory_kind="cuda_max_allocated" if pm.device.type == "cuda" else "cpu_peak_private",
         memory=memory,
     )

@@ -36,6 +36,8 @@ from planner.dp_comm import dp_comm
 from planner.memory import (
     estimate_comm_buffer_bytes,
     estimate_layer_activation_bytes,
+    estimate_optimizer_temp_bytes,
+    estimate_output_buffer_bytes,
     estimate_state_bytes,
     estimate_working_set_bytes,
     in_flight,
@@ -43,6 +45,7 @@ from planner.memory import (
 )
 from planner.model_profile import ModelProfile
 from planner.strategy import MeshAxis, ParallelDims, Recompute, Schedule, ZeroStage
+from planner.tp_comm import runs_sequence_parallel, tp_collectives
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class Config:
     virtual_stages: int
     recompute: Recompute
     mesh_order: tuple[MeshAxis, ...] = (MeshAxis.PP, MeshAxis.DP, MeshAxis.TP)
+    sequence_parallel: bool = False
 
     @property
     def num_stages(self) -> int:
@@ -130,12 +134,14 @@ def _representatives(profile: ModelProfile, layers: list) -> list[int]:
 
 
 def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batch: int, recompute: Recompute,
-                tp_group: Group) -> tuple[list, ...]:
+                tp_group: Group, sequence_parallel: bool = False) -> tuple[list, ...]:
     """Per-layer (fwd, bwd, recompute, TP comm, backward window, device params, activation bytes), cached.
 
-    These depend only on tp, micro-batch and recompute, so every candidate sharing them reuses one table.
+    These depend only on tp, micro-batch, recompute and sequence parallelism, so every candidate sharing them reuses
+    one table.
     """
-    key = (id(profile), id(cluster), tp, micro_batch, recompute, tp_group)
+    sp = sequence_parallel and tp > 1
+    key = (id(profile), id(cluster), tp, micro_batch, recompute, tp_group, sp)
     hit = _TABLES.get(key)
     if hit is not None and hit[0] is profile and hit[1] is cluster:
         return hit[2]
@@ -144,17 +150,23 @@ def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batc
     full = recompute == Recompute.FULL  # the forward (and its TP all-reduces) runs again in backward
     layers = layers_for_cluster(profile, cluster)  # attention counted as the cluster's device runs it
     rows: dict[int, tuple] = {}
+
+    def tp_seconds(layer, previous) -> float:  # the collectives as the executor issues them (planner.tp_comm)
+        return sum(c.count * getattr(comm, c.collective)(micro_batch * c.nbytes, tp_group)
+                   for c in tp_collectives(layer, previous, tp=tp, sequence_parallel=sp, recompute_forward=full))
+
     for i in set(_representatives(profile, layers)):  # a transformer's identical blocks are costed once
         layer = layers[i]
         c = estimate_layer_compute(layer, cluster, dtype, tp=tp, micro_batch=micro_batch, recompute=recompute.value,
-                                   measured=measured)
-        # All-reduces as the executor issues them (TensorParallelSpec: forward, backward, recomputed forward).
-        n_ar = (layer.tp.allreduces_per_step(recompute_forward=full)
-                if (layer.tp is not None and tp > 1) else 0)
-        ar = comm.all_reduce(micro_batch * layer.tp.allreduce_bytes, tp_group) if n_ar else 0.0
-        rows[i] = (c.fwd, c.bwd, c.recompute, n_ar * ar, c.bwd + c.recompute, device_param_count(layer, tp),
-                   estimate_layer_activation_bytes(layer, tp=tp, micro_batch=micro_batch, recompute=recompute))
+                                   measured=measured, sequence_parallel=sp)
+        rows[i] = (c.fwd, c.bwd, c.recompute, tp_seconds(layer, None), c.bwd + c.recompute,
+                   device_param_count(layer, tp),
+                   estimate_layer_activation_bytes(layer, tp=tp, micro_batch=micro_batch, recompute=recompute,
+                                                   sequence_parallel=sp))
     cols = tuple(list(col) for col in zip(*(rows[i] for i in _representatives(profile, layers))))
+    for i in range(1, len(layers)) if sp else ():  # where sequence sharding starts or ends: one layer's neighbour
+        if runs_sequence_parallel(layers[i], tp, sp) != runs_sequence_parallel(layers[i - 1], tp, sp):
+            cols[3][i] = tp_seconds(layers[i], layers[i - 1])
     if len(_TABLES) > 4096:  # keep memory bounded across many plans in one process
         _TABLES.clear()
     _TABLES[key] = (profile, cluster, cols)
@@ -177,7 +189,8 @@ class CandidateCosts:
         state = estimate_state_bytes(dtype, cfg.zero, d.dp, pipelined=d.pp > 1,
                                      micro_batches=cfg.num_micro_batches)
         self.state = state
-        fwd, bwd, rc, tpc, window, elems, act = layer_table(profile, cluster, d.tp, b, cfg.recompute, self.tp_group)
+        fwd, bwd, rc, tpc, window, elems, act = layer_table(profile, cluster, d.tp, b, cfg.recompute, self.tp_group,
+                                                            cfg.sequence_parallel)
         if cfg.num_stages > 1:
             # A tied weight is held again by the stage of each layer that uses it (the executor keeps one copy per
             # stage and sums their gradients), split by TP when the using layer is TP-able. Charged whenever the model is
@@ -185,7 +198,16 @@ class CandidateCosts:
             elems = [e + layer.shared_param_count / (d.tp if layer.tp is not None else 1)
                      for e, layer in zip(elems, profile.layers)]
         grad = [n * dtype.itemsize for n in elems]
-        static = [int(n * state.total + 0.999999) for n in elems]
+        # The runtime's own memory, AdamW's temporaries and the model output's buffers (planner.memory), labelled
+        # apart in the breakdown: per element updated, per device, or on the device running the last layer.
+        self.opt_temp_bytes, self.opt_temp_per_elem = estimate_optimizer_temp_bytes(
+            profile.layers, tp=d.tp, dp=d.dp, zero=cfg.zero, device_type=cluster.device.type)
+        self.output_buffer_bytes = estimate_output_buffer_bytes(profile.layers[-1], tp=d.tp, micro_batch=b)
+        dtensor = d.tp > 1 or (d.dp > 1 and cfg.zero != ZeroStage.NONE)  # FSDP2 / TP parameters are DTensors
+        self.runtime_bytes = cluster.device.runtime_memory_bytes + (
+            cluster.device.dtensor_runtime_memory_bytes if dtensor else 0)
+        static = [int(n * (state.total + self.opt_temp_per_elem) + 0.999999) for n in elems]
+        static[-1] += self.output_buffer_bytes
         self.fwd, self.bwd, self.rc, self.tpc = fwd, bwd, rc, tpc
         self.elems = elems
         # Host-side framework work (planner.cost.FrameworkOverhead): each FSDP2 / replicate unit (a layer with
@@ -229,8 +251,9 @@ class CandidateCosts:
         )
         #: the layer being recomputed under full recompute: reported as activations, not as buffers
         self.working_set_bytes = estimate_working_set_bytes(layers_for_cluster(profile, cluster), tp=d.tp,
-                                                            micro_batch=b, recompute=cfg.recompute)
-        self.const_bytes = self.comm_buffer_bytes + self.working_set_bytes
+                                                            micro_batch=b, recompute=cfg.recompute,
+                                                            sequence_parallel=cfg.sequence_parallel)
+        self.const_bytes = self.comm_buffer_bytes + self.working_set_bytes + self.runtime_bytes + self.opt_temp_bytes
         self.capacity = int(cluster.device.memory_bytes * (1 - cluster.memory_margin))
 
     def _affine(self, coef: tuple[float, float], nbytes: float) -> float:

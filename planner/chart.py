@@ -55,7 +55,8 @@ def draw_plan(plan: Plan, path: str | Path, cluster: ClusterSpec | None = None) 
     shown = f" (first {m} of {s.num_micro_batches} micro-batches)" if m < s.num_micro_batches else ""
     ax_t.set_title(f"{plan.kind.value}: {s.describe()}{shown}{note}")
 
-    parts = ["parameters", "gradients", "optimizer_state", "activations", "comm_buffers"]
+    parts = ["parameters", "gradients", "optimizer_state", "activations", "comm_buffers", "runtime",
+             "optimizer_temporaries", "output_buffers"]
     bottom = [0.0] * len(p.memory)
     for name in parts:
         vals = [getattr(mb, name) / GB for mb in p.memory]

@@ -62,6 +62,12 @@ class DeviceSpec(_Strict):
                     "autograd's bookkeeping): argument parsing, the dispatcher, the autograd node. A kernel's own "
                     "dispatch is inside kernel_overhead_seconds. Applies to profiles that count ops. 0 = none.",
     )
+    transcendental_element_seconds: float = Field(
+        default=0.0, ge=0,
+        description="Seconds per element an op evaluates exp / log / tanh / erf on (GELU, softmax, log-softmax, "
+                    "fused attention's scores), on top of its bytes: what a CPU core spends computing them. 0 = "
+                    "memory-bound (GPUs' special-function units outpace memory); needs a profile that counts them.",
+    )
     gemm_ramp_seconds: float = Field(
         default=0.0, ge=0,
         description="Fixed seconds each weight GEMM costs on top of FLOPs / (peak * compute_efficiency): GEMM "
@@ -97,6 +103,17 @@ class DeviceSpec(_Strict):
     optimizer_dtensor_seconds: float = Field(
         default=0.0, ge=0,
         description="As optimizer_tensor_seconds, for a DTensor parameter (FSDP2 / replicate, or TP-sharded).",
+    )
+    runtime_memory_bytes: int = Field(
+        default=0, ge=0,
+        description="Memory each rank's runtime holds once it trains, beyond the model's tensors: on CUDA the CUDA "
+                    "context and NCCL's buffers; on CPU the autograd engine's threads, the communicators' buffers "
+                    "and Python's objects (executor.runtime_memory). 0 = not counted.",
+    )
+    dtensor_runtime_memory_bytes: int = Field(
+        default=0, ge=0,
+        description="Further runtime memory of a rank whose parameters are DTensors (FSDP2 / ZeRO, tensor "
+                    "parallelism): sharding-propagation caches, FSDP2's per-parameter state and hooks.",
     )
     pipeline_microbatch_overhead_seconds: float = Field(
         default=0.0, ge=0,
@@ -208,6 +225,9 @@ class ClusterSpec(_Strict):
 # `autopar calibrate` measures them on a real machine when they matter (small models, CPU).
 # `op_dispatch_seconds` (host cost of each view / alias op) stays 0 there for the same reason: the host dispatches
 # ahead of the queued kernels, so only the per-kernel launch cost shows in a step.
+# `transcendental_element_seconds` stays 0 there: an A100's special-function units return 16 exp/log/tanh results per
+# clock per SM (CUDA C Programming Guide, "Arithmetic Instructions" throughput table, compute capability 8.0), 108 SMs
+# x 1.41 GHz x 16 = 2.4e12 per second, ten times the ~2.5e11 fp32 elements per second its memory reads and writes.
 _GPU_KERNEL_COSTS = {"kernel_overhead_seconds": 5e-6, "gemm_ramp_seconds": 3e-6}
 
 
@@ -286,6 +306,11 @@ PRESETS: dict[str, dict] = {
     # load 3-9; 3.1-3.4 us under load 2-3): provisional, remeasure on a quiet host. It adds to kernel_overhead_seconds rather than
     # replacing it: the kernel figure comes from a chain of tiny kernels with autograd and already holds each kernel's
     # dispatch, so the per-op cost is charged only for the ops that launch no kernel (ops - kernels of a pass).
+    # transcendental_element_seconds: `executor.overhead.measure_transcendental` (bench/framework_overhead.py, one
+    # thread, 1M-element fp32 tensors, best of 10, less a multiply's time per element, the mean over GELU (tanh)
+    # forward / backward, softmax, log-softmax forward / backward and exp): the median of 5 runs under load 5.5-7.5,
+    # 3.2 ns per element (runs 1.5-3.7 ns; in one run GELU 2.7 / 3.1, softmax 1.0, log-softmax 1.3 / 1.0, exp 0.2:
+    # the ops' spread is what one figure per element leaves out).
     "cpu": {
         "name": "cpu", "nodes": 1, "gpus_per_node": 4,
         "device": {
@@ -293,10 +318,14 @@ PRESETS: dict[str, dict] = {
             "peak_flops": {"float32": 120e9, "bfloat16": 30e9},
             "memory_bandwidth": 11.5 * GB, "kernel_overhead_seconds": 8e-6, "gemm_ramp_seconds": 3e-6,
             "op_dispatch_seconds": 2e-6,
+            "transcendental_element_seconds": 3.2e-9,
             "tp_module_overhead_seconds": 1.5e-3, "fsdp_unit_overhead_seconds": 3.9e-3,
             "fsdp_tensor_overhead_seconds": 1.1e-4, "ddp_bucket_overhead_seconds": 7.1e-4,
             "optimizer_tensor_seconds": 5.5e-5, "optimizer_dtensor_seconds": 3.7e-4,
             "pipeline_microbatch_overhead_seconds": 1.3e-3,
+            # `executor.runtime_memory.measure_runtime_memory` on 2 gloo ranks (as `autopar calibrate` runs it; 3
+            # runs, all within 0.01 MiB): 0.28 MiB of private RSS under DDP, 1.36 MiB more under FSDP2.
+            "runtime_memory_bytes": 290_000, "dtensor_runtime_memory_bytes": 1_430_000,
         },
         "intra_node": {"bandwidth": 1.3 * GB, "latency": 2e-4},
         "inter_node": {"bandwidth": 1 * GB, "latency": 2e-4},

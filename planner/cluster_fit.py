@@ -45,6 +45,9 @@ from planner.model_profile import DType, write_text_atomic
 FRAMEWORK_FIELDS = ("tp_module_overhead_seconds", "fsdp_unit_overhead_seconds", "fsdp_tensor_overhead_seconds",
                     "ddp_bucket_overhead_seconds", "optimizer_tensor_seconds", "optimizer_dtensor_seconds",
                     "pipeline_microbatch_overhead_seconds", "op_dispatch_seconds")
+#: Every per-unit `DeviceSpec` figure measured by executor.overhead: the framework overheads (which run_fit scales by
+#: one factor) and the per-element cost of exp / log / tanh / erf (compute, not framework work).
+MEASURED_DEVICE_FIELDS = (*FRAMEWORK_FIELDS, "transcendental_element_seconds")
 
 
 class Collective(str, Enum):
@@ -106,6 +109,11 @@ class Measurements(BaseModel):
         description="Framework overheads by `DeviceSpec` field name (executor.overhead; CPU runs only), copied into "
                     "the device as measured. Empty in measurements made before they were timed.",
     )
+    runtime_memory_bytes: float = Field(
+        default=0.0, ge=0, description="Growth of a rank training a negligible model under DDP "
+                                       "(executor.runtime_memory); 0 in measurements made before it.")
+    dtensor_runtime_memory_bytes: float = Field(
+        default=0.0, ge=0, description="Further growth of the same model under FSDP2 (DTensor parameters).")
     provenance: dict[str, str] = Field(default_factory=dict, description="Host, date, torch version, backend.")
 
 
@@ -290,8 +298,11 @@ def build_cluster(m: Measurements, *, name: str = "calibrated", reference: Clust
             "memory_bandwidth": m.copy_bytes_per_second / mem_eff,
             "kernel_overhead_seconds": m.kernel_overhead_seconds,
             "gemm_ramp_seconds": max(primary.intercept - m.dispatch_seconds, 0.0),
-            **({k: getattr(reference.device, k) for k in FRAMEWORK_FIELDS} if reference is not None else {}),
-            **{k: v for k, v in m.framework.items() if k in FRAMEWORK_FIELDS},
+            **({k: getattr(reference.device, k) for k in MEASURED_DEVICE_FIELDS} if reference is not None else {}),
+            **{k: v for k, v in m.framework.items() if k in MEASURED_DEVICE_FIELDS},
+            **({"runtime_memory_bytes": int(m.runtime_memory_bytes),
+                "dtensor_runtime_memory_bytes": int(m.dtensor_runtime_memory_bytes)}
+               if m.runtime_memory_bytes or m.dtensor_runtime_memory_bytes else {}),
         },
         "intra_node": intra, "inter_node": inter,
         "compute_efficiency": compute_eff, "memory_efficiency": mem_eff, "comm_efficiency": comm_eff,
@@ -319,9 +330,13 @@ def provenance_lines(cal: Calibration, m: Measurements) -> list[str]:
     lines.append(f"memory bandwidth: large copy, {m.copy_bytes_per_second:.4g} bytes/s (read + written)")
     lines.append(f"kernel overhead: tiny ops forward + backward, {m.kernel_overhead_seconds:.3g} s each "
                  f"(dispatch alone {m.dispatch_seconds:.3g} s, subtracted from the GEMM ramp)")
+    if m.runtime_memory_bytes or m.dtensor_runtime_memory_bytes:
+        lines.append(f"runtime memory (executor.runtime_memory, a negligible model trained 3 steps): "
+                     f"{m.runtime_memory_bytes / 2**20:.2f} MiB under DDP, {m.dtensor_runtime_memory_bytes / 2**20:.2f} "
+                     "MiB more under FSDP2")
     if m.framework:
         lines.append("framework overhead (executor.overhead, collectives taken out): " + ", ".join(
-            f"{k} {v:.3g} s" for k, v in m.framework.items() if k in FRAMEWORK_FIELDS))
+            f"{k} {v:.3g} s" for k, v in m.framework.items() if k in MEASURED_DEVICE_FIELDS))
     elif m.device_type == "cpu":
         lines.append("framework overhead: not measured (--no-framework); the reference cluster's figures if one "
                      "was given, else none")

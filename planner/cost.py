@@ -132,9 +132,13 @@ class LayerCompute:
     recompute: float
 
 
-def tp_whole_bytes(layer: LayerProfile) -> float:
+def tp_whole_bytes(layer: LayerProfile, *, sequence_parallel: bool = False) -> float:
     """Bytes per sample of a TP-split layer that stay whole on every TP rank: its inputs and outputs, twice
-    (LayerNorm inputs, residual adds), except an output that stays split (a vocabulary-parallel head's logits)."""
+    (LayerNorm inputs, residual adds), except an output that stays split (a vocabulary-parallel head's logits).
+    Running sequence-parallel (`planner.tp_comm.runs_sequence_parallel`), only its TP regions' inputs, which each
+    rank gathers whole (`SequenceParallelSpec.gathered_bytes`)."""
+    if sequence_parallel:
+        return layer.tp.sequence_parallel.gathered_bytes
     out = 0.0 if layer.tp is not None and layer.tp.splits_output else layer.output_bytes
     return 2 * (layer.input_bytes + out)
 
@@ -185,7 +189,7 @@ def _tp_split(nbytes: float, whole: float, tp: int) -> float:
 
 def estimate_pass_seconds(
     layer: LayerProfile, cluster: ClusterSpec, peak: float, *, backward: bool, micro_batch: int, tp: int,
-    weight_bytes: float,
+    weight_bytes: float, sequence_parallel: bool = False,
 ) -> float:
     """Seconds of one forward or backward pass of `layer` over a micro-batch: a sum of per-class rooflines.
 
@@ -196,10 +200,15 @@ def estimate_pass_seconds(
     memory-bound) and memory-bound ops (bytes only; the fused byte count when `cluster.fused_elementwise`).
     Plus `weight_bytes` read (and written) once, `device.kernel_overhead_seconds` for each kernel the pass
     launches, `device.op_dispatch_seconds` for each other op it dispatches (views, aliases: host work in eager
-    PyTorch; a kernel's own dispatch is in its overhead), and under TP `device.tp_module_overhead_seconds` for each sharded module (DTensor dispatch).
+    PyTorch; a kernel's own dispatch is in its overhead), under TP `device.tp_module_overhead_seconds` for each
+    sharded module (DTensor dispatch), and `device.transcendental_element_seconds` for each element the pass
+    evaluates exp / log / tanh / erf on (`LayerProfile.fwd_transcendental_elements`; compute-bound on a CPU).
     A profile without the split is one roofline over the whole layer.
     TP divides the FLOPs and bytes of a TP-able layer by `tp`, except that its inputs and outputs (LayerNorm,
     residual adds) stay whole on every rank (`tp_whole_bytes`: not a vocabulary-parallel head's split logits).
+    `sequence_parallel` (the layer runs so): norms and residual adds run on sequence shards, only the gathered
+    region inputs are whole, and each norm and region is one more DTensor-wrapped module (`SequenceParallel`,
+    `PrepareModuleInput` hooks: host work per pass, priced like a sharded Linear's).
     """
     if backward:
         flops, total, mm_f, mm_b = layer.bwd_flops, layer.bwd_bytes, layer.bwd_actmm_flops, layer.bwd_actmm_bytes
@@ -212,7 +221,8 @@ def estimate_pass_seconds(
     if cluster.fused_elementwise and split:
         mem = mem_fused
     t = tp if layer.tp is not None else 1
-    whole = tp_whole_bytes(layer) if t > 1 else 0.0
+    sp = sequence_parallel and t > 1 and layer.tp.sequence_parallel is not None
+    whole = tp_whole_bytes(layer, sequence_parallel=sp) if t > 1 else 0.0
     b = micro_batch
     compute = peak * cluster.compute_efficiency
     mem_bw = cluster.device.memory_bandwidth * cluster.memory_efficiency
@@ -223,15 +233,21 @@ def estimate_pass_seconds(
     kernels = layer.bwd_kernels if backward else layer.fwd_kernels
     other_ops = max((layer.bwd_ops if backward else layer.fwd_ops) - kernels, 0)
     # Each TP-sharded module runs on DTensors (executor.parallelize.apply_tp): host work on top of its kernels.
-    dtensor = len(layer.tp.shards) * cluster.device.tp_module_overhead_seconds if t > 1 else 0.0
+    modules = len(layer.tp.shards) if t > 1 else 0
+    if sp:
+        modules += len(layer.tp.sequence_parallel.norms) + len(layer.tp.sequence_parallel.regions)
+    dtensor = modules * cluster.device.tp_module_overhead_seconds
+    # exp / log / tanh / erf evaluated per element (GELU, softmax, attention scores): compute-bound on a CPU core,
+    # 0 on GPUs (DeviceSpec.transcendental_element_seconds); a TP-able layer's share is split with its heads.
+    trans = b * (layer.bwd_transcendental_elements if backward else layer.fwd_transcendental_elements) / t
     return (gemm + actmm + b * _tp_split(mem, whole, t) / mem_bw + weight_bytes / mem_bw
             + kernels * cluster.device.kernel_overhead_seconds + other_ops * cluster.device.op_dispatch_seconds
-            + dtensor)
+            + dtensor + trans * cluster.device.transcendental_element_seconds)
 
 
 def estimate_layer_compute(
     layer: LayerProfile, cluster: ClusterSpec, dtype: DType, *, tp: int, micro_batch: int, recompute: str,
-    measured: bool,
+    measured: bool, sequence_parallel: bool = False,
 ) -> LayerCompute:
     """Forward, backward and recompute seconds of `layer` for one micro-batch.
 
@@ -245,7 +261,7 @@ def estimate_layer_compute(
 
     def roof(backward: bool, weights: float, t: int) -> float:
         return estimate_pass_seconds(layer, cluster, peak, backward=backward, micro_batch=b, tp=t,
-                                     weight_bytes=weights)
+                                     weight_bytes=weights, sequence_parallel=sequence_parallel)
 
     fwd = roof(False, w_dev, tp)
     bwd = roof(True, 2 * w_dev, tp)

@@ -41,6 +41,8 @@ class SearchSpace:
     pp_degrees: tuple[int, ...] | None = None  #: None = every legal degree
     #: Mesh layouts to try, outermost axis first; the first is the usual one (tp innermost, inside a node) and wins
     #: ties. Layouts that place every group the same way as an earlier one are skipped.
+    #: sequence parallelism to try where tp > 1 and some layer can run it (False first: it wins ties)
+    sequence_parallel: tuple[bool, ...] = (False, True)
     mesh_orders: tuple[tuple[MeshAxis, ...], ...] = (
         (MeshAxis.PP, MeshAxis.DP, MeshAxis.TP), (MeshAxis.DP, MeshAxis.PP, MeshAxis.TP),
         (MeshAxis.PP, MeshAxis.TP, MeshAxis.DP), (MeshAxis.TP, MeshAxis.PP, MeshAxis.DP),
@@ -83,6 +85,7 @@ def enumerate_configs(view: ModelView, cluster: ClusterSpec, global_batch: int, 
     """Every configuration of the search space whose dp divides the global batch."""
     configs = []
     max_stages = len(view.cuts) + 1
+    sp_layers = any(x.tp is not None and x.tp.sequence_parallel is not None for x in view.profile.layers)
     for dp, tp, pp in legal_degrees(view, cluster, space):
         if global_batch % dp:
             continue
@@ -103,12 +106,16 @@ def enumerate_configs(view: ModelView, cluster: ClusterSpec, global_batch: int, 
                         scheds += [(s, v) for v in space.virtual_stages if m % pp == 0 and pp * v <= max_stages]
                     else:
                         scheds.append((s, 1))
+            # pp == 1: the executor does not pipeline sequence-parallel layers yet (executor.sequence_parallel);
+            # `evaluate` still costs such a strategy (an imported Megatron layout)
+            sps = [sp for sp in space.sequence_parallel if not sp or (tp > 1 and pp == 1 and sp_layers)] or [False]
             for order in distinct_mesh_orders(dims, cluster.gpus_per_node, space.mesh_orders):
                 for zero in zeros:
                     for sched, v in scheds:
                         for rc in space.recompute:
-                            configs.append(Config(dims=dims, zero=zero, micro_batch=b, num_micro_batches=m,
-                                                  schedule=sched, virtual_stages=v, recompute=rc, mesh_order=order))
+                            configs += [Config(dims=dims, zero=zero, micro_batch=b, num_micro_batches=m,
+                                               schedule=sched, virtual_stages=v, recompute=rc, mesh_order=order,
+                                               sequence_parallel=sp) for sp in sps]
     return configs
 
 
@@ -153,12 +160,14 @@ class Bounder:
         self._totals = lru_cache(maxsize=None)(self._layer_totals)
         self._buffers = lru_cache(maxsize=None)(self._comm_buffers)
 
-    def _layer_totals(self, tp: int, b: int, rc: Recompute, tp_group_key: tuple[int, int]) -> LayerTotals:
+    def _layer_totals(self, tp: int, b: int, rc: Recompute, tp_group_key: tuple[int, int], sp: bool = False
+                      ) -> LayerTotals:
         p = self.profile
         group = place_group(tp, tp_group_key[0], tp_group_key[1])
-        fwd, bwd, rcs, tpc, window, elems, act = layer_table(p, self.cluster, tp, b, rc, group)
+        fwd, bwd, rcs, tpc, window, elems, act = layer_table(p, self.cluster, tp, b, rc, group, sp)
         times = [f + g + r + t for f, g, r, t in zip(fwd, bwd, rcs, tpc)]
-        working = estimate_working_set_bytes(layers_for_cluster(p, self.cluster), tp=tp, micro_batch=b, recompute=rc)
+        working = estimate_working_set_bytes(layers_for_cluster(p, self.cluster), tp=tp, micro_batch=b, recompute=rc,
+                                             sequence_parallel=sp)
         return LayerTotals(time=sum(times), max_time=max(times), window=sum(window),
                            elems=sum(elems), act=sum(act),
                            working=working,
@@ -179,7 +188,7 @@ class Bounder:
         d, b, m, v = cfg.dims, cfg.micro_batch, cfg.num_micro_batches, cfg.virtual_stages
         G = self.cluster.gpus_per_node
         strides = _strides(cfg.mesh_order, d)
-        t = self._totals(d.tp, b, cfg.recompute, (strides[MeshAxis.TP], G))
+        t = self._totals(d.tp, b, cfg.recompute, (strides[MeshAxis.TP], G), cfg.sequence_parallel)
         dtype = self.profile.dtype
         zero = cfg.zero if d.dp > 1 else ZeroStage.NONE
         overlap = self.cluster.overlap_dp_comm

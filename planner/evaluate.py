@@ -26,6 +26,7 @@ from planner.strategy import (
     TimeBreakdown,
     ZeroStage,
 )
+from planner.tp_comm import tp_collectives
 
 
 class PlanError(AutoparError):
@@ -63,7 +64,7 @@ def config_of(strategy: Strategy) -> Config:
     return Config(dims=strategy.dims, zero=strategy.zero_stage, micro_batch=strategy.micro_batch_size,
                   num_micro_batches=strategy.num_micro_batches, schedule=strategy.schedule,
                   virtual_stages=strategy.virtual_stages, recompute=strategy.recompute,
-                  mesh_order=tuple(strategy.mesh_order))
+                  mesh_order=tuple(strategy.mesh_order), sequence_parallel=strategy.sequence_parallel)
 
 
 def strategy_of(cfg: Config, bounds: tuple[int, ...] | list[int]) -> Strategy:
@@ -71,7 +72,7 @@ def strategy_of(cfg: Config, bounds: tuple[int, ...] | list[int]) -> Strategy:
     return Strategy(dims=cfg.dims, mesh_order=cfg.mesh_order, zero_stage=cfg.zero, micro_batch_size=cfg.micro_batch,
                     num_micro_batches=cfg.num_micro_batches, schedule=cfg.schedule,
                     virtual_stages=cfg.virtual_stages, recompute=cfg.recompute,
-                    stages=[StageSpec(start=a, stop=b) for a, b in zip(bounds, bounds[1:])])
+                    sequence_parallel=cfg.sequence_parallel, stages=[StageSpec(start=a, stop=b) for a, b in zip(bounds, bounds[1:])])
 
 
 def name_stages(strategy: Strategy, profile: ModelProfile) -> Strategy:
@@ -140,7 +141,11 @@ def _build_prediction(costs: CandidateCosts, pc: PartitionCosts) -> Prediction:
     memory = []
     for rk in pc.ranks:
         parts = dict(parameters=rk.param_bytes, gradients=rk.grad_state_bytes, optimizer_state=rk.optimizer_bytes,
-                     activations=rk.activation_bytes + working, comm_buffers=float(costs.comm_buffer_bytes))
+                     activations=rk.activation_bytes + working, comm_buffers=float(costs.comm_buffer_bytes),
+                     runtime=float(costs.runtime_bytes),
+                     optimizer_temporaries=costs.opt_temp_bytes + costs.opt_temp_per_elem * sum(
+                         costs.elems[i] for i in rk.layers),
+                     output_buffers=float(costs.output_buffer_bytes if profile.num_layers - 1 in rk.layers else 0))
         memory.append(MemoryBreakdown(**parts, total=max(sum(parts.values()), rk.memory_v / v),
                                       capacity=float(costs.capacity)))
     peak = cluster.peak_flops_for(profile.dtype)
@@ -159,12 +164,19 @@ def _comm_list(costs: CandidateCosts, pc: PartitionCosts, zero_exposed: float) -
     slow, tail = pc.ranks[pc.slowest], pc.ranks[pc.tail_rank]
     out = []
     if cfg.dims.tp > 1 and slow.tp_comm > 0:
-        full = cfg.recompute == Recompute.FULL
-        layers = [costs.profile.layers[i] for i in slow.layers]
-        nbytes = m * sum(cfg.micro_batch * x.tp.allreduces_per_step(recompute_forward=full) * x.tp.allreduce_bytes
-                         for x in layers if x.tp is not None)
-        out.append(CommCost(collective="all_reduce", axis=MeshAxis.TP, purpose="tp block outputs", bytes=nbytes,
-                            seconds=m * slow.tp_comm, exposed_seconds=m * slow.tp_comm))
+        full, layers = cfg.recompute == Recompute.FULL, costs.profile.layers
+        by_kind: dict[str, list[float]] = {}
+        for i in slow.layers:  # the collectives planner.tp_comm prices (in planner.candidate.layer_table), by kind
+            for c in tp_collectives(layers[i], layers[i - 1] if i else None, tp=cfg.dims.tp,
+                                    sequence_parallel=cfg.sequence_parallel, recompute_forward=full):
+                nbytes = cfg.micro_batch * c.nbytes
+                acc = by_kind.setdefault(c.collective, [0.0, 0.0])
+                acc[0] += m * c.count * nbytes
+                acc[1] += m * c.count * getattr(costs.comm, c.collective)(nbytes, costs.tp_group)
+        for kind, (nbytes, seconds) in by_kind.items():
+            purpose = "tp block outputs" if kind == "all_reduce" else "sequence-parallel gathers and reductions"
+            out.append(CommCost(collective=kind, axis=MeshAxis.TP, purpose=purpose, bytes=nbytes, seconds=seconds,
+                                exposed_seconds=seconds))
     if cfg.num_stages > 1:
         nbytes = m * 2 * sum(costs.cut_bytes[k] for k in _send_cuts(slow.layers, costs.profile.num_layers))
         out.append(CommCost(collective="p2p", axis=MeshAxis.PP, purpose="stage activations and gradients",

@@ -63,6 +63,9 @@ def torchtitan_settings(plan: Plan) -> tuple[dict[str, dict[str, object]], list[
         if dtype == DType.FP16:
             warnings.append("float16: torchtitan's FSDP mixed precision takes bfloat16 or float32 parameters; "
                             "float16 has no loss scaling there")
+    if d.tp > 1 and not s.sequence_parallel:
+        warnings.append("torchtitan runs its norms sequence-parallel whenever tensor_parallel_degree > 1; the plan "
+                        "does not (less activation memory than the plan counted)")
     ac: dict[str, object] = {"mode": s.recompute.value}
     if s.recompute == Recompute.SELECTIVE:
         ac["selective_ac_option"] = "op"
@@ -142,8 +145,8 @@ def megatron_args(plan: Plan) -> tuple[list[str], list[str]]:
         args.append("--bf16")
     elif dtype == DType.FP16:
         args.append("--fp16")
-    warnings.append("--sequence-parallel is not set: the plan does not use sequence parallelism (the cost model "
-                    "does not model it)")
+    if s.sequence_parallel:
+        args.append("--sequence-parallel")
     return args, warnings
 
 

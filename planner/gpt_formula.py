@@ -38,6 +38,7 @@ from planner.model_profile import (
     LayerProfile,
     ModelProfile,
     ProfileMode,
+    SequenceParallelSpec,
     ShardStyle,
     TensorParallelSpec,
     TensorSpec,
@@ -111,6 +112,10 @@ def gpt_profile(
                 tp=TensorParallelSpec(
                     shards=_BLOCK_SHARDS, divisor=a, sharded_param_count=12 * h * h + 7 * h,
                     allreduces_per_forward=2, allreduce_bytes=sh,
+                    # Megatron's sequence parallelism: LayerNorms on sequence shards, attention and MLP inputs
+                    # gathered (s h e bytes each)
+                    sequence_parallel=SequenceParallelSpec(norms=["ln_1", "ln_2"], regions=["attn", "mlp"],
+                                                           gathered_bytes=2 * sh),
                 ),
             )
         )

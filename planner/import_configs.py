@@ -54,6 +54,7 @@ class TrainerSettings:
     last_stage_layers: int | None = None  # Megatron's --decoder-last-pipeline-num-layers
     model_parts: list[list[str]] | None = None  # torchtitan's module_fqns_per_model_part
     recompute: Recompute = Recompute.NONE
+    sequence_parallel: bool = False  # Megatron's --sequence-parallel (with tp > 1)
     mesh_order: tuple[MeshAxis, ...] = DEFAULT_MESH_ORDER
     dtype: DType | None = None  # None: not stated; scored in the profile's precision
     num_layers: int | None = None  # transformer layers the configuration expects (checked against the model)
@@ -192,9 +193,7 @@ def parse_megatron(text: str, *, world_size: int) -> TrainerSettings:
     elif method is not None:
         s.notes.append("--recompute-method without --recompute-granularity does nothing in Megatron-LM; scored "
                        "without recomputation")
-    if "--sequence-parallel" in flags:
-        s.notes.append("--sequence-parallel is not modelled: autopar scores tensor-parallel all-reduces (the same "
-                       "bytes as its reduce-scatter + all-gather) and counts no activation memory saving")
+    s.sequence_parallel = "--sequence-parallel" in flags and s.tp > 1
     if "--use-distributed-optimizer" in flags:
         s.zero_stage = ZeroStage.OPTIMIZER
     if "--use-tp-pp-dp-mapping" in flags:

@@ -180,7 +180,8 @@ def to_strategy(settings: TrainerSettings, profile: ModelProfile, *, global_batc
         strategy = Strategy(
             dims=ParallelDims(dp=s.dp, tp=s.tp, pp=s.pp, world_size=s.world_size), mesh_order=s.mesh_order,
             zero_stage=s.zero_stage, micro_batch_size=mb, num_micro_batches=m, schedule=schedule, virtual_stages=v,
-            recompute=s.recompute, stages=[StageSpec(start=a, stop=b) for a, b in pairwise(bounds)])
+            recompute=s.recompute, sequence_parallel=s.sequence_parallel,
+            stages=[StageSpec(start=a, stop=b) for a, b in pairwise(bounds)])
     except ValidationError as exc:
         msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
         raise ImportConfigError(f"the configuration is not a valid strategy: {msg}") from None

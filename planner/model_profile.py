@@ -100,6 +100,23 @@ class TPShard(_Strict):
     )
 
 
+class SequenceParallelSpec(_Strict):
+    """How a TP layer runs sequence-parallel (Megatron `--sequence-parallel`, torchtitan's `SequenceParallel`).
+
+    Between its TP regions the layer (norms, dropout, residual adds) runs on the tokens of its sequence shard: the
+    layer's input and output stay split over the TP group along dim 1. Each region gathers its input whole (an
+    all-gather) and its rowwise Linears reduce-scatter their outputs back to sequence shards, in place of one
+    all-reduce.
+    """
+
+    norms: list[str] = Field(description="Modules (paths relative to the layer) with parameters that run on sequence "
+                                         "shards (LayerNorm / RMSNorm): torch's `SequenceParallel()`.")
+    regions: list[str] = Field(description="Modules (paths relative to the layer) that each hold one colwise-to-"
+                                           "rowwise group and whose one input is gathered whole.")
+    gathered_bytes: float = Field(ge=0, description="Bytes per sample of the regions' gathered inputs, which the "
+                                                    "colwise Linears keep whole for backward.")
+
+
 class TensorParallelSpec(_Strict):
     """Where and how a layer can be split Megatron-style across a tensor-parallel group."""
 
@@ -122,6 +139,9 @@ class TensorParallelSpec(_Strict):
         description="Set when the shards may be uneven (a vocabulary split by DTensor): any TP degree up to this "
                     "works, and `divisor` is not a constraint. None: the degree must divide `divisor`.",
     )
+
+    sequence_parallel: SequenceParallelSpec | None = Field(
+        default=None, description="Set when the layer can also run sequence-parallel (profiles before it: None).")
 
     def allreduces_per_step(self, *, recompute_forward: bool) -> int:
         """All-reduces of one micro-batch's forward and backward (the forward's twice under full recompute)."""
@@ -185,6 +205,10 @@ class FusedAttentionCosts(_Strict):
     bwd_kernels: int = Field(default=0, ge=0, description="As LayerProfile.bwd_kernels.")
     fwd_ops: int = Field(default=0, ge=0, description="As LayerProfile.fwd_ops.")
     bwd_ops: int = Field(default=0, ge=0, description="As LayerProfile.bwd_ops.")
+    fwd_transcendental_elements: float = Field(default=0.0, ge=0,
+                                               description="As LayerProfile.fwd_transcendental_elements.")
+    bwd_transcendental_elements: float = Field(default=0.0, ge=0,
+                                               description="As LayerProfile.bwd_transcendental_elements.")
 
 
 class WeightGemm(_Strict):
@@ -287,6 +311,14 @@ class LayerProfile(_Strict):
                     "superset of fwd_kernels); 0 in profiles made before they were counted: no per-op cost.",
     )
     bwd_ops: int = Field(default=0, ge=0, description="Aten ops one backward call dispatches (as fwd_ops).")
+    fwd_transcendental_elements: float = Field(
+        default=0.0, ge=0,
+        description="Elements per sample one forward evaluates exp / log / tanh / erf on (GELU, softmax, fused "
+                    "attention's scores; profiler.transcendental); 0 in profiles made before they were counted.",
+    )
+    bwd_transcendental_elements: float = Field(
+        default=0.0, ge=0, description="As fwd_transcendental_elements, for one backward call.",
+    )
     param_tensors: int = Field(
         default=0, ge=0,
         description="Parameter tensors this layer owns (the optimizer's per-tensor loop runs over them); 0 in "

@@ -27,7 +27,7 @@ from planner.validation import Contract, check_fields
 
 RUN_RECORD_SCHEMA_VERSION = 1
 
-MemoryKind = Literal["cuda_max_allocated", "cpu_peak_rss"]
+MemoryKind = Literal["cuda_max_allocated", "cpu_peak_rss", "cpu_peak_private"]
 
 
 class _Strict(Contract):
@@ -73,7 +73,8 @@ class Measured(_Strict):
     step_seconds: float = Field(gt=0, description="Median step time (first step excluded when there are more).")
     per_step_seconds: list[float] = Field(min_length=1, description="Wall seconds of every step, in order.")
     tokens_per_second: float = Field(ge=0, description="Global tokens (or samples) per second at the median step.")
-    memory_kind: MemoryKind = Field(description="cuda_max_allocated, or cpu_peak_rss (includes the interpreter).")
+    memory_kind: MemoryKind = Field(description="cuda_max_allocated; cpu_peak_private (peak private RSS: executor.train); "
+                                                      "cpu_peak_rss in older records (with torch's code pages).")
     memory: list[RankMeasurement] = Field(description="Per global rank.")
 
     @field_validator("per_step_seconds")
@@ -103,8 +104,8 @@ class RunErrors(_Strict):
 
 
 def used_bytes(m: RankMeasurement, kind: MemoryKind) -> int:
-    """Bytes the plan's memory model describes: peak allocated on CUDA, RSS growth since start on CPU."""
-    return m.peak_bytes - m.start_bytes if kind == "cpu_peak_rss" else m.peak_bytes
+    """Bytes the plan's memory model describes: peak allocated on CUDA, growth since start on CPU."""
+    return m.peak_bytes - m.start_bytes if kind != "cuda_max_allocated" else m.peak_bytes
 
 
 def derive_errors(measured: Measured, predicted: Predicted) -> RunErrors:

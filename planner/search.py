@@ -86,7 +86,7 @@ class Scored:
         """Sort key: the objective, then simpler strategies first (no ZeRO, no recompute, fewer stages)."""
         c = self.cfg
         simple = (int(c.zero), list(type(c.recompute)).index(c.recompute), c.dims.pp, c.virtual_stages, c.dims.tp,
-                  -c.micro_batch)
+                  int(c.sequence_parallel), -c.micro_batch)
         t = float(f"{self.step:.9e}")
         if objective == Objective.MEMORY:
             return (float(f"{self.peak:.6e}"), t, simple)
@@ -102,8 +102,9 @@ SIMPLICITY_TOLERANCE = 0.03
 
 def simplicity(cfg: Config) -> tuple:
     """Sort key, simpler first: lower ZeRO stage (DDP < ZeRO-1 < ZeRO-3), then fewer pipeline stages, then less
-    recomputation, then less tensor parallelism."""
-    return (int(cfg.zero), cfg.dims.pp, cfg.virtual_stages, list(Recompute).index(cfg.recompute), cfg.dims.tp)
+    recomputation, then less tensor parallelism, then no sequence parallelism."""
+    return (int(cfg.zero), cfg.dims.pp, cfg.virtual_stages, list(Recompute).index(cfg.recompute), cfg.dims.tp,
+            int(cfg.sequence_parallel))
 
 
 @dataclass

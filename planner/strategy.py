@@ -130,6 +130,12 @@ class Strategy(_Strict):
     schedule: Schedule = Field(default=Schedule.ONE_F_ONE_B)
     virtual_stages: int = Field(default=1, ge=1, description="Stages per pipeline rank (>1 only when interleaved).")
     recompute: Recompute = Field(default=Recompute.NONE)
+    sequence_parallel: bool = Field(
+        default=False,
+        description="With tp > 1: layers whose profile allows it run sequence-parallel (norms, dropout and residual "
+                    "adds on sequence shards; all-gather and reduce-scatter around each TP region instead of an "
+                    "all-reduce). False in plans made before it existed.",
+    )
     stages: list[StageSpec] = Field(description="pp * virtual_stages contiguous stages covering every layer.")
 
     @model_validator(mode="after")
@@ -146,6 +152,8 @@ class Strategy(_Strict):
                 )
         elif self.virtual_stages != 1:
             raise ValueError(f"virtual_stages={self.virtual_stages} needs schedule 'interleaved_1f1b'")
+        if self.sequence_parallel and self.dims.tp == 1:
+            raise ValueError("sequence_parallel needs tensor parallelism (tp > 1); set it false or plan with tp > 1")
         if self.dims.pp > 1 and self.num_micro_batches < self.dims.pp:
             # torch.distributed.pipelining refuses it at run time; every pipeline rank needs a micro-batch in flight.
             raise ValueError(
@@ -187,6 +195,7 @@ class Strategy(_Strict):
         return (
             f"dp={d.dp} tp={d.tp} pp={d.pp} zero={int(self.zero_stage)} "
             f"mb={self.micro_batch_size}x{self.num_micro_batches} {sched} recompute={self.recompute.value}{order}"
+            + (" sp" if self.sequence_parallel else "")
         )
 
 
@@ -220,6 +229,14 @@ class MemoryBreakdown(_Strict):
     optimizer_state: float = Field(ge=0)
     activations: float = Field(ge=0)
     comm_buffers: float = Field(ge=0)
+    runtime: float = Field(
+        default=0.0, ge=0, description="The runtime's own memory (DeviceSpec.runtime_memory_bytes, plus "
+                                       "dtensor_runtime_memory_bytes with DTensor parameters). 0 in older plans.")
+    optimizer_temporaries: float = Field(
+        default=0.0, ge=0, description="AdamW step's temporaries (planner.memory.estimate_optimizer_temp_bytes).")
+    output_buffers: float = Field(
+        default=0.0, ge=0, description="The last layer's output beyond its saved activations: its gradients in "
+                                       "backward (estimate_output_buffer_bytes).")
     total: float = Field(ge=0, description="Sum of the above.")
     capacity: float = Field(gt=0, description="Device memory less the safety margin.")
 

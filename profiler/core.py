@@ -317,6 +317,8 @@ def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch)
             bwd_kernels=cost.bwd_kernels,
             fwd_ops=cost.fwd_ops,
             bwd_ops=cost.bwd_ops,
+            fwd_transcendental_elements=cost.fwd_transcendental_elements / batch,
+            bwd_transcendental_elements=cost.bwd_transcendental_elements / batch,
             gemms=[WeightGemm(module=g.module, m=g.m / batch, n=g.n, k=g.k, fwd_count=g.fwd_count,
                               bwd_count=g.bwd_count) for g in cost.gemms],
         ))

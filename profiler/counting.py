@@ -29,6 +29,7 @@ Everything here is for the whole batch the layer was called with; the caller div
 - Dispatched ops: every aten op the pass dispatches, views, aliases and allocations included (`fwd_ops` /
   `bwd_ops`); eager PyTorch pays a host cost for each (argument parsing, the dispatcher, autograd's node), kernel or
   not. Kernels are the data-producing subset.
+- Transcendental elements (`profiler.transcendental`): elements each pass evaluates exp / log / tanh / erf on.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from profiler import flop_formulas  # noqa: F401 - registers the grouped-matmul 
 from profiler.attention import AttentionCallInfo, AttentionRouting, causal_flop_fraction
 from profiler.loss import TrainingLoss
 from profiler.recording import LayerCall, fresh_leaf_args, tensor_bytes, tensors_of
+from profiler.transcendental import transcendental_elements
 
 aten = torch.ops.aten
 _MATMULS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
@@ -90,6 +92,9 @@ class LayerCost:
     fwd_ops: int = 0
     bwd_ops: int = 0
     gemms: tuple[GemmCount, ...] = ()
+    # Elements each pass evaluates a transcendental function on (whole batch).
+    fwd_transcendental_elements: float = 0.0
+    bwd_transcendental_elements: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,7 @@ class _OpMeter(TorchDispatchMode):
         self.excluded = excluded
         self.bytes = 0.0
         self.dispatched = 0  # every op seen, views included
+        self.transcendental = 0.0  # elements evaluated by exp / log / tanh / erf
         self.flops_skipped = 0.0  # counted by torch's FLOP formulas but skipped by a causal fused kernel
         self.outputs: list[tuple[int, float]] = []
         self.ops: list[_Op] = []
@@ -164,10 +170,11 @@ class _OpMeter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not _from_module_tracker():
-            self.dispatched += 1
         ins = tensors_of((args, kwargs))
         outs = tensors_of(out)
+        if not _from_module_tracker():
+            self.dispatched += 1
+            self.transcendental += transcendental_elements(func, args, kwargs, outs)
         if not func.is_view:
             self._record(func, args, kwargs, out, ins, outs)
         self._alive.extend(t.untyped_storage() for t in outs)
@@ -325,7 +332,7 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
     bwd_cls = RooflineClasses(0.0, 0.0, 0.0, 0.0)
     bwd_flops = bwd_bytes = 0.0
     bwd_ops: list[_Op] = []
-    bwd_dispatched = 0
+    bwd_dispatched = bwd_transcendental = 0
     weights = {_key(p): (name.rpartition(".")[0], p.shape[0], p.numel() // p.shape[0])
                for name, p in module.named_parameters() if p.dim() >= 2}
     grad_of: dict[int, int] = {}
@@ -340,7 +347,7 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
         input_grads = {_key(t.grad) for t in tensors_of((args, kwargs)) if t.grad is not None}
         bwd_cls = bwd_meter.classes(input_grads, grad_keys)
         bwd_ops = bwd_meter.ops
-        bwd_dispatched = bwd_meter.dispatched
+        bwd_dispatched, bwd_transcendental = bwd_meter.dispatched, bwd_meter.transcendental
         grad_of = {_key(p.grad): _key(p) for p in module.parameters() if p.grad is not None}
     for p in module.parameters():
         p.grad = None
@@ -367,6 +374,8 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
         fwd_ops=fwd_meter.dispatched,
         bwd_ops=bwd_dispatched,
         gemms=weight_gemms(fwd_meter.ops, bwd_ops, weights, grad_of),
+        fwd_transcendental_elements=fwd_meter.transcendental,
+        bwd_transcendental_elements=bwd_transcendental,
     )
 
 

@@ -73,7 +73,9 @@ def _edges_from_fx(
     for node in graph.nodes:
         if node.op == "placeholder":
             i = placeholders.index(node)
-            producers[node] = {node: (INPUT_NODE, tensor_bytes(inputs[i]) / batch)} if i < len(inputs) else {}
+            # An input a later pipeline stage reads, sent on by the stage of layer `relayed_by` (profiler.hf_encdec).
+            src = node.meta.get("relayed_by", INPUT_NODE)
+            producers[node] = {node: (src, tensor_bytes(inputs[i]) / batch)} if i < len(inputs) else {}
         elif node.op == "call_module" and node.target in layer_set:
             producers[node] = {node: (node.target, tensor_bytes(records[node.target].output) / batch)}
         elif (

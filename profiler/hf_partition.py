@@ -17,8 +17,13 @@ assumed: the stage programs of a reduced copy of the same config class (3 blocks
 large, dropouts as configured) are run on the CPU in float32 against the full model, in train mode from one RNG
 seed and in eval mode. Any difference (glue that runs again on a later stage: Gemma's embedding scale, a functional
 dropout in the forward's own code) means no cuts, with the reason. So does a batch tensor later stages would
-need (`attention_mask`, `position_ids`, `token_type_ids`; `labels` are the loss's targets), an encoder-decoder model
-(T5) and a model whose blocks are not one list.
+need (`attention_mask`, `position_ids`, `token_type_ids`; `labels` are the loss's targets) and a model whose blocks
+are not one list.
+
+An encoder-decoder model (`config.is_encoder_decoder`) goes to `profiler.hf_encdec` instead: T5-style models get cuts
+between the blocks of each stack and between the stacks, with several tensors crossing each cut (the hidden state,
+T5's relative position bias, the encoder's output, the decoder's input ids), proved the same way; any other layout
+gets no cuts, with the reason.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import copy
 import inspect
 import logging
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,9 +170,6 @@ def _structure(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]
         if index.isdigit() and parent and isinstance(model.get_submodule(parent), nn.ModuleList):
             lists.setdefault(parent, []).append(name)
     cls = type(model).__name__
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return (f"{cls} is an encoder-decoder model; pipeline cuts between its encoder and decoder stacks are not "
-                "supported, train it with pp=1")
     if len(lists) != 1:
         found = ", ".join(lists) or "none"
         return f"{cls}'s layers hold {len(lists)} lists of blocks ({found}), not one; train it with pp=1"
@@ -213,6 +215,10 @@ def partition_hf(model: nn.Module, layer_names: Sequence[str], args: Sequence[An
     part = HFPartition(layer_names=names)
     if len(names) < 2:
         return part
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        from profiler.hf_encdec import partition_encdec  # T5-style: several tensors cross each cut
+
+        return partition_encdec(model, names, args, kwargs)
     shape = _structure(model, names)
     inputs = _inputs(model, args, kwargs or {})
     reason = shape if isinstance(shape, str) else inputs if isinstance(inputs, str) else None
@@ -257,15 +263,19 @@ def _chain_graph(model: nn.Module, names: list[str], args: Sequence[Any]) -> tup
     return graph, nodes
 
 
-def _verified(model: nn.Module, part: HFPartition) -> str | None:
-    """None when the stage programs of a reduced copy compose to its forward, else why not (memoised per config)."""
+def _verified(model: nn.Module, part: HFPartition, check: Callable[[], str | None] | None = None,
+              detail: str = "") -> str | None:
+    """None when the stage programs of a reduced copy compose to its forward, else why not (memoised per config).
+
+    `check` (default: this module's check of `part`) runs the comparison; `detail` tells its variants apart."""
     try:
-        key = f"{type(model).__qualname__}:{model.config.to_json_string(use_diff=False)}:{part.pre}:{part.post}"
+        key = (f"{type(model).__qualname__}:{model.config.to_json_string(use_diff=False)}:{part.pre}:{part.post}:"
+               f"{detail}")
     except (TypeError, ValueError):
         key = None
     if key is None or key not in _RESULTS:
         try:
-            result = _check_reduced(model, part)
+            result = check() if check is not None else _check_reduced(model, part)
         except Exception as exc:  # noqa: BLE001 - the model raises many types; every one means "no cuts"
             text = " ".join(str(exc).split())[:200]
             result = (f"the pipeline stages of a small {type(model).__name__} could not be checked against its "

@@ -26,10 +26,11 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from planner.model_profile import ShardStyle, TensorParallelSpec, TPShard
+from planner.model_profile import SequenceParallelSpec, ShardStyle, TensorParallelSpec, TPShard
 from profiler.errors import ProfileError
 from profiler.fx_shapes import find_segments
 from profiler.recording import LayerCall
+from profiler.sequence_parallel import detect_sequence_parallel
 from profiler.tp_shapes import ShardError, analyze
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def trace_layer(module: nn.Module, call: LayerCall) -> fx.GraphModule:
 
 def _spec(
     module: nn.Module, colwise: list[str], rowwise: list[str], divisor: int, row_out_bytes: list[float],
-    segments: dict[str, tuple[int, ...]],
+    segments: dict[str, tuple[int, ...]], sequence_parallel: SequenceParallelSpec | None = None,
 ) -> TensorParallelSpec:
     sharded = 0
     for name in colwise:
@@ -197,6 +198,7 @@ def _spec(
         # Those gradients are the block's hidden width, as the rowwise outputs are.
         allreduces_per_backward=len(colwise),
         allreduce_bytes=sum(row_out_bytes) / max(len(row_out_bytes), 1),
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -231,7 +233,8 @@ def detect_tensor_parallel(module: nn.Module, call: LayerCall, batch: int) -> Te
     segments = _with_segments(gm, colwise)
     divisor = analyze(gm, segments, set(rowwise)).divisor
     row_bytes = [_bytes_of(linear_nodes[r].meta["tensor_meta"]) / batch for r in rowwise]
-    return _spec(module, colwise, rowwise, divisor, row_bytes, {n: s for n, s in segments.items() if s})
+    sp = detect_sequence_parallel(gm, module, segments, rowwise, divisor, batch)  # last use of gm: may rewrite it
+    return _spec(module, colwise, rowwise, divisor, row_bytes, {n: s for n, s in segments.items() if s}, sp)
 
 
 def _with_segments(gm: fx.GraphModule, colwise: list[str]) -> dict[str, tuple[int, ...] | None]:

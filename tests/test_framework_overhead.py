@@ -147,7 +147,7 @@ def test_profiles_and_cluster_files_without_the_new_fields_still_load(tmp_path):
 
 #: Instances where something fits: interleaved and 4-stage pipelines, TP x PP, and three (1, 8, 29) whose optimum the
 #: framework terms change (e.g. DDP instead of ZeRO-3, as FSDP2's units and DTensor optimizer cost more).
-@pytest.mark.parametrize("seed", [0, 1, 8, 10, 11, 13, 16, 29])
+@pytest.mark.parametrize("seed", [0, 1, 8, 10, 11, 13, 15, 29])
 def test_search_matches_brute_force_with_framework_terms(seed):
     profile, cluster, batch = _random_instance(seed)
     rng = random.Random(500 + seed)

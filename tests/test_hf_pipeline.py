@@ -1,5 +1,6 @@
 """Pipeline cuts between the blocks of Hugging Face models (profiler.hf_partition) and pipeline-parallel training of
-them that is exactly the model's forward: Llama with grouped-query attention, GPT-2, BERT and T5 from small configs.
+them that is exactly the model's forward: Llama with grouped-query attention, GPT-2 and BERT from small configs (T5,
+an encoder-decoder: tests/test_hf_t5_pipeline.py).
 
 Expected cut points come from the models' structure alone: a stage may start at every block but the first and at the
 final norm, so for layers [pre..., block 0..N-1, post...] the cuts are the indices of blocks 1..N-1 and of post[0].
@@ -181,19 +182,6 @@ def test_a_batch_that_later_stages_would_need_is_refused_by_the_executor_in_one_
     with pytest.raises(ExecutorError, match="attention_mask") as err:
         pipeline.check_pipelinable(meta, profile, stages, example_inputs=(ids, torch.ones_like(ids)))
     assert "\n" not in str(err.value) and "pp=1" in str(err.value)
-
-
-def test_t5_gets_no_cuts_with_the_reason():
-    from profiler.partition import partition
-
-    cfg = transformers.T5Config(num_layers=2, num_decoder_layers=2, d_model=H, d_ff=INTER, num_heads=HEADS,
-                                d_kv=H // HEADS, vocab_size=V, decoder_start_token_id=0)
-    model = transformers.T5ForConditionalGeneration(cfg)
-    ids = torch.randint(1, V, (2, S))
-    profile = _profile(model, {"input_ids": ids, "labels": ids})
-    assert profile.cut_points == []
-    part = partition(model, [x.name for x in profile.layers], (), {"input_ids": ids, "decoder_input_ids": ids})
-    assert "encoder-decoder" in part.why_illegal(1)
 
 
 # --- pipelined training: pp=2 trains exactly the single-process model --------------------------------------------

@@ -134,7 +134,7 @@ def test_hand_written_megatron_script_gives_its_degrees_and_names_what_it_ignore
         1, 16, Schedule.ONE_F_ONE_B, Recompute.FULL, ZeroStage.OPTIMIZER)
     # 8 transformer layers, 2 per stage; the embedding rides with the first stage and the head with the last.
     assert [(st.start, st.stop) for st in s.stages] == [(0, 3), (3, 5), (5, 7), (7, 10)]
-    assert any("--sequence-parallel is not modelled" in n for n in imported.notes)
+    assert s.sequence_parallel  # --sequence-parallel is scored as such, not noted as unsupported
     assert {"--hidden-size", "--num-attention-heads", "--train-iters"} <= set(imported.ignored)
     assert evaluate(PROFILE, cluster, s).fits
     with pytest.raises(ImportConfigError, match="--num-layers 24 but .* has 8 transformer layers"):

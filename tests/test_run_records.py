@@ -287,6 +287,6 @@ def test_autopar_run_records_the_measured_step_time_of_its_report(tmp_path):
     assert record.measured.per_step_seconds == [s["seconds"] for s in written["steps"]]
     assert record.predicted.step_seconds == written["predicted_step_seconds"]
     assert record.settings.steps == 3 and record.settings.nproc_per_node == 1 and record.model == "gpt-tiny"
-    assert record.measured.memory_kind == "cpu_peak_rss" and len(record.measured.memory) == 1
+    assert record.measured.memory_kind == "cpu_peak_private" and len(record.measured.memory) == 1
     samples, missing = RunStore(db).fit_samples(record.cluster_name)
     assert len(samples) == 1 and not missing  # its profile was kept, so the run can be fitted to
