@@ -5,6 +5,11 @@ rowwise Linears, never a fused projection. transformers' attention infers local 
 (`view(*input_shape, -1, head_dim)`, `reshape(*input_shape, -1)`, KV groups as a ratio of heads), so the layer's
 forward runs on shards unchanged and `ColwiseParallel` / `RowwiseParallel` alone train the same function; the
 shape rewrite of `executor.tp_rewrite` (which needs an fx trace) is not needed.
+
+Blocks without a config plan (BERT, T5) were given autopar's own per-class plan (`profiler.hf_tp_derived`, proved
+on a reduced copy): the same Linear shards, plus what that table lists for the sharded copy: the attributes the
+forward reads a head count or width from hold their per-rank values (T5's `n_heads`), and per-head tables
+(T5's `relative_attention_bias`) are split by columns, so the position bias a block returns holds the rank's heads.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import logging
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
+from executor.errors import ExecutorError
 from executor.parallelize import apply_tp
 from planner.model_profile import ShardStyle, TensorParallelSpec
 from profiler.hf import is_hf_model, is_hf_module
+from profiler.hf_tp_derived import head_tables, localize_attributes
 
 log = logging.getLogger(__name__)
 
@@ -34,5 +42,13 @@ def apply_hf_tp(layer: nn.Module, layer_name: str, spec: TensorParallelSpec, tp_
     """Shard a transformers layer's Linears as the profile lists them (`parallelize.apply_tp`'s checks), with the
     layer's own forward unchanged."""
     apply_tp(layer, layer_name, spec, tp_mesh, localize=False)
-    log.info("layer '%s': %d Linears sharded over tp=%d (transformers plan)", layer_name, len(spec.shards),
-             tp_mesh.size())
+    tables = head_tables(layer)
+    if tables:  # split by heads (columns), the lookup's output local: the rank's heads of the position bias
+        parallelize_module(layer, tp_mesh, {t: ColwiseParallel() for t in tables})
+    try:
+        changed = localize_attributes(layer, tp_mesh.size())
+    except ValueError as exc:
+        raise ExecutorError(f"layer '{layer_name}': {exc}; plan a tp degree that divides the attention heads") from None
+    log.info("layer '%s': %d Linears%s sharded over tp=%d%s", layer_name, len(spec.shards),
+             f" and {', '.join(tables)}" if tables else "", tp_mesh.size(),
+             f" ({', '.join(changed)} per rank)" if changed else "")

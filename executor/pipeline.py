@@ -33,6 +33,7 @@ from executor.shared import check_tp_layouts, split_groups
 from planner.model_profile import ModelProfile
 from planner.strategy import Schedule, StageSpec, Strategy
 from profiler.hf import LabelsLoss, is_hf_model, labels_loss
+from profiler.hf_encdec import EncDecPartition
 from profiler.partition import Partition, PartitionError, partition
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ def check_pipelinable(
         cuts.check([st.start for st in stages[1:]])
     except PartitionError as exc:
         raise ExecutorError(str(exc)) from None
+    if tp > 1 and len(stages) > 1 and isinstance(cuts, EncDecPartition):
+        # Each tp rank's stages would pass on its own heads of T5's position bias; untested, so refused.
+        raise ExecutorError(f"{type(model).__name__} with both tensor (tp={tp}) and pipeline parallelism is not "
+                            "supported (only one of them at a time is verified); plan with tp=1 or pp=1")
     stage_of_layer = {names[i]: s for s, st in enumerate(stages) for i in range(st.start, st.stop)}
     for aliases, _ in split_groups(model, names, stage_of_layer):
         check_tp_layouts(aliases, profile, tp)

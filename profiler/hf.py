@@ -11,7 +11,8 @@ model's own declarations here:
   Megatron styles `colwise` / `rowwise` become the layer's `autopar_tp_plan` (see `profiler.tensor_parallel`),
   with the divisor the KV heads (or heads). Any other style in a layer (`packed_colwise`, `moe_tp_experts`,
   `replicated_with_grad_allreduce`, ...) means no TP for that layer, logged: half a plan would train a different
-  function or be costed as sharded when it is not.
+  function or be costed as sharded when it is not. Blocks the config's plan does not cover (BERT, T5) get autopar's
+  own per-class plan where a tp=2 emulation on a reduced copy proves it (`profiler.hf_tp_derived`).
 - Layers are counted and timed without the key/value cache object the model's forward creates and hands to every
   layer (`drop_caches`): a training step uses none, and kept in a layer's recorded call, each recount or timing of
   the layer appended to it (attention over a growing key length, then "backward through the graph a second time").
@@ -323,10 +324,20 @@ def tp_divisor(model: nn.Module, layer: nn.Module, styles: dict[str, str]) -> in
 def annotate_tp(model: nn.Module, names: list[str]) -> None:
     """Give each layer of a profiler-owned copy its tp plan as `autopar_tp_plan` / `autopar_tp_divisor` (read by
     `profiler.tensor_parallel`); a plan the user set on a layer's class wins."""
-    for name, styles in layer_tp_plans(model, names).items():
+    from profiler import hf_tp_derived
+
+    planned = layer_tp_plans(model, names)
+    uncovered = [n for n in names if n not in planned and is_hf_model(model)]
+    derived = hf_tp_derived.prove_model(model, uncovered) if uncovered else {}
+    for name in [*planned, *derived]:
         layer = model.get_submodule(name)
         if hasattr(type(layer), "autopar_tp_plan"):
             continue
+        if name in planned:
+            styles = planned[name]
+        else:  # no plan in the config: autopar's own table, proved on a reduced copy (profiler.hf_tp_derived)
+            styles, head_params = hf_tp_derived.derived_plan(layer) if derived[name] is None else (None, 0)
+            layer.autopar_tp_head_params = head_params
         layer.autopar_tp_plan = styles
         if styles is not None:
             layer.autopar_tp_divisor = tp_divisor(model, layer, styles)

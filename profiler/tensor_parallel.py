@@ -285,4 +285,6 @@ def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) ->
     except Exception as exc:  # noqa: BLE001 - untraceable: no piece widths; the executor then refuses what it cannot run
         logger.info("%s: fx cannot trace it (%s); no fused projection recorded", type(module).__name__, exc)
         segments = {}
-    return _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in rowwise], segments)
+    spec = _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in rowwise], segments)
+    head_params = int(getattr(module, "autopar_tp_head_params", 0))  # per-head tables split with the heads (T5)
+    return spec.model_copy(update={"sharded_param_count": spec.sharded_param_count + head_params})

@@ -1,4 +1,11 @@
-"""Suite-wide settings: runs the tests launch record into a temporary store, never into the checkout."""
+"""Suite-wide settings: runs the tests launch record into a temporary store, never into the checkout; under
+pytest-xdist the schemathesis module is left to a plain run.
+
+`make test` runs tests/test_service_schema.py in one plain pytest process and everything else with `-n 2 --dist
+loadfile` (each module on one worker, so a module's batched multi-process launch runs once). Schemathesis names every
+generated per-operation test alike, which xdist cannot schedule (it would run one operation of the 16), so xdist
+workers do not collect that module; run it without `-n`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import tempfile
 import pytest
 
 from api.run_store import STORE_ENV
+
+collect_ignore = ["test_service_schema.py"] if os.environ.get("PYTEST_XDIST_WORKER") else []
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -130,7 +130,8 @@ def test_llama_tp_plan_shards_attention_and_mlp_of_every_block_by_kv_heads(profi
 
 
 def test_models_without_a_runnable_tp_plan_offer_no_block_tp(profiles):
-    # GPT-2 has no base_model_tp_plan (and Conv1D projections); Mixtral's experts use styles autopar cannot run.
+    # GPT-2 has no base_model_tp_plan and its fused Conv1D projections have no entry in autopar's own plan table
+    # (profiler.hf_tp_derived, which gives BERT and T5 their shards); Mixtral's experts use styles autopar cannot run.
     assert transformers.GPT2Config.base_model_tp_plan is None
     for name in ("gpt2", "mixtral"):
         assert all(layer.tp is None for layer in profiles[name].layers if layer.name.startswith(BLOCKS[name]))

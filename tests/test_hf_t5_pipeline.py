@@ -122,6 +122,24 @@ def test_each_stage_holds_only_the_layers_it_runs_and_the_shared_embedding_where
     assert params[3] == {"shared.weight", "decoder.final_layer_norm.weight"}
 
 
+def test_t5_with_tensor_and_pipeline_parallelism_together_is_refused_before_any_rank_starts():
+    from executor import pipeline
+    from executor.apply import _to_meta
+    from executor.errors import ExecutorError
+    from planner.strategy import StageSpec
+
+    torch.manual_seed(0)
+    model, profile = t5(), _t5_profile()
+    n = profile.num_layers
+    stages = [StageSpec(start=0, stop=4), StageSpec(start=4, stop=n)]
+    traced = _to_meta(model, t5_batch(2))  # as apply_plan traces the batch the run trains on
+    assert pipeline.check_pipelinable(model, profile, stages, tp=1, example_inputs=traced).legal_cuts == \
+        profile.cut_points
+    with pytest.raises(ExecutorError, match="plan with tp=1 or pp=1") as err:
+        pipeline.check_pipelinable(model, profile, stages, tp=2, example_inputs=traced)
+    assert "\n" not in str(err.value)
+
+
 class _ScaledT5(transformers.T5ForConditionalGeneration if transformers else object):
     """A T5 whose own forward scales the encoder's input embeddings: glue the stage programs do not run."""
 

@@ -20,7 +20,7 @@ from service_support import make_app
 _workdir = Path(tempfile.mkdtemp(prefix="autopar-schemathesis-"))
 atexit.register(shutil.rmtree, _workdir, ignore_errors=True)
 _db = _workdir / "plans.db"
-app = make_app(_db, max_solver_seconds=1.0, max_profile_layers=64, max_world_size=32, max_zoo_params=5e8)
+app = make_app(_db, max_solver_seconds=0.5, max_profile_layers=64, max_world_size=32, max_zoo_params=5e8)
 schema = schemathesis.openapi.from_asgi("/openapi.json", app)
 
 
