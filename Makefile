@@ -19,10 +19,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(VENV)/bin/autopar demo
 
-# Two pytest runs at once: schemathesis in a plain process (it cannot run under xdist; its report is printed after
-# the other's), and the rest on 2 xdist workers, a module per worker. Fails if either fails.
+# Two pytest runs at once: schemathesis in a plain process at lower CPU priority, filling the gaps (it cannot run under
+# xdist; its report is printed after the other's), and the rest on 2 xdist workers, a module per worker. Fails if
+# either fails.
 test: install
-	@log=$$(mktemp); $(PY) -m pytest -q -p no:xdist tests/test_service_schema.py > $$log 2>&1 & schema=$$!; \
+	@log=$$(mktemp); nice -n 10 $(PY) -m pytest -q -p no:xdist tests/test_service_schema.py > $$log 2>&1 & schema=$$!; \
 	$(PY) -m pytest -q -n 2 --dist loadfile tests; rest=$$?; \
 	wait $$schema; st=$$?; echo "--- tests/test_service_schema.py (plain pytest, run alongside):"; cat $$log; \
 	rm -f $$log; test $$rest -eq 0 -a $$st -eq 0

@@ -31,7 +31,10 @@ def test_generated_requests_get_no_5xx_and_only_documented_answers(case):
     # Every default check, negative data rejection included (the contracts refuse what pydantic's lax mode would
     # coerce: planner.validation.reject_lax_scalars), except positive data acceptance: a request can be valid JSON
     # for the schema and still name something the service must refuse (see the test below).
-    case.call_and_validate(excluded_checks=[positive_data_acceptance])
+    # The first request for a zoo model profiles it (a fresh clone has no profile cache: resnet152 on the meta device
+    # takes seconds, more beside the rest of the suite), so the client waits longer than schemathesis's 10 s default;
+    # this test checks answers, not latency (tests/test_service_server.py and bench/service_load.py do).
+    case.call_and_validate(excluded_checks=[positive_data_acceptance], timeout=120)
 
 
 def test_positive_data_acceptance_must_stay_off_schema_valid_requests_are_refused():
