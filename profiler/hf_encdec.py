@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from profiler.hf_partition import HFPartition, _replace, _verified
+from profiler.hf_partition import HFPartition, _replace, _verified, bound_inputs
 from profiler.partition import PartitionError, _Cut
 
 logger = logging.getLogger(__name__)
@@ -241,23 +241,15 @@ def _layout(model: nn.Module, names: list[str]) -> list[str] | str:
 
 def _inputs(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[dict, dict] | str:
     """(batch tensors by name, non-tensor constants), or why the stages could not be fed this batch."""
-    sig = inspect.signature(type(model).forward)
-    try:
-        bound = sig.bind(model, *args, **kwargs).arguments
-    except TypeError as exc:
-        return f"{type(model).__name__} cannot be called with the example inputs ({exc})"
-    tensors, constants = {}, {}
-    for name, value in bound.items():
-        if name == "self" or value is None or sig.parameters[name].kind == inspect.Parameter.VAR_KEYWORD:
-            continue
-        if isinstance(value, torch.Tensor):
-            if name not in _STAGE0_INPUTS:
-                return (f"the batch's '{name}' would be needed by later pipeline stages, which receive only the "
-                        f"hidden states; leave '{name}' out of the batch (an all-ones mask changes nothing) or "
-                        "train with pp=1")
-            tensors[name] = value
-        elif value != sig.parameters[name].default:
-            constants[name] = value
+    split = bound_inputs(model, args, kwargs)
+    if isinstance(split, str):
+        return split
+    tensors, constants = split
+    for name in tensors:
+        if name not in _STAGE0_INPUTS:
+            return (f"the batch's '{name}' would be needed by later pipeline stages, which receive only the "
+                    f"hidden states; leave '{name}' out of the batch (an all-ones mask changes nothing) or "
+                    "train with pp=1")
     if "input_ids" not in tensors or not {"decoder_input_ids", "labels"} & set(tensors):
         return ("the batch must give input_ids and labels (or decoder_input_ids) for the pipeline stages of an "
                 "encoder-decoder model; add them or train with pp=1")

@@ -180,29 +180,41 @@ def _structure(model: nn.Module, names: list[str]) -> tuple[list[str], list[str]
     return names[:first], blocks, names[last + 1:]
 
 
-def _inputs(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[dict, dict] | str:
-    """(tensor inputs by name, non-tensor constants), or why a later stage would need more than the hidden state."""
+def bound_inputs(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], *,
+                 skip: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | str:
+    """`model(*args, **kwargs)` bound to its forward: (tensor arguments by name, in the forward's order; non-tensor
+    arguments that differ from the forward's defaults), leaving out `skip` and None, or why the call does not bind."""
     sig = inspect.signature(type(model).forward)
     try:
         bound = sig.bind(model, *args, **kwargs).arguments
     except TypeError as exc:
         return f"{type(model).__name__} cannot be called with the example inputs ({exc})"
-    if "inputs_embeds" not in sig.parameters:
-        return f"{type(model).__name__}.forward takes no inputs_embeds, through which later stages would receive"
     tensors, constants = {}, {}
     for name, value in bound.items():
-        if name == "self" or value is None or sig.parameters[name].kind == inspect.Parameter.VAR_KEYWORD:
+        if name == "self" or value is None or name in skip:
             continue
-        if name in _TARGETS:
+        if sig.parameters[name].kind == inspect.Parameter.VAR_KEYWORD:
             continue
         if isinstance(value, torch.Tensor):
-            if name not in _STREAM_INPUTS:
-                return (f"the batch's '{name}' would be needed by every stage, but later pipeline stages receive "
-                        f"only the hidden state; leave '{name}' out of the batch (an all-ones attention_mask "
-                        "changes nothing) or train with pp=1")
             tensors[name] = value
         elif value != sig.parameters[name].default:
             constants[name] = value
+    return tensors, constants
+
+
+def _inputs(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[dict, dict] | str:
+    """(tensor inputs by name, non-tensor constants), or why a later stage would need more than the hidden state."""
+    split = bound_inputs(model, args, kwargs, skip=_TARGETS)
+    if isinstance(split, str):
+        return split
+    if "inputs_embeds" not in inspect.signature(type(model).forward).parameters:
+        return f"{type(model).__name__}.forward takes no inputs_embeds, through which later stages would receive"
+    tensors, constants = split
+    for name in tensors:
+        if name not in _STREAM_INPUTS:
+            return (f"the batch's '{name}' would be needed by every stage, but later pipeline stages receive "
+                    f"only the hidden state; leave '{name}' out of the batch (an all-ones attention_mask "
+                    "changes nothing) or train with pp=1")
     if len(tensors) != 1:
         return f"the batch gives {len(tensors)} of input_ids / inputs_embeds; give exactly one"
     return tensors, constants
