@@ -21,9 +21,10 @@ demo: install
 
 # Two pytest runs at once: schemathesis in a plain process at lower CPU priority, filling the gaps (it cannot run under
 # xdist; its report is printed after the other's), and the rest on 2 xdist workers, a module per worker. Fails if
-# either fails.
+# either fails. The niced run gets a small share of the CPU while the workers are busy (one generated operation took
+# over 300 s of wall clock in CI for about 25 s of CPU), so its per-test limit is 900 s: still a hang catcher.
 test: install
-	@log=$$(mktemp); nice -n 10 $(PY) -m pytest -q -p no:xdist tests/test_service_schema.py > $$log 2>&1 & schema=$$!; \
+	@log=$$(mktemp); nice -n 10 $(PY) -m pytest -q -p no:xdist --timeout 900 tests/test_service_schema.py > $$log 2>&1 & schema=$$!; \
 	$(PY) -m pytest -q -n 2 --dist loadfile tests; rest=$$?; \
 	wait $$schema; st=$$?; echo "--- tests/test_service_schema.py (plain pytest, run alongside):"; cat $$log; \
 	rm -f $$log; test $$rest -eq 0 -a $$st -eq 0
