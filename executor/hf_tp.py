@@ -6,10 +6,13 @@ rowwise Linears, never a fused projection. transformers' attention infers local 
 forward runs on shards unchanged and `ColwiseParallel` / `RowwiseParallel` alone train the same function; the
 shape rewrite of `executor.tp_rewrite` (which needs an fx trace) is not needed.
 
-Blocks without a config plan (BERT, T5) were given autopar's own per-class plan (`profiler.hf_tp_derived`, proved
-on a reduced copy): the same Linear shards, plus what that table lists for the sharded copy: the attributes the
-forward reads a head count or width from hold their per-rank values (T5's `n_heads`), and per-head tables
-(T5's `relative_attention_bias`) are split by columns, so the position bias a block returns holds the rank's heads.
+Blocks without a config plan (BERT, T5, GPT-2) were given autopar's own per-class plan (`profiler.hf_tp_derived`,
+proved on a reduced copy): the same Linear shards, plus what that table lists for the sharded copy: the attributes
+the forward reads a head count or width from hold their per-rank values (T5's `n_heads`, GPT-2's `split_size`), and
+per-head tables (T5's `relative_attention_bias`) are split by columns, so the position bias a block returns holds
+the rank's heads. GPT-2's Conv1D projections and Mixtral's experts stacks are sharded by `executor.tp_styles`; a
+fused projection (GPT-2's `c_attn`, the experts' gate / up stack) is held in the piece order of its split
+(`executor.tp_rewrite.mark_fused`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,11 @@ __all__ = ["apply_hf_tp", "is_hf_model", "runs_on_shards_unchanged"]
 
 
 def runs_on_shards_unchanged(layer: nn.Module, spec: TensorParallelSpec) -> bool:
-    """Whether `layer` is a transformers module with only plain colwise / rowwise shards (see the module docstring)."""
+    """Whether `layer` is a transformers module whose shards autopar's per-class tables or the config's plan name
+    (see the module docstring): plain colwise / rowwise Linears or Conv1Ds (a fused one split per piece, the
+    forward's own widths per rank) and experts stacks."""
     return is_hf_module(layer) and all(
-        s.style in (ShardStyle.COLWISE, ShardStyle.ROWWISE) and not s.segments for s in spec.shards
+        s.style in (ShardStyle.COLWISE, ShardStyle.ROWWISE, ShardStyle.EXPERTS) for s in spec.shards
     )
 
 

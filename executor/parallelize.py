@@ -45,10 +45,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from executor.errors import ExecutorError
-from executor.tp_rewrite import localize_layer
+from executor.tp_rewrite import localize_layer, mark_fused
+from executor.tp_styles import Conv1DColwise, Conv1DRowwise, ExpertsParallel
 from executor.vocab_parallel import check_vocab_module
 from planner.model_profile import ShardStyle, TensorParallelSpec, TPShard
 from planner.strategy import Recompute, ZeroStage
+from profiler.hf_tp_derived import expert_plan, is_conv1d, linear_features
 from profiler.recording import LayerCall
 
 log = logging.getLogger(__name__)
@@ -86,23 +88,39 @@ def apply_tp(
                 f"layer '{layer_name}': the plan shards '{shard.module}' but the layer has no such submodule; the "
                 "plan was made for a different model - re-profile and re-plan it"
             ) from None
-        if not isinstance(sub, nn.Linear):
+        if shard.style == ShardStyle.EXPERTS:
+            experts = expert_plan(sub)
+            split = None if experts is None else getattr(sub, experts.rowwise).shape[2]
+            what = "an experts module autopar can shard"
+        else:
+            features = linear_features(sub)
+            split = None if features is None else features[1] if shard.style == ShardStyle.COLWISE else features[0]
+            what = "an nn.Linear (or transformers Conv1D)"
+        if split is None:
             raise ExecutorError(
-                f"layer '{layer_name}': '{shard.module}' is a {type(sub).__name__}, tensor parallelism shards only "
-                "nn.Linear; re-profile the model"
+                f"layer '{layer_name}': '{shard.module}' is a {type(sub).__name__}, not {what} as the plan's "
+                f"{shard.style.value} shard says; re-profile the model"
             )
-        split = sub.out_features if shard.style == ShardStyle.COLWISE else sub.in_features
         if split % degree:
             raise ExecutorError(
                 f"layer '{layer_name}': '{shard.module}' has {split} features to split {shard.style.value}, not "
                 f"divisible by tp={degree}; plan a tp degree that divides it"
             )
-        plan[shard.module] = ColwiseParallel() if shard.style == ShardStyle.COLWISE else RowwiseParallel()
+        if shard.style == ShardStyle.EXPERTS:
+            plan[shard.module] = ExpertsParallel()
+        elif is_conv1d(sub):
+            plan[shard.module] = Conv1DColwise() if shard.style == ShardStyle.COLWISE else Conv1DRowwise()
+        else:
+            plan[shard.module] = ColwiseParallel() if shard.style == ShardStyle.COLWISE else RowwiseParallel()
     sp = spec.sequence_parallel if sequence_parallel else None
     if sequence_parallel and sp is None:
         raise ExecutorError(f"layer '{layer_name}': the profile does not mark it sequence-parallel; plan without "
                             "sequence parallelism or re-profile the model")
     if sp is not None:
+        if any(shard.style == ShardStyle.EXPERTS or isinstance(plan[shard.module], (Conv1DColwise, Conv1DRowwise))
+               for shard in spec.shards):
+            raise ExecutorError(f"layer '{layer_name}': sequence parallelism runs only nn.Linear shards; plan without "
+                                "sequence parallelism")
         for shard in spec.shards:
             if shard.style == ShardStyle.ROWWISE:
                 plan[shard.module] = RowwiseParallel(output_layouts=Shard(1))
@@ -114,7 +132,9 @@ def apply_tp(
         if missing:
             raise ExecutorError(f"layer '{layer_name}' has no submodule '{missing[0]}' the profile runs "
                                 "sequence-parallel; re-profile the model")
-    if localize:
+    if not localize:
+        mark_fused(layer, layer_name, spec, degree)
+    else:
         localize_layer(layer, layer_name, spec, example_call, degree)
         if sp is not None and "forward" in vars(layer):  # the rewritten forward calls past the regions' hooks
             raise ExecutorError(f"layer '{layer_name}': its forward had to be rewritten for tensor parallelism, which "

@@ -10,10 +10,11 @@ change keeps its own forward. Anything the analysis cannot follow is refused bef
 The traced forward fixes Python control flow at its traced values (e.g. `if self.training`), as any fx trace does.
 
 A fused projection (one Linear split into q, k, v) gets its output rows permuted before the colwise split, so rank r
-holds the r-th chunk of every piece ([q_r, k_r, v_r]). The permutation applies to initial values
-(`sharded_layout`), and the weight is held in that order for the whole run, so its checkpoints are in the permuted
-order of this tp degree: `fused_layouts` names such weights, and `executor.checkpoint` refuses to resume one under
-another tp degree.
+holds the r-th chunk of every piece ([q_r, k_r, v_r]) (`mark_fused`; also a transformers Conv1D, whose output
+features are its weight's columns, and an experts module's concatenated gate / up stack, dim 1). The permutation
+applies to initial values (`sharded_layout`), and the weight is held in that order for the whole run, so its
+checkpoints are in the permuted order of this tp degree: `fused_layouts` names such weights, and
+`executor.checkpoint` refuses to resume one under another tp degree.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from executor.errors import ExecutorError
 from planner.model_profile import ModelProfile, ShardStyle, TensorParallelSpec
+from profiler.hf_tp_derived import expert_plan, is_conv1d, linear_features, piece_order
 from profiler.recording import LayerCall, record_calls
 from profiler.tensor_parallel import trace_layer
 from profiler.tp_shapes import ShardError, analyze
@@ -55,12 +57,32 @@ def record_tp_calls(meta_model: nn.Module, profile: ModelProfile, example_inputs
 
 def row_order(segments: list[int], tp: int) -> torch.Tensor:
     """Row i of the permuted weight is row `order[i]` of the user's: rank r's rows are the r-th chunk of each piece."""
-    starts = [sum(segments[:i]) for i in range(len(segments))]
-    rows = [
-        torch.arange(start + r * width // tp, start + (r + 1) * width // tp)
-        for r in range(tp) for start, width in zip(starts, segments)
-    ]
-    return torch.cat(rows)
+    return piece_order(segments, tp)
+
+
+def _fused_width(module: nn.Module) -> int | None:
+    """The output width a fused projection's pieces add up to: a Linear's / Conv1D's output features, an experts
+    module's input stack's dim 1."""
+    features = linear_features(module)
+    if features is not None:
+        return features[1]
+    plan = expert_plan(module)
+    return None if plan is None else int(getattr(module, plan.colwise).shape[1])
+
+
+def mark_fused(layer: nn.Module, layer_name: str, spec: TensorParallelSpec, tp: int) -> None:
+    """Give each fused projection the spec lists (`TPShard.segments`) the piece order its `tp`-way split needs."""
+    for shard in spec.shards:
+        if not shard.segments or shard.style not in (ShardStyle.COLWISE, ShardStyle.EXPERTS):
+            continue
+        module = layer.get_submodule(shard.module)
+        if sum(shard.segments) != _fused_width(module) or any(w % tp for w in shard.segments):
+            raise ExecutorError(
+                f"layer '{layer_name}': fused projection '{shard.module}' has pieces {list(shard.segments)}, which do "
+                f"not add up to its output width or are not divisible by tp={tp}; re-profile the model"
+            )
+        setattr(module, ROW_ORDER_ATTR, row_order(list(shard.segments), tp))
+        setattr(module, FUSED_TP_ATTR, tp)
 
 
 def localize_layer(layer: nn.Module, layer_name: str, spec: TensorParallelSpec, call: LayerCall | None,
@@ -72,16 +94,7 @@ def localize_layer(layer: nn.Module, layer_name: str, spec: TensorParallelSpec, 
     colwise = {s.module: tuple(s.segments) if s.segments else None for s in spec.shards
                if s.style == ShardStyle.COLWISE}
     rowwise = {s.module for s in spec.shards if s.style == ShardStyle.ROWWISE}
-    for name, segments in colwise.items():
-        if segments:
-            if sum(segments) != layer.get_submodule(name).out_features or any(w % tp for w in segments):
-                raise ExecutorError(
-                    f"layer '{layer_name}': fused projection '{name}' has pieces {list(segments)}, which do not add "
-                    f"up to its output width or are not divisible by tp={tp}; re-profile the model"
-                )
-            linear = layer.get_submodule(name)
-            setattr(linear, ROW_ORDER_ATTR, row_order(list(segments), tp))
-            setattr(linear, FUSED_TP_ATTR, tp)
+    mark_fused(layer, layer_name, spec, tp)
     if call is None:
         raise ExecutorError(f"layer '{layer_name}' was not called in the forward used to learn its shapes; "
                             "re-profile the model with the inputs it is trained on")
@@ -119,14 +132,29 @@ def _resolves(module: nn.Module, target: str) -> bool:
     return True
 
 
-def sharded_layout(module: nn.Module, name: str, whole: torch.Tensor) -> torch.Tensor:
-    """The whole initial value of tensor `name` of `module` in the row order its shards are cut from (a fused
-    projection's weight and bias are permuted, see `row_order`); any other tensor unchanged."""
-    owner, _, attr = name.rpartition(".")
-    order = getattr(module.get_submodule(owner) if owner else module, ROW_ORDER_ATTR, None)
-    if order is None or attr not in ("weight", "bias"):
+def sharded_layout(module: nn.Module, name: str, whole: torch.Tensor, *, inverse: bool = False) -> torch.Tensor:
+    """The whole initial value of tensor `name` of `module` in the order its shards are cut from (a fused
+    projection's output features are permuted, see `row_order`: a Linear's weight rows, a Conv1D's weight columns,
+    the bias, an experts module's input stack's dim 1); any other tensor unchanged. `inverse`: the other way, a
+    whole tensor as held in the run (e.g. a DTensor's `full_tensor()`) back in the user's order."""
+    owner_path, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_path) if owner_path else module
+    order = getattr(owner, ROW_ORDER_ATTR, None)
+    if order is None:
         return whole
-    return whole.index_select(0, order.to(whole.device))
+    plan = expert_plan(owner)
+    if plan is not None:
+        dim = 1 if attr == plan.colwise else None
+    elif attr == "weight":
+        dim = 1 if is_conv1d(owner) else 0
+    else:
+        dim = 0 if attr == "bias" else None
+    if dim is None:
+        return whole
+    order = order.to(whole.device)
+    if not inverse:
+        return whole.index_select(dim, order)
+    return torch.empty_like(whole).index_copy_(dim, order, whole)
 
 
 def fused_layouts(parts: Iterable[nn.Module]) -> dict[str, int]:

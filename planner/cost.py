@@ -167,6 +167,8 @@ def estimate_weight_gemm_seconds(
     """
     ceiling = peak * cluster.compute_efficiency
     styles = {s.module: s.style for s in layer.tp.shards} if (layer.tp is not None and tp > 1) else {}
+    inters = {s.module: s.segments[0] for s in layer.tp.shards if s.style == ShardStyle.EXPERTS and s.segments} \
+        if styles else {}  # an experts module's intermediate width (its input stack's piece)
     seconds = listed = 0.0
     for g in layer.gemms:
         count = g.bwd_count if backward else g.fwd_count
@@ -175,6 +177,9 @@ def estimate_weight_gemm_seconds(
         style = styles.get(g.module)
         n = g.n / tp if style in (ShardStyle.COLWISE, ShardStyle.VOCAB_COLWISE) else g.n  # and a vocab-parallel head
         k = g.k / tp if style == ShardStyle.ROWWISE else g.k
+        if style == ShardStyle.EXPERTS:  # the intermediate features split: the input stack's N, the output's K
+            inter = inters.get(g.module)
+            n, k = (g.n, g.k / tp) if (g.k == inter if inter else g.k > g.n) else (g.n / tp, g.k)
         w = 2 * micro_batch * g.m * n * k
         seconds += count * w / (peak * estimate_gemm_efficiency(w, cluster, peak))
         listed += count * 2 * g.m * g.n * g.k

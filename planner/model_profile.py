@@ -54,12 +54,18 @@ class ShardStyle(str, Enum):
     The vocabulary-parallel styles (Megatron's embedding and output layer): `vocab_rowwise` splits an nn.Embedding's
     rows (a masked lookup, then one all-reduce of its output); `vocab_colwise` splits the output head's Linear by
     vocabulary entry and leaves the logits split, the loss reducing per token only (torch's `loss_parallel`).
+
+    `experts` (Megatron's expert tensor parallelism) names a module holding every expert's weights as 3-D stacks:
+    each expert's intermediate features are split over the ranks (its input projection colwise, per piece when
+    gate and up are concatenated; its output projection rowwise), and the module's output is summed across the
+    group, as a rowwise Linear's is.
     """
 
     COLWISE = "colwise"
     ROWWISE = "rowwise"
     VOCAB_ROWWISE = "vocab_rowwise"
     VOCAB_COLWISE = "vocab_colwise"
+    EXPERTS = "experts"
 
 
 class _Strict(Contract):
@@ -91,12 +97,14 @@ class InputSpec(_Strict):
 class TPShard(_Strict):
     """One Linear inside a layer that tensor parallelism may shard."""
 
-    module: str = Field(description="Path of the nn.Linear relative to the layer, e.g. 'attn.q_proj'.")
+    module: str = Field(description="Path of the nn.Linear (or transformers Conv1D, or experts module) relative to the "
+                                    "layer, e.g. 'attn.q_proj'.")
     style: ShardStyle = Field(description="colwise: split output features; rowwise: split input features.")
     segments: list[int] | None = Field(
         default=None,
-        description="Colwise only: a fused projection (one Linear whose output is split into q, k, v, ...) lists the "
-        "width of each piece in order; each piece is split across the TP ranks separately. None: not fused.",
+        description="Colwise (and experts) only: a fused projection (one Linear whose output is split into q, k, v, "
+        "...; an experts stack with gate and up concatenated) lists the width of each piece in order; each piece is "
+        "split across the TP ranks separately. None: not fused.",
     )
 
 

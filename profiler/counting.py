@@ -47,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from profiler import flop_formulas  # noqa: F401 - registers the grouped-matmul (MoE) FLOP formulas
 from profiler.attention import AttentionCallInfo, AttentionRouting, causal_flop_fraction
+from profiler.hf_tp_derived import expert_plan, is_conv1d
 from profiler.loss import TrainingLoss
 from profiler.recording import LayerCall, fresh_leaf_args, tensor_bytes, tensors_of
 from profiler.transcendental import transcendental_elements
@@ -333,7 +334,7 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
     bwd_flops = bwd_bytes = 0.0
     bwd_ops: list[_Op] = []
     bwd_dispatched = bwd_transcendental = 0
-    weights = {_key(p): (name.rpartition(".")[0], p.shape[0], p.numel() // p.shape[0])
+    weights = {_key(p): (name.rpartition(".")[0], *_gemm_features(module, name, p))
                for name, p in module.named_parameters() if p.dim() >= 2}
     grad_of: dict[int, int] = {}
     if needs_grad:
@@ -377,6 +378,19 @@ def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, 
         fwd_transcendental_elements=fwd_meter.transcendental,
         bwd_transcendental_elements=bwd_transcendental,
     )
+
+
+def _gemm_features(layer: nn.Module, name: str, p: torch.Tensor) -> tuple[int, int]:
+    """(N, K) of the GEMMs that read parameter `name`: dim 0 and the rest for a Linear or convolution weight; a
+    transformers Conv1D stores its weight (in, out); a mixture-of-experts stack (experts, N, K) is one weight per
+    expert (`profiler.hf_tp_derived.EXPERT_PLANS`)."""
+    owner_path = name.rpartition(".")[0]
+    owner = layer.get_submodule(owner_path) if owner_path else layer
+    if p.dim() == 2 and is_conv1d(owner):
+        return int(p.shape[1]), int(p.shape[0])
+    if p.dim() == 3 and expert_plan(owner) is not None:
+        return int(p.shape[1]), int(p.shape[2])
+    return int(p.shape[0]), p.numel() // p.shape[0]
 
 
 def weight_gemms(fwd_ops: list[_Op], bwd_ops: list[_Op], weights: dict[int, tuple[str, int, int]],

@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from profiler import hf_tp_derived
 from profiler.errors import ProfileError
 from profiler.recording import LayerCall
 
@@ -291,15 +292,20 @@ def layer_tp_plans(model: nn.Module, names: list[str]) -> dict[str, dict[str, st
         layer = model.get_submodule(name)
         paths = {sub: m for sub, m in layer.named_modules() if sub}
         paths.update({sub: p for sub, p in layer.named_parameters()})
+        # experts autopar shards itself (profiler.hf_tp_derived.EXPERT_PLANS): the plan's entries on them are not
+        # refusals; `annotate_tp` adds autopar's experts shard and proves the layer
+        own = [sub for sub, m in layer.named_modules() if sub and hf_tp_derived.expert_plan(m) is not None]
         styles: dict[str, str] = {}
         refused: list[str] = []
         for sub, target in paths.items():
+            if any(sub == o or sub.startswith(o + ".") for o in own):
+                continue
             for regex, key, style in patterns:
                 if not regex.fullmatch(f"{relative}.{sub}"):
                     continue
                 if style not in _SUPPORTED_STYLES:
                     refused.append(f"'{key}': '{style}'")
-                elif not isinstance(target, nn.Linear):
+                elif hf_tp_derived.linear_features(target) is None:
                     refused.append(f"'{key}': '{style}' on a {type(target).__name__}")
                 else:
                     styles[sub] = style
@@ -313,34 +319,45 @@ def layer_tp_plans(model: nn.Module, names: list[str]) -> dict[str, dict[str, st
 
 
 def tp_divisor(model: nn.Module, layer: nn.Module, styles: dict[str, str]) -> int:
-    """What the TP degree must divide: the KV heads (else the heads), and every split Linear width."""
+    """What the TP degree must divide: the KV heads (else the heads), every split Linear width and every piece of a
+    fused projection (an experts module's intermediate width)."""
     config = getattr(model, "config", None)
     heads = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None) or 0
-    widths = [layer.get_submodule(p).out_features if s == "colwise" else layer.get_submodule(p).in_features
-              for p, s in styles.items()]
+    widths = []
+    for path, style in styles.items():
+        features = hf_tp_derived.linear_features(layer.get_submodule(path))
+        if features is not None:
+            widths.append(features[1] if style == "colwise" else features[0])
+    widths += [w for pieces in hf_tp_derived.fused_segments(layer).values() for w in pieces]
     return math.gcd(int(heads), *widths)
 
 
 def annotate_tp(model: nn.Module, names: list[str]) -> None:
-    """Give each layer of a profiler-owned copy its tp plan as `autopar_tp_plan` / `autopar_tp_divisor` (read by
-    `profiler.tensor_parallel`); a plan the user set on a layer's class wins."""
-    from profiler import hf_tp_derived
+    """Give each layer of a profiler-owned copy its tp plan as `autopar_tp_plan` / `autopar_tp_divisor` /
+    `autopar_tp_segments` (read by `profiler.tensor_parallel`); a plan the user set on a layer's class wins.
 
+    A layer the config's `base_model_tp_plan` covers takes it as it is, unless it holds experts autopar shards
+    itself; those layers, and layers the config does not cover, get autopar's own plan on top of the config's
+    (`profiler.hf_tp_derived`), proved on a reduced copy."""
     planned = layer_tp_plans(model, names)
-    uncovered = [n for n in names if n not in planned and is_hf_model(model)]
-    derived = hf_tp_derived.prove_model(model, uncovered) if uncovered else {}
-    for name in [*planned, *derived]:
+    own = [n for n in names if is_hf_model(model) and (
+        n not in planned or (planned[n] is not None and hf_tp_derived.EXPERTS in
+                             hf_tp_derived.derived_plan(model.get_submodule(n))[0].values()))]
+    derived = hf_tp_derived.prove_model(model, own) if own else {}
+    for name in dict.fromkeys([*planned, *derived]):
         layer = model.get_submodule(name)
         if hasattr(type(layer), "autopar_tp_plan"):
             continue
-        if name in planned:
-            styles = planned[name]
-        else:  # no plan in the config: autopar's own table, proved on a reduced copy (profiler.hf_tp_derived)
-            styles, head_params = hf_tp_derived.derived_plan(layer) if derived[name] is None else (None, 0)
+        if name in derived:  # autopar's own table (on top of the config's plan), proved on a reduced copy
+            own_styles, head_params = hf_tp_derived.derived_plan(layer)
+            styles = {**(planned.get(name) or {}), **own_styles} if derived[name] is None else None
             layer.autopar_tp_head_params = head_params
+        else:
+            styles = planned[name]
         layer.autopar_tp_plan = styles
         if styles is not None:
             layer.autopar_tp_divisor = tp_divisor(model, layer, styles)
+            layer.autopar_tp_segments = {p: w for p, w in hf_tp_derived.fused_segments(layer).items() if p in styles}
 
 
 def active_param_count(layer: nn.Module, params: list[nn.Parameter]) -> int | None:

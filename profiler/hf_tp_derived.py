@@ -14,6 +14,17 @@ backward (what DTensor's ColwiseParallel / RowwiseParallel communicate). Outputs
 gradients must equal the unsharded block's to 1e-5; otherwise the block gets no TP, with the reason. A block class
 whose inputs and outputs carry per-head tensors between blocks (`HEAD_TENSORS`) is all-or-nothing per model: one
 unsharded block would receive a sharded position bias.
+
+Two more kinds of weight than `nn.Linear`:
+- transformers' `Conv1D` (GPT-2: a Linear with its weight stored transposed, (in, out)), sharded the same way; the
+  fused `c_attn` (q, k, v in one projection) is split per piece (`PartPlan.fused`: rank r holds [q_r, k_r, v_r]) and
+  the forward's `split_size` holds the per-rank width;
+- mixture-of-experts weight stacks (`EXPERT_PLANS`, Mixtral: `gate_up_proj` (experts, 2 x inter, hidden) and
+  `down_proj` (experts, hidden, inter)): every expert's intermediate features are split over the ranks, as
+  Megatron's expert tensor parallelism does, so each rank runs every routed token through its slice of every
+  expert. The router stays whole; the experts' input and routing weights reach every rank whole (their gradients,
+  partial per rank, are summed in backward) and the experts' output is summed across the ranks in forward
+  (`run_experts_sharded`: the same function for the proof and the executor).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import copy
 import inspect
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,9 +54,19 @@ _RESULTS: dict[str, dict[str, str | None]] = {}
 class PartPlan:
     """How autopar shards one transformers submodule class."""
 
-    linears: dict[str, str]  # Linear path in the submodule -> 'colwise' | 'rowwise'
+    linears: dict[str, str]  # Linear (or Conv1D) path in the submodule -> 'colwise' | 'rowwise'
     per_rank: tuple[str, ...] = ()  # int attributes its forward reads, divided by the TP degree on a sharded copy
     head_tables: tuple[str, ...] = ()  # nn.Embedding with one column per head, split by columns
+    fused: tuple[tuple[str, int], ...] = ()  # colwise projection -> the count of equal pieces its output holds
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """How autopar shards one transformers class holding the weights of all experts as 3-D stacks."""
+
+    colwise: str  # (experts, pieces x inter, hidden): the input projection(s), split along dim 1 per piece
+    pieces: int  # 2 for gate and up projections concatenated along dim 1
+    rowwise: str  # (experts, hidden, inter): the output projection, split along dim 2
 
 
 PART_PLANS: dict[str, PartPlan] = {
@@ -57,7 +79,16 @@ PART_PLANS: dict[str, PartPlan] = {
                             per_rank=("n_heads", "inner_dim"), head_tables=("relative_attention_bias",)),
     "T5DenseActDense": PartPlan({"wi": "colwise", "wo": "rowwise"}),
     "T5DenseGatedActDense": PartPlan({"wi_0": "colwise", "wi_1": "colwise", "wo": "rowwise"}),
+    # GPT-2 self-attention (a cross-attention copy has a 2-piece c_attn and q_attn: the proof refuses it)
+    "GPT2Attention": PartPlan({"c_attn": "colwise", "c_proj": "rowwise"}, fused=(("c_attn", 3),),
+                              per_rank=("split_size", "num_heads", "embed_dim")),
+    "GPT2MLP": PartPlan({"c_fc": "colwise", "c_proj": "rowwise"}),
 }
+EXPERT_PLANS: dict[str, ExpertPlan] = {
+    "MixtralExperts": ExpertPlan(colwise="gate_up_proj", pieces=2, rowwise="down_proj"),
+}
+#: The style autopar gives a module of `EXPERT_PLANS` (`planner.model_profile.ShardStyle.EXPERTS`).
+EXPERTS = "experts"
 #: Block class -> (forward parameters, output positions) holding one slice per attention head on dim 1.
 HEAD_TENSORS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     "T5Block": (("position_bias", "encoder_decoder_position_bias"), (1, 2)),
@@ -73,23 +104,112 @@ def _known(module: nn.Module, table: dict[str, Any]) -> Any:
     return None
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' `Conv1D`: a Linear whose weight is stored (in, out) (GPT-2, GPT)."""
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers.") for c in type(module).__mro__)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or a transformers Conv1D; None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if is_conv1d(module) and module.weight.dim() == 2:
+        return int(module.weight.shape[0]), int(module.weight.shape[1])
+    return None
+
+
+def expert_plan(module: nn.Module) -> ExpertPlan | None:
+    """The `EXPERT_PLANS` entry of `module` when its weights are laid out as the plan expects, else None."""
+    plan = _known(module, EXPERT_PLANS)
+    if plan is None or not getattr(module, "is_concatenated", True) or getattr(module, "is_transposed", False):
+        return None
+    up, down = getattr(module, plan.colwise, None), getattr(module, plan.rowwise, None)
+    if not isinstance(up, nn.Parameter) or not isinstance(down, nn.Parameter) or up.dim() != 3 or down.dim() != 3:
+        return None
+    if up.shape[1] != plan.pieces * down.shape[2] or up.shape[2] != down.shape[1]:
+        return None
+    return plan
+
+
 def derived_plan(layer: nn.Module) -> tuple[dict[str, str], int]:
-    """{Linear path in the layer: style} from `PART_PLANS`, and the parameter count of its per-head tables."""
+    """{path in the layer: style} from `PART_PLANS` (Linears and Conv1Ds) and `EXPERT_PLANS` (experts modules,
+    style `EXPERTS`), and the parameter count of its per-head tables."""
     styles: dict[str, str] = {}
     head_params = 0
     for path, sub in layer.named_modules():
+        prefix = f"{path}." if path else ""
+        if expert_plan(sub) is not None:
+            styles[path] = EXPERTS
+            continue
         plan = _known(sub, PART_PLANS)
         if plan is None:
             continue
-        prefix = f"{path}." if path else ""
         for rel, style in plan.linears.items():
-            if isinstance(getattr(sub, rel, None), nn.Linear):
+            child = getattr(sub, rel, None)
+            if isinstance(child, nn.Module) and linear_features(child) is not None:
                 styles[prefix + rel] = style
         head_params += sum(getattr(sub, t).weight.numel() for t in plan.head_tables
                            if isinstance(getattr(sub, t, None), nn.Embedding))
-    if "rowwise" not in styles.values():
+    if not {"rowwise", EXPERTS} & set(styles.values()):
         return {}, 0
     return styles, head_params
+
+
+def fused_segments(layer: nn.Module) -> dict[str, list[int]]:
+    """{colwise path in the layer: widths of its pieces} for the fused projections `PART_PLANS` names; an experts
+    module's input stack counts too (its dim 1 holds `ExpertPlan.pieces` equal pieces)."""
+    out: dict[str, list[int]] = {}
+    for path, sub in layer.named_modules():
+        prefix = f"{path}." if path else ""
+        experts = expert_plan(sub)
+        if experts is not None:
+            width = getattr(sub, experts.colwise).shape[1]
+            out[path] = [width // experts.pieces] * experts.pieces
+            continue
+        plan = _known(sub, PART_PLANS)
+        for rel, pieces in plan.fused if plan else ():
+            features = linear_features(getattr(sub, rel, None)) if isinstance(getattr(sub, rel, None), nn.Module) \
+                else None
+            if features is not None and features[1] % pieces == 0:
+                out[prefix + rel] = [features[1] // pieces] * pieces
+    return out
+
+
+def piece_order(segments: list[int], tp: int) -> torch.Tensor:
+    """Index i of the permuted output dimension is index `order[i]` of the user's: rank r's slice is the r-th chunk
+    of each piece, in piece order ([q_r, k_r, v_r])."""
+    starts = [sum(segments[:i]) for i in range(len(segments))]
+    return torch.cat([torch.arange(start + r * width // tp, start + (r + 1) * width // tp)
+                      for r in range(tp) for start, width in zip(starts, segments)])
+
+
+def run_experts_sharded(
+    forward: Callable[..., torch.Tensor], module: nn.Module, args: tuple, kwargs: dict[str, Any], *,
+    enter: Callable[[torch.Tensor], torch.Tensor], leave: Callable[[torch.Tensor], torch.Tensor],
+    local: Callable[[nn.Parameter], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run an experts module's own `forward` on this rank's slices of its weight stacks.
+
+    `enter` is applied to its floating-point inputs (the tokens and the routing weights: whole on every rank; their
+    gradients, partial sums per rank, are added across the ranks in backward), `leave` to its output (each rank's
+    partial sum over its intermediate features, added across the ranks in forward). `local` maps a weight stack to
+    the tensor the forward computes with (the executor: a DTensor's local shard, `to_local()`, differentiable); the
+    forward then reads those through the instance dictionary, which attribute lookup consults before the module's
+    parameters, for the duration of the call only.
+    """
+    args = tuple(enter(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    kwargs = {k: enter(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+    plan = expert_plan(module) or _known(module, EXPERT_PLANS)
+    names = (plan.colwise, plan.rowwise) if local is not None else ()
+    shadow = vars(module)
+    try:
+        for n in names:
+            shadow[n] = local(module._parameters[n])
+        out = forward(*args, **kwargs)
+    finally:
+        for n in names:
+            shadow.pop(n, None)
+    return leave(out)
 
 
 def localize_attributes(layer: nn.Module, degree: int) -> list[str]:
@@ -165,19 +285,23 @@ class _SumBackward(torch.autograd.Function):
 
 
 class _ShardedLinear(nn.Linear):
-    """One rank's shard of a Linear, with the collectives of its style."""
+    """One rank's shard of a Linear (or Conv1D), with the collectives of its style; a fused colwise projection's
+    output features permuted first (`piece_order`)."""
 
-    def __init__(self, full: nn.Linear, style: str, group: _Group, rank: int) -> None:
-        dim = 0 if style == "colwise" else 1
-        weight = full.weight.detach().chunk(group.size, dim)[rank].clone()
-        super().__init__(weight.shape[1], weight.shape[0], bias=full.bias is not None,
+    def __init__(self, full: nn.Module, style: str, group: _Group, rank: int, order: torch.Tensor | None) -> None:
+        weight = full.weight.detach().t() if is_conv1d(full) else full.weight.detach()  # (out, in)
+        bias = None if full.bias is None else full.bias.detach()
+        if order is not None:
+            weight = weight.index_select(0, order)
+            bias = None if bias is None else bias.index_select(0, order)
+        weight = weight.chunk(group.size, 0 if style == "colwise" else 1)[rank].clone()
+        super().__init__(weight.shape[1], weight.shape[0], bias=bias is not None,
                          dtype=weight.dtype, device=weight.device)
         self.style, self.group, self.rank = style, group, rank
         with torch.no_grad():
             self.weight.copy_(weight)
-            if full.bias is not None:
-                b = full.bias.detach()
-                self.bias.copy_(b.chunk(group.size)[rank] if style == "colwise" else b)
+            if bias is not None:
+                self.bias.copy_(bias.chunk(group.size)[rank] if style == "colwise" else bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.style == "colwise":
@@ -209,15 +333,59 @@ def _close(a: torch.Tensor | None, b: torch.Tensor | None, tol: float = 1e-5) ->
 
 def _rank_copy(layer: nn.Module, styles: dict[str, str], group: _Group, rank: int) -> nn.Module:
     shard = copy.deepcopy(layer)
+    segments = fused_segments(layer)
     for path, style in styles.items():
+        order = piece_order(segments[path], group.size) if path in segments else None
+        if style == EXPERTS:
+            _shard_experts(shard.get_submodule(path), group, rank, order)
+            continue
         parent, _, leaf = path.rpartition(".")
         owner = shard.get_submodule(parent) if parent else shard
-        setattr(owner, leaf, _ShardedLinear(layer.get_submodule(path), style, group, rank))
+        setattr(owner, leaf, _ShardedLinear(layer.get_submodule(path), style, group, rank, order))
     for path in head_tables(shard):
         table = shard.get_submodule(path)
         table.weight = nn.Parameter(table.weight.detach().chunk(group.size, 1)[rank].clone())
     localize_attributes(shard, group.size)
     return shard
+
+
+def _shard_experts(experts: nn.Module, group: _Group, rank: int, order: torch.Tensor | None) -> None:
+    """Give an emulated rank's experts module its slices of the weight stacks and the collectives around them."""
+    plan = _known(experts, EXPERT_PLANS)
+    up = getattr(experts, plan.colwise).detach()
+    up = up if order is None else up.index_select(1, order)
+    setattr(experts, plan.colwise, nn.Parameter(up.chunk(group.size, 1)[rank].clone()))
+    down = getattr(experts, plan.rowwise).detach()
+    setattr(experts, plan.rowwise, nn.Parameter(down.chunk(group.size, 2)[rank].clone()))
+    forward = type(experts).forward.__get__(experts)
+    experts.forward = lambda *a, **k: run_experts_sharded(
+        forward, experts, a, k, enter=lambda t: _SumBackward.apply(t, group, rank),
+        leave=lambda t: _SumForward.apply(t, group, rank))
+
+
+def _unpermute(t: torch.Tensor, order: torch.Tensor | None, dim: int) -> torch.Tensor:
+    if order is None:
+        return t
+    out = torch.empty_like(t)
+    out.index_copy_(dim, order, t)
+    return out
+
+
+def _whole_grad(module: nn.Module | None, leaf: str, style: str | None, grads: list[torch.Tensor],
+                order: torch.Tensor | None, experts: ExpertPlan | None) -> torch.Tensor | None:
+    """The ranks' gradients of one sharded parameter put back into the unsharded parameter's layout (None: the
+    parameter is not sharded)."""
+    if style == EXPERTS and experts is not None:
+        if leaf == experts.colwise:
+            return _unpermute(torch.cat(grads, 1), order, 1)
+        return torch.cat(grads, 2) if leaf == experts.rowwise else None
+    if style == "colwise":
+        got = _unpermute(torch.cat(grads, 0), order, 0)
+    elif style == "rowwise" and leaf == "weight":
+        got = torch.cat(grads, 1)
+    else:
+        return None
+    return got.t() if leaf == "weight" and module is not None and is_conv1d(module) else got
 
 
 def _leaf(value: Any) -> Any:
@@ -226,10 +394,12 @@ def _leaf(value: Any) -> Any:
     return value
 
 
-def prove_block(layer: nn.Module, args: tuple, kwargs: dict[str, Any], tp: int = _PROOF_TP) -> str | None:
-    """Run `layer` (float64, eval) as `tp` emulated ranks against itself unsharded; None when outputs and gradients
-    agree to 1e-5, else why not."""
-    styles, _ = derived_plan(layer)
+def prove_block(layer: nn.Module, args: tuple, kwargs: dict[str, Any], tp: int = _PROOF_TP,
+                base: dict[str, str] | None = None) -> str | None:
+    """Run `layer` (float64, eval) as `tp` emulated ranks against itself unsharded, sharded by `base` (the config's
+    runnable plan for it, if any) and autopar's own plan; None when outputs and gradients agree to 1e-5, else why
+    not."""
+    styles = {**(base or {}), **derived_plan(layer)[0]}
     if not styles:
         return "no attention or MLP autopar knows how to shard"
     head_inputs, head_outputs = _known(layer, HEAD_TENSORS) or ((), ())
@@ -289,6 +459,7 @@ def prove_block(layer: nn.Module, args: tuple, kwargs: dict[str, Any], tp: int =
             if (v.grad is None) != (got is None) or (got is not None and not _close(got, v.grad)):
                 return f"the gradient of '{k}' differs when sharded"
     tables = set(head_tables(layer))
+    segments = fused_segments(layer)
     rank_params = [dict(m.named_parameters()) for m in ranks]
     for name, p in full.named_parameters():
         module, _, leaf = name.rpartition(".")
@@ -298,13 +469,11 @@ def prove_block(layer: nn.Module, args: tuple, kwargs: dict[str, Any], tp: int =
             if p.grad is None and all(g is None for g in grads):
                 continue
             return f"'{name}' gets a gradient on only one side"
-        if module in tables:
-            got = torch.cat(grads, 1)
-        elif style == "colwise":
-            got = torch.cat(grads, 0)
-        elif style == "rowwise" and leaf == "weight":
-            got = torch.cat(grads, 1)
-        else:
+        owner = full.get_submodule(module) if module else full
+        order = piece_order(segments[module], tp) if module in segments else None
+        got = torch.cat(grads, 1) if module in tables else _whole_grad(
+            owner, leaf, style, grads, order, expert_plan(owner) if style == EXPERTS else None)
+        if got is None:
             got = grads[0]
             if not all(_close(g, p.grad) for g in grads):
                 return f"the gradient of '{name}' differs between ranks"
@@ -325,7 +494,7 @@ def prove_model(model: nn.Module, names: list[str]) -> dict[str, str | None]:
     if key not in _RESULTS:
         _RESULTS[key] = _prove_reduced(model, hf)
     proved = _RESULTS[key]
-    out = {}
+    out: dict[str, str | None] = {}
     for n in candidates:
         kind = _kind(n)
         out[n] = proved.get(kind, f"no block '{kind}' in the reduced copy to prove it on")
@@ -348,6 +517,8 @@ def _prove_reduced(model: nn.Module, hf: Any) -> dict[str, str | None]:
     with torch.device("cpu"):
         torch.manual_seed(0)
         reduced = type(model)(config).double().eval()
+    if hf._has_grouped_experts(reduced):  # torch's _grouped_mm refuses float64; the fallback kernel is the same GEMMs
+        hf._use_meta_experts(reduced)
     calls: dict[str, tuple[tuple, dict]] = {}
     blocks: dict[str, nn.Module] = {}  # the first two blocks of each outermost list of blocks
     for n, m in reduced.named_modules():
@@ -369,6 +540,7 @@ def _prove_reduced(model: nn.Module, hf: Any) -> dict[str, str | None]:
     finally:
         for h in handles:
             h.remove()
+    base = {n: styles for n, styles in hf.layer_tp_plans(reduced, list(blocks)).items() if styles}
     results: dict[str, str | None] = {}
     for name, block in blocks.items():
         if name not in calls:
@@ -376,7 +548,7 @@ def _prove_reduced(model: nn.Module, hf: Any) -> dict[str, str | None]:
             continue
         args, kwargs = calls[name]
         args = tuple(None if hf._is_cache(a) else a for a in args)
-        results[name] = prove_block(block, args, kwargs)
+        results[name] = prove_block(block, args, kwargs, base=base.get(name))
     shared = [n for n, m in blocks.items() if _known(m, HEAD_TENSORS)]
     failed = next((results[n] for n in shared if results[n] is not None), None)
     if failed is not None:  # blocks hand per-head tensors on: all sharded or none

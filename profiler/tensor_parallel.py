@@ -12,8 +12,11 @@ layer's own forward can run on local shards; the divisor is the gcd of every sha
 heads with grouped-query attention).
 
 User override: a layer module (or its class) may set `autopar_tp_plan = {"attn.q_proj": "colwise", ...}` with
-paths relative to the layer (or `None` to forbid TP) and `autopar_tp_divisor = <int>` (attention heads, or KV heads
-with grouped-query attention; default: gcd of the colwise output widths).
+paths relative to the layer (or `None` to forbid TP), `autopar_tp_divisor = <int>` (attention heads, or KV heads
+with grouped-query attention; default: gcd of the colwise output widths) and `autopar_tp_segments = {"attn.qkv":
+[768, 768, 768]}` (the pieces of a fused colwise projection; default: found by tracing the layer). Besides
+nn.Linear, a plan may name transformers' `Conv1D` (colwise / rowwise) and an experts module that
+`profiler.hf_tp_derived.EXPERT_PLANS` knows (style `experts`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from planner.model_profile import SequenceParallelSpec, ShardStyle, TensorParallelSpec, TPShard
 from profiler.errors import ProfileError
 from profiler.fx_shapes import find_segments
+from profiler.hf_tp_derived import expert_plan, linear_features
 from profiler.recording import LayerCall
 from profiler.sequence_parallel import detect_sequence_parallel
 from profiler.tp_shapes import ShardError, analyze
@@ -179,24 +183,35 @@ def trace_layer(module: nn.Module, call: LayerCall) -> fx.GraphModule:
 def _spec(
     module: nn.Module, colwise: list[str], rowwise: list[str], divisor: int, row_out_bytes: list[float],
     segments: dict[str, tuple[int, ...]], sequence_parallel: SequenceParallelSpec | None = None,
+    experts: list[str] = (),
 ) -> TensorParallelSpec:
+    """`row_out_bytes`: per sample, the output of each rowwise Linear and then of each experts module."""
     sharded = 0
     for name in colwise:
         sharded += sum(p.numel() for p in module.get_submodule(name).parameters())
     for name in rowwise:
         sharded += module.get_submodule(name).weight.numel()
+    for name in experts:  # both weight stacks, split along the intermediate features
+        sub = module.get_submodule(name)
+        plan = expert_plan(sub)
+        sharded += getattr(sub, plan.colwise).numel() + getattr(sub, plan.rowwise).numel()
     shards = [TPShard(module=n, style=ShardStyle.COLWISE, segments=list(segments[n]) if n in segments else None)
               for n in colwise]
     shards += [TPShard(module=n, style=ShardStyle.ROWWISE) for n in rowwise]
+    shards += [TPShard(module=n, style=ShardStyle.EXPERTS, segments=list(segments[n]) if n in segments else None)
+               for n in experts]
     return TensorParallelSpec(
         shards=shards,
         divisor=max(divisor, 1),
         sharded_param_count=sharded,
-        allreduces_per_forward=len(rowwise),
+        # an experts module sums its output across the group, as a rowwise Linear does
+        allreduces_per_forward=len(rowwise) + len(experts),
         # DTensor's ColwiseParallel turns its replicated input's gradient from partial to whole on its own: one
         # all-reduce per colwise Linear in backward (separate q/k/v: three; Megatron's one `f` before them: one).
-        # Those gradients are the block's hidden width, as the rowwise outputs are.
-        allreduces_per_backward=len(colwise),
+        # Those gradients are the block's hidden width, as the rowwise outputs are. An experts module's token input
+        # likewise (its routing weights' gradient, tokens x top-k values, is a further small all-reduce, not
+        # counted: latency only).
+        allreduces_per_backward=len(colwise) + len(experts),
         allreduce_bytes=sum(row_out_bytes) / max(len(row_out_bytes), 1),
         sequence_parallel=sequence_parallel,
     )
@@ -253,24 +268,33 @@ def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) ->
     if not isinstance(plan, dict) or not plan:
         raise ProfileError(f"{type(module).__name__}.autopar_tp_plan must be a dict {{path: 'colwise'|'rowwise'}} "
                            "or None")
-    linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in module.named_modules() if linear_features(m) is not None]
+    expert_modules = [n for n, m in module.named_modules() if expert_plan(m) is not None]
     styles: dict[str, ShardStyle] = {}
     for path, style in plan.items():
-        if path not in linears:
-            raise ProfileError(f"{type(module).__name__}.autopar_tp_plan names '{path}', which is not an nn.Linear "
-                               f"in the layer; its Linears are {', '.join(linears) or 'none'}")
         try:
             styles[path] = ShardStyle(style)
         except ValueError:
-            raise ProfileError(f"autopar_tp_plan['{path}'] is '{style}'; use 'colwise' or 'rowwise'") from None
+            raise ProfileError(f"autopar_tp_plan['{path}'] is '{style}'; use 'colwise', 'rowwise' or, on an experts "
+                               "module, 'experts'") from None
+        if styles[path] == ShardStyle.EXPERTS and path not in expert_modules:
+            raise ProfileError(f"{type(module).__name__}.autopar_tp_plan names '{path}' as experts, but it is not an "
+                               "experts module autopar can shard; its experts modules are "
+                               f"{', '.join(expert_modules) or 'none'}")
+        if styles[path] != ShardStyle.EXPERTS and (path not in linears or styles[path] not in (
+                ShardStyle.COLWISE, ShardStyle.ROWWISE)):
+            raise ProfileError(f"{type(module).__name__}.autopar_tp_plan names '{path}' as '{style}'; a plan's "
+                               "entries are 'colwise' or 'rowwise' Linears (or Conv1Ds) in the layer, whose Linears "
+                               f"are {', '.join(linears) or 'none'}")
     colwise = [p for p in linears if styles.get(p) == ShardStyle.COLWISE]
     rowwise = [p for p in linears if styles.get(p) == ShardStyle.ROWWISE]
+    experts = [p for p in expert_modules if styles.get(p) == ShardStyle.EXPERTS]
     out_bytes: dict[str, float] = {}
     handles = [
         module.get_submodule(p).register_forward_hook(
             lambda _m, _a, out, p=p: out_bytes.__setitem__(p, float(out.numel() * out.element_size()) / batch)
         )
-        for p in rowwise
+        for p in [*rowwise, *experts]
     ]
     try:
         with torch.no_grad():
@@ -278,13 +302,25 @@ def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) ->
     finally:
         for h in handles:
             h.remove()
-    default = math.gcd(*[module.get_submodule(c).out_features for c in colwise]) if colwise else 1
+    default = math.gcd(*[linear_features(module.get_submodule(c))[1] for c in colwise]) if colwise else 1
     divisor = int(getattr(module, "autopar_tp_divisor", default))
-    try:  # a fused projection among the planned colwise Linears is sharded per piece
-        segments = find_segments(trace_layer(module, call), colwise)
-    except Exception as exc:  # noqa: BLE001 - untraceable: no piece widths; the executor then refuses what it cannot run
-        logger.info("%s: fx cannot trace it (%s); no fused projection recorded", type(module).__name__, exc)
-        segments = {}
-    spec = _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in rowwise], segments)
+    given = getattr(module, "autopar_tp_segments", None)
+    if given is not None:  # the pieces of the fused projections, as the plan's author knows them
+        segments = {p: tuple(int(w) for w in widths) for p, widths in dict(given).items()}
+        for p, widths in segments.items():
+            width = linear_features(module.get_submodule(p))[1] if p in colwise else (
+                getattr(module.get_submodule(p), expert_plan(module.get_submodule(p)).colwise).shape[1]
+                if p in experts else None)
+            if width is None or sum(widths) != width:
+                raise ProfileError(f"{type(module).__name__}.autopar_tp_segments['{p}'] is {list(widths)}: it must "
+                                   "name a colwise (or experts) entry of autopar_tp_plan and add up to its width")
+    else:
+        try:  # a fused projection among the planned colwise Linears is sharded per piece
+            segments = find_segments(trace_layer(module, call), colwise)
+        except Exception as exc:  # noqa: BLE001 - untraceable: no piece widths; the executor refuses what it cannot run
+            logger.info("%s: fx cannot trace it (%s); no fused projection recorded", type(module).__name__, exc)
+            segments = {}
+    spec = _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in [*rowwise, *experts]], segments,
+                 experts=experts)
     head_params = int(getattr(module, "autopar_tp_head_params", 0))  # per-head tables split with the heads (T5)
     return spec.model_copy(update={"sharded_param_count": spec.sharded_param_count + head_params})

@@ -129,12 +129,58 @@ def test_llama_tp_plan_shards_attention_and_mlp_of_every_block_by_kv_heads(profi
         assert layer.tp.sharded_param_count == 2 * H * H + 2 * H * KV * HD + 3 * H * INTER
 
 
-def test_models_without_a_runnable_tp_plan_offer_no_block_tp(profiles):
-    # GPT-2 has no base_model_tp_plan and its fused Conv1D projections have no entry in autopar's own plan table
-    # (profiler.hf_tp_derived, which gives BERT and T5 their shards); Mixtral's experts use styles autopar cannot run.
+def test_gpt2_blocks_shard_the_fused_conv1d_qkv_per_piece_and_the_mlp(profiles):
+    # GPT-2 has no base_model_tp_plan: autopar's own table (profiler.hf_tp_derived) shards its Conv1D projections,
+    # the fused c_attn per piece (q, k, v each split by heads)
     assert transformers.GPT2Config.base_model_tp_plan is None
-    for name in ("gpt2", "mixtral"):
-        assert all(layer.tp is None for layer in profiles[name].layers if layer.name.startswith(BLOCKS[name]))
+    for layer in profiles["gpt2"].layers:
+        if not layer.name.startswith(BLOCKS["gpt2"]):
+            continue
+        assert {s.module: (s.style.value, s.segments) for s in layer.tp.shards} == {
+            "attn.c_attn": ("colwise", [H, H, H]), "attn.c_proj": ("rowwise", None),
+            "mlp.c_fc": ("colwise", None), "mlp.c_proj": ("rowwise", None)}
+        assert layer.tp.divisor == HEADS
+        # colwise: weight and bias split; rowwise: the weight (its bias is added once)
+        assert layer.tp.sharded_param_count == (3 * H * H + 3 * H) + H * H + (4 * H * H + 4 * H) + 4 * H * H
+
+
+def test_mixtral_blocks_shard_attention_by_the_config_plan_and_every_expert_by_its_intermediate_features(profiles):
+    # the config's plan for the experts uses styles autopar does not run (packed_colwise, moe_tp_experts); autopar
+    # splits each expert's gate / up stack per piece and its down stack by the intermediate features instead
+    for layer in profiles["mixtral"].layers:
+        if not layer.name.startswith(BLOCKS["mixtral"]):
+            continue
+        assert {s.module: (s.style.value, s.segments) for s in layer.tp.shards} == {
+            "self_attn.q_proj": ("colwise", None), "self_attn.k_proj": ("colwise", None),
+            "self_attn.v_proj": ("colwise", None), "self_attn.o_proj": ("rowwise", None),
+            "mlp.experts": ("experts", [INTER, INTER])}
+        assert layer.tp.divisor == KV
+        assert layer.tp.sharded_param_count == 2 * H * H + 2 * H * KV * HD + EXPERT_PARAMS
+        # the block's output is summed after attention and after the experts; in backward, the inputs of q, k, v
+        # and of the experts are
+        assert (layer.tp.allreduces_per_forward, layer.tp.allreduces_per_backward) == (2, 4)
+
+
+def test_tp_divides_the_weight_gemms_of_every_sharded_expert_and_attention_projection_not_the_router(profiles):
+    from planner.cluster import load_cluster
+    from planner.cost import estimate_weight_gemm_seconds
+
+    base = load_cluster("dgx-h100")
+    cluster = base.model_copy(update={"device": base.device.model_copy(update={"gemm_ramp_seconds": 0.0})})
+    peak = cluster.peak_flops_for(profiles["mixtral"].dtype)  # no ramp: every GEMM at one efficiency
+    block = next(x for x in profiles["mixtral"].layers if x.name == "model.layers.0")
+    # each expert's GEMMs: N, K of one expert's weight (2 x inter by hidden in, hidden by inter out)
+    assert {(g.n, g.k) for g in block.gemms if g.module == "mlp.experts"} == {(2 * INTER, H), (H, INTER)}
+
+    def seconds(tp):
+        return estimate_weight_gemm_seconds(block, cluster, peak, backward=False, micro_batch=4, tp=tp, gemm_flops=0.0)
+
+    router = [g for g in block.gemms if g.module == "mlp.gate"]
+    assert router
+    only_router = block.model_copy(update={"gemms": router})
+    t_router = estimate_weight_gemm_seconds(only_router, cluster, peak, backward=False, micro_batch=4, tp=1,
+                                            gemm_flops=0.0)
+    assert seconds(2) == pytest.approx((seconds(1) - t_router) / 2 + t_router, rel=1e-9)
 
 
 def test_mixtral_records_active_parameters_of_top_k_experts(profiles):

@@ -1,5 +1,6 @@
-"""BERT and T5 blocks, whose configs have no `base_model_tp_plan`, get tensor-parallel shards from autopar's own
-per-class plan, proved on a reduced copy (profiler.hf_tp_derived), and tp=2 trains the single-process model.
+"""BERT, T5 and GPT-2 blocks, whose configs have no `base_model_tp_plan`, and Mixtral's experts, whose config plan
+uses styles autopar does not run, get tensor-parallel shards from autopar's own per-class plan, proved on a reduced
+copy (profiler.hf_tp_derived), and tp=2 trains the single-process model.
 
 This file is also the worker program of its distributed test (`python tests/test_hf_tp_derived.py CASES OUT`).
 """
@@ -16,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import executor_support as sup
+from test_hf_models import gpt2, mixtral  # tiny GPT-2 (fused Conv1D c_attn) and Mixtral (4 experts, top-2)
 
 transformers = pytest.importorskip("transformers") if __name__ != "__main__" else __import__("transformers")
 
@@ -74,7 +76,7 @@ def t5_batch(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "labels": torch.randint(1, V, (size, S - 2), generator=gen)}
 
 
-MODELS = {"bert": (bert, bert_batch), "t5": (t5, t5_batch)}
+MODELS = {"bert": (bert, bert_batch), "t5": (t5, t5_batch), "gpt2": (gpt2, bert_batch), "mixtral": (mixtral, bert_batch)}
 
 
 def _profile(name: str):
@@ -87,7 +89,7 @@ def _profile(name: str):
 
 @pytest.fixture(scope="module")
 def profiles():
-    return {name: _profile(name) for name in ("bert", "t5")}
+    return {name: _profile(name) for name in MODELS}
 
 
 def _blocks(profile, prefix: str):
@@ -162,6 +164,7 @@ def _worker(cases_path: str, out_path: str) -> None:
     import torch.distributed as dist
 
     from executor import apply_plan, init_distributed
+    from executor.tp_rewrite import sharded_layout
     from executor.worker import teardown
     from planner.model_profile import ModelProfile
 
@@ -185,7 +188,7 @@ def _worker(cases_path: str, out_path: str) -> None:
         for n, p in pm.parts[0].named_parameters():
             if type(p).__name__ == "DTensor":
                 sharded.append(n)
-                p = p.full_tensor()
+                p = sharded_layout(pm.parts[0], n, p.full_tensor(), inverse=True)  # fused: in the user's order
             params[n] = p.detach().tolist()
         result[name] = {"losses": losses, "sharded": sorted(sharded), "params": params}
     if dist.get_rank() == 0:
@@ -195,7 +198,7 @@ def _worker(cases_path: str, out_path: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
-def test_bert_and_t5_tp2_train_the_single_process_model(profiles, tmp_path):
+def test_bert_t5_gpt2_and_mixtral_tp2_train_the_single_process_model(profiles, tmp_path):
     cases, out = tmp_path / "cases.json", tmp_path / "out.json"
     payload = {"profiles": {n: p.model_dump(mode="json") for n, p in profiles.items()}}
     sup.run_workers(__file__, 2, payload, cases, out, timeout=180)
@@ -203,6 +206,8 @@ def test_bert_and_t5_tp2_train_the_single_process_model(profiles, tmp_path):
     assert "bert.encoder.layer.1.intermediate.dense.weight" in result["bert"]["sharded"]
     assert "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight" in result["t5"]["sharded"]
     assert "decoder.block.1.layer.1.EncDecAttention.o.weight" in result["t5"]["sharded"]
+    assert "transformer.h.1.attn.c_attn.weight" in result["gpt2"]["sharded"]
+    assert "model.layers.0.mlp.experts.gate_up_proj" in result["mixtral"]["sharded"]
     for name in MODELS:
         st = sup.strategy(tp=2, num_layers=profiles[name].num_layers)
         losses, params = _train_reference(name, st.global_batch_size)

@@ -136,6 +136,19 @@ def test_tp_plan_naming_a_missing_linear_is_an_error() -> None:
         profile(nn.Sequential(Bad(), Bad()), torch.randn(2, 8, 32), cache=False)
 
 
+def test_tp_plan_segments_given_by_the_author_are_kept_and_checked() -> None:
+    class Given(_PlannedBlock):
+        autopar_tp_segments: ClassVar = {"qkv": [32, 32, 32]}
+
+    class Wrong(_PlannedBlock):
+        autopar_tp_segments: ClassVar = {"qkv": [32, 32]}  # 64 of the projection's 96 features
+
+    p = profile(nn.Sequential(Given(), Given()), torch.randn(2, 8, 32), cache=False)
+    assert [s.segments for s in p.layers[0].tp.shards] == [[32, 32, 32], None]
+    with pytest.raises(ProfileError, match=r"autopar_tp_segments\['qkv'\] is \[32, 32\]"):
+        profile(nn.Sequential(Wrong(), Wrong()), torch.randn(2, 8, 32), cache=False)
+
+
 @pytest.fixture(scope="module")
 def measured_small_gpt() -> ModelProfile:
     """A small GPT measured on CPU, single-threaded (other tests on this 2-core box disturb two threads badly)."""
