@@ -194,12 +194,15 @@ def test_mixtral_counts_the_same_in_bfloat16_and_float32():
     assert [x.fwd_flops for x in fp32.layers] == [x.fwd_flops for x in bf16.layers]
 
 
-def test_measured_cpu_profile_of_llama_times_every_layer_without_a_growing_cache():
-    p = _profile(llama, device="cpu", warmup=0, repeats=1)
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_measured_cpu_profile_times_every_layer_without_a_growing_cache(profiles, name):
+    p = _profile(FACTORIES[name], device="cpu", warmup=0, repeats=1)
     assert p.step is not None and p.step.fwd_bwd_seconds > 0
     assert all(layer.fwd_seconds is not None and layer.bwd_seconds is not None for layer in p.layers)
     calls = [c for layer in p.layers for c in layer.attention]
     assert calls and all(c.kv_len == S for c in calls)  # a reused key/value cache would have grown it
+    # measuring changes no count: the layers, their FLOPs and TP shards are the meta profile's
+    assert [(x.name, x.fwd_flops, x.tp) for x in p.layers] == [(x.name, x.fwd_flops, x.tp) for x in profiles[name].layers]
 
 
 def test_all_ones_attention_mask_counts_like_no_mask_and_padding_is_refused_with_the_fix(profiles):

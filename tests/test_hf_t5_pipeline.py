@@ -82,6 +82,18 @@ def test_t5_is_cut_between_the_blocks_of_each_stack_between_the_stacks_and_befor
     assert names[profile.cut_points[3]] == "decoder.embed_tokens"
 
 
+def test_a_measured_cpu_profile_of_t5_times_every_layer_and_counts_as_the_meta_one():
+    import profiler
+
+    torch.manual_seed(0)
+    measured = profiler.profile(t5(), t5_batch(2), device="cpu", cache=False, warmup=0, repeats=1)
+    assert measured.step is not None and measured.step.fwd_bwd_seconds > 0
+    assert all(x.fwd_seconds is not None and x.bwd_seconds is not None for x in measured.layers)
+    meta = _t5_profile()
+    assert [(x.name, x.fwd_flops, x.tp) for x in measured.layers] == [(x.name, x.fwd_flops, x.tp) for x in meta.layers]
+    assert measured.cut_points == meta.cut_points and measured.edges == meta.edges
+
+
 def test_every_tensor_crossing_a_t5_cut_is_counted():
     from planner.graph import cut_bytes
     from profiler.partition import partition
