@@ -37,8 +37,6 @@ def check_sequence_parallel(strategy: Strategy, profile: ModelProfile, *, hf_mod
     problem = None
     if not layers:
         problem = "no layer of this model's profile can run sequence-parallel"
-    elif strategy.dims.pp > 1:
-        problem = "the executor does not pipeline sequence-parallel layers yet (stages pass whole activations)"
     elif hf_model:
         problem = "transformers models run tensor parallelism through their own layers (executor.hf_tp), not so"
     elif seq is None or seq % tp:

@@ -225,7 +225,11 @@ class CandidateCosts:
         self.P_elems = _prefix(elems)
         self.P_static = [0, *accumulate(static)]
         self.P_act = [0, *accumulate(act)]
-        self.cut_bytes = [b * x for x in cut_bytes]
+        # A cut after a layer that runs sequence-parallel sends each TP rank's sequence shard (executor: the stage
+        # output stays local; the next layer takes it as it is, or gathers it whole itself).
+        sp_sends = [k > 0 and runs_sequence_parallel(profile.layers[k - 1], d.tp, cfg.sequence_parallel)
+                    for k in range(len(cut_bytes))]
+        self.cut_bytes = [b * x / (d.tp if sharded else 1) for x, sharded in zip(cut_bytes, sp_sends)]
 
         # Pipeline sends: chunk c sends its output to chunk c+1 (and gets the gradient back) over this link.
         n = cfg.num_stages
@@ -247,7 +251,8 @@ class CandidateCosts:
         self.in_flight = [in_flight(cfg.schedule, pp=d.pp, rank=r, num_micro_batches=cfg.num_micro_batches,
                                     virtual_stages=cfg.virtual_stages) for r in range(d.pp)]
         self.comm_buffer_bytes = estimate_comm_buffer_bytes(
-            profile.layers, cut_bytes, dtype=dtype, dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero, micro_batch=b
+            profile.layers, [x / (d.tp if sharded else 1) for x, sharded in zip(cut_bytes, sp_sends)], dtype=dtype,
+            dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero, micro_batch=b
         )
         #: the layer being recomputed under full recompute: reported as activations, not as buffers
         self.working_set_bytes = estimate_working_set_bytes(layers_for_cluster(profile, cluster), tp=d.tp,

@@ -106,9 +106,7 @@ def enumerate_configs(view: ModelView, cluster: ClusterSpec, global_batch: int, 
                         scheds += [(s, v) for v in space.virtual_stages if m % pp == 0 and pp * v <= max_stages]
                     else:
                         scheds.append((s, 1))
-            # pp == 1: the executor does not pipeline sequence-parallel layers yet (executor.sequence_parallel);
-            # `evaluate` still costs such a strategy (an imported Megatron layout)
-            sps = [sp for sp in space.sequence_parallel if not sp or (tp > 1 and pp == 1 and sp_layers)] or [False]
+            sps = [sp for sp in space.sequence_parallel if not sp or (tp > 1 and sp_layers)] or [False]
             for order in distinct_mesh_orders(dims, cluster.gpus_per_node, space.mesh_orders):
                 for zero in zeros:
                     for sched, v in scheds:

@@ -21,7 +21,7 @@ from planner.cost import CommModel, place_group
 from planner.evaluate import evaluate
 from planner.gpt_formula import gpt_profile
 from planner.memory import estimate_layer_activation_bytes
-from planner.strategy import ParallelDims, Recompute, StageSpec, Strategy
+from planner.strategy import ParallelDims, Recompute, Schedule, StageSpec, Strategy
 from planner.tp_comm import tp_collectives
 
 TOL = 1e-5
@@ -150,6 +150,20 @@ def test_search_picks_sequence_parallel_when_only_it_fits_and_plain_tp_on_a_tie(
         assert small.prediction.step_seconds <= alt.step_seconds * (1 + SIMPLICITY_TOLERANCE)
 
 
+def test_a_pipeline_cut_between_sequence_parallel_blocks_sends_each_rank_its_shard():
+    profile = sup.tiny_profile()
+    cpu = load_cluster("cpu", gpus_per_node=4)
+
+    def p2p(sp: bool, cut: int) -> float:
+        pred = evaluate(profile, cpu, sup.strategy(tp=2, pp=2, cuts=(cut,), sequence_parallel=sp))
+        return next(c.bytes for c in pred.time.comms if c.collective == "p2p")
+
+    # between two blocks: the shard (the sequence split over tp=2); after the embedding, which does not run
+    # sequence-parallel: its whole output, which the next block cuts itself
+    assert p2p(True, 3) == pytest.approx(p2p(False, 3) / 2, rel=1e-12)
+    assert p2p(True, 1) == pytest.approx(p2p(False, 1), rel=1e-12)
+
+
 def test_megatron_export_sets_sequence_parallel_and_reads_back_as_the_strategy():
     from planner.evaluate import name_stages
     from planner.export_launch import megatron_args
@@ -179,12 +193,11 @@ def test_executor_refuses_sequence_parallel_it_cannot_run_before_launch():
     from executor.sequence_parallel import check_sequence_parallel
 
     p = sup.tiny_profile()
-    with pytest.raises(ExecutorError, match="plan without sequence parallelism"):
-        check_sequence_parallel(sup.strategy(tp=2, pp=2, cuts=(3,), sequence_parallel=True), p)
     odd = sup.tiny_profile("gpt-tiny", (("seq_len", 31),))
     with pytest.raises(ExecutorError, match="not divisible by tp=2"):
         check_sequence_parallel(sup.strategy(tp=2, sequence_parallel=True), odd)
     check_sequence_parallel(sup.strategy(tp=2, sequence_parallel=True), p)  # runs
+    check_sequence_parallel(sup.strategy(tp=2, pp=2, cuts=(3,), sequence_parallel=True), p)  # pipelined too
     with pytest.raises(ValueError, match="needs tensor parallelism"):
         sup.strategy(tp=1, dp=2, sequence_parallel=True)
 
@@ -194,6 +207,13 @@ def test_executor_refuses_sequence_parallel_it_cannot_run_before_launch():
 CASES = {
     "sp": {"tp": 2, "sequence_parallel": True},
     "sp_full_recompute": {"tp": 2, "sequence_parallel": True, "recompute": Recompute.FULL},
+}
+#: pp=2 x tp=2 on 4 ranks: stages hand each other sequence shards (a cut between two sequence-parallel blocks), or
+#: the first block of a stage cuts its whole input (the embedding alone on stage 0), over 4 interleaved stages too
+PIPELINED = {
+    "sp_pp_1f1b": {"tp": 2, "pp": 2, "cuts": (3,), "sequence_parallel": True},
+    "sp_pp_interleaved": {"tp": 2, "pp": 2, "cuts": (1, 3, 5), "sequence_parallel": True,
+                          "schedule": Schedule.INTERLEAVED_1F1B, "virtual_stages": 2},
 }
 
 
@@ -216,18 +236,30 @@ def _worker(cases_path: str, out_path: str) -> None:
         st = Strategy.model_validate(case)
         pm = apply_plan(st, functools.partial(zoo.build, "meta"), profile, loss_fn=zoo.loss, device=device,
                         seed=sup.SEED)
-        part = pm.parts[0]
         tokens = []
-        part.get_submodule("blocks.1").register_forward_pre_hook(lambda _m, args, seen=tokens: seen.append(args[0].shape[1]))
+        for part in pm.parts:  # every block this rank holds records the tokens it runs on
+            for block in [m for n, m in part.named_modules() if n.startswith("blocks.") and n.count(".") == 1]:
+                block.register_forward_pre_hook(lambda _m, args, seen=tokens: seen.append(args[0].shape[1]))
         opts = [torch.optim.SGD(q.parameters(), lr=sup.LR) for q in pm.parts]
         losses = [r.loss for r in train(pm, opts, lambda step, batch, zoo=zoo: zoo.synthetic_batch(
             batch, seed=sup.DATA_SEED + step), steps=sup.STEPS)]
         whole = {n: (q.full_tensor() if isinstance(q, DTensor) else q).detach().clone()
-                 for n, q in part.named_parameters()}
+                 for part in pm.parts for n, q in part.named_parameters()}
         results[name] = {"losses": losses, "tokens": sorted(set(tokens))}
         params[name] = whole
+    # every rank's parameters (a pipeline rank holds its stages' only); rank 0 writes the union
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (results, params))
     if dist.get_rank() == 0:
-        torch.save(params, out_path + ".pt")
+        merged = {name: {} for name in params}
+        tokens = {name: set() for name in results}
+        for rank_results, rank_params in gathered:
+            for name in merged:
+                merged[name].update(rank_params[name])
+                tokens[name].update(rank_results[name]["tokens"])
+        for name in results:
+            results[name]["tokens"] = sorted(tokens[name])
+        torch.save(merged, out_path + ".pt")
         Path(out_path).write_text(json.dumps(results))
     teardown()
 
@@ -253,21 +285,26 @@ def _reference(global_batch: int) -> tuple[list[float], dict[str, torch.Tensor]]
     return losses, {n: q.detach() for n, q in net.named_parameters()}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[dict, dict]:
-    tmp = tmp_path_factory.mktemp("sp")
+def _launch(tmp: Path, cases: dict, nproc: int) -> tuple[dict, dict]:
     payload = {"profile": sup.tiny_profile().model_dump(mode="json"),
-               "cases": {n: sup.strategy(**kw).model_dump(mode="json") for n, kw in CASES.items()}}
-    sup.run_workers(__file__, 2, payload, tmp / "cases.json", tmp / "out.json", timeout=150)
+               "cases": {n: sup.strategy(**kw).model_dump(mode="json") for n, kw in cases.items()}}
+    sup.run_workers(__file__, nproc, payload, tmp / "cases.json", tmp / "out.json", timeout=240)
     return json.loads((tmp / "out.json").read_text()), torch.load(str(tmp / "out.json") + ".pt")
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[dict, dict]:
+    flat = _launch(tmp_path_factory.mktemp("sp"), CASES, 2)
+    piped = _launch(tmp_path_factory.mktemp("sp_pp"), PIPELINED, 4)
+    return {**flat[0], **piped[0]}, {**flat[1], **piped[1]}
+
+
 @pytest.mark.distributed
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("case", sorted([*CASES, *PIPELINED]))
 def test_sequence_parallel_training_equals_single_process(runs, case):
     results, params = runs
-    st = sup.strategy(**CASES[case])
+    st = sup.strategy(**{**CASES, **PIPELINED}[case])
     ref_losses, ref_params = _reference(st.global_batch_size)
     got = results[case]
     assert max(abs(a - b) for a, b in zip(got["losses"], ref_losses, strict=True)) <= TOL, (got["losses"], ref_losses)
