@@ -118,9 +118,19 @@ def linear_features(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+#: transformers' experts classes (`integrations.moe.use_experts_implementation`, which sets these flags) with Mixtral's
+#: layout take Mixtral's plan: Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 and others. The proof checks each model.
+_EXPERTS_LAYOUT = {"has_gate": True, "is_concatenated": True, "is_transposed": False, "has_bias": False,
+                   "has_post_expert_norm": False}
+
+
 def expert_plan(module: nn.Module) -> ExpertPlan | None:
-    """The `EXPERT_PLANS` entry of `module` when its weights are laid out as the plan expects, else None."""
+    """How autopar shards `module`'s expert weight stacks (`EXPERT_PLANS` by class, else any transformers experts
+    class laid out as Mixtral's), or None when it is not such a module."""
     plan = _known(module, EXPERT_PLANS)
+    if plan is None and type(module).__module__.startswith("transformers.") and all(
+            getattr(module, flag, None) is value for flag, value in _EXPERTS_LAYOUT.items()):
+        plan = EXPERT_PLANS["MixtralExperts"]
     if plan is None or not getattr(module, "is_concatenated", True) or getattr(module, "is_transposed", False):
         return None
     up, down = getattr(module, plan.colwise, None), getattr(module, plan.rowwise, None)
@@ -199,7 +209,7 @@ def run_experts_sharded(
     """
     args = tuple(enter(a) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     kwargs = {k: enter(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
-    plan = expert_plan(module) or _known(module, EXPERT_PLANS)
+    plan = expert_plan(module)
     names = (plan.colwise, plan.rowwise) if local is not None else ()
     shadow = vars(module)
     try:
@@ -351,7 +361,7 @@ def _rank_copy(layer: nn.Module, styles: dict[str, str], group: _Group, rank: in
 
 def _shard_experts(experts: nn.Module, group: _Group, rank: int, order: torch.Tensor | None) -> None:
     """Give an emulated rank's experts module its slices of the weight stacks and the collectives around them."""
-    plan = _known(experts, EXPERT_PLANS)
+    plan = expert_plan(experts)
     up = getattr(experts, plan.colwise).detach()
     up = up if order is None else up.index_select(1, order)
     setattr(experts, plan.colwise, nn.Parameter(up.chunk(group.size, 1)[rank].clone()))

@@ -161,6 +161,26 @@ def test_mixtral_blocks_shard_attention_by_the_config_plan_and_every_expert_by_i
         assert (layer.tp.allreduces_per_forward, layer.tp.allreduces_per_backward) == (2, 4)
 
 
+def test_another_moe_family_with_mixtrals_expert_layout_gets_expert_tp_and_keeps_its_shared_expert_whole():
+    # Qwen2-MoE: its experts class is not Mixtral's but has the same layout (transformers' experts flags); its shared
+    # expert (a dense MLP beside the routed ones) stays replicated, the proof on a reduced copy passing as a whole
+    moe_inter = 16
+    cfg = transformers.Qwen2MoeConfig(num_hidden_layers=LAYERS, hidden_size=H, intermediate_size=INTER,
+                                      moe_intermediate_size=moe_inter, shared_expert_intermediate_size=INTER,
+                                      num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=V,
+                                      max_position_embeddings=P, num_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    profile = _profile(lambda: transformers.Qwen2MoeForCausalLM(cfg))
+    for layer in profile.layers:
+        if not layer.name.startswith("model.layers."):
+            continue
+        assert {s.module: (s.style.value, s.segments) for s in layer.tp.shards} == {
+            "self_attn.q_proj": ("colwise", None), "self_attn.k_proj": ("colwise", None),
+            "self_attn.v_proj": ("colwise", None), "self_attn.o_proj": ("rowwise", None),
+            "mlp.experts": ("experts", [moe_inter, moe_inter])}
+        attention = 2 * H * H + 2 * H * KV * HD + H + 2 * KV * HD  # Qwen2's q, k, v have biases
+        assert layer.tp.sharded_param_count == attention + EXPERTS * 3 * H * moe_inter
+
+
 def test_tp_divides_the_weight_gemms_of_every_sharded_expert_and_attention_projection_not_the_router(profiles):
     from planner.cluster import load_cluster
     from planner.cost import estimate_weight_gemm_seconds
