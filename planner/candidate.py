@@ -50,11 +50,12 @@ from planner.tp_comm import runs_sequence_parallel, tp_collectives
 
 @dataclass(frozen=True)
 class Config:
-    """A strategy without its stage boundaries."""
+    """A strategy without its stage boundaries: `planner.strategy.Strategy`'s fields but `stages`, under the same names
+    (`evaluate.config_of` / `evaluate.strategy_of` convert), hashable so the search can key its tables by it."""
 
     dims: ParallelDims
-    zero: ZeroStage
-    micro_batch: int
+    zero_stage: ZeroStage
+    micro_batch_size: int
     num_micro_batches: int
     schedule: Schedule
     virtual_stages: int
@@ -178,7 +179,7 @@ class CandidateCosts:
 
     def __init__(self, profile: ModelProfile, cluster: ClusterSpec, cfg: Config, cut_bytes: list[float]) -> None:
         self.profile, self.cluster, self.cfg = profile, cluster, cfg
-        d, b = cfg.dims, cfg.micro_batch
+        d, b = cfg.dims, cfg.micro_batch_size
         dtype, comm = profile.dtype, CommModel(cluster)
         self.comm = comm
         strides = _strides(cfg.mesh_order, d)
@@ -186,7 +187,7 @@ class CandidateCosts:
         self.tp_group = place_group(d.tp, strides[MeshAxis.TP], G)
         self.dp_group = place_group(d.dp, strides[MeshAxis.DP], G)
         pp_stride = strides[MeshAxis.PP]
-        state = estimate_state_bytes(dtype, cfg.zero, d.dp, pipelined=d.pp > 1,
+        state = estimate_state_bytes(dtype, cfg.zero_stage, d.dp, pipelined=d.pp > 1,
                                      micro_batches=cfg.num_micro_batches)
         self.state = state
         fwd, bwd, rc, tpc, window, elems, act = layer_table(profile, cluster, d.tp, b, cfg.recompute, self.tp_group,
@@ -201,9 +202,9 @@ class CandidateCosts:
         # The runtime's own memory, AdamW's temporaries and the model output's buffers (planner.memory), labelled
         # apart in the breakdown: per element updated, per device, or on the device running the last layer.
         self.opt_temp_bytes, self.opt_temp_per_elem = estimate_optimizer_temp_bytes(
-            profile.layers, tp=d.tp, dp=d.dp, zero=cfg.zero, device_type=cluster.device.type)
+            profile.layers, tp=d.tp, dp=d.dp, zero=cfg.zero_stage, device_type=cluster.device.type)
         self.output_buffer_bytes = estimate_output_buffer_bytes(profile.layers[-1], tp=d.tp, micro_batch=b)
-        dtensor = d.tp > 1 or (d.dp > 1 and cfg.zero != ZeroStage.NONE)  # FSDP2 / TP parameters are DTensors
+        dtensor = d.tp > 1 or (d.dp > 1 and cfg.zero_stage != ZeroStage.NONE)  # FSDP2 / TP parameters are DTensors
         self.runtime_bytes = cluster.device.runtime_memory_bytes + (
             cluster.device.dtensor_runtime_memory_bytes if dtensor else 0)
         static = [int(n * (state.total + self.opt_temp_per_elem) + 0.999999) for n in elems]
@@ -212,7 +213,7 @@ class CandidateCosts:
         self.elems = elems
         # Host-side framework work (planner.cost.FrameworkOverhead): each FSDP2 / replicate unit (a layer with
         # parameters) per micro-batch, each pipeline stage per micro-batch, each parameter tensor in the optimizer.
-        self.framework = framework_overhead(cluster, dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero)
+        self.framework = framework_overhead(cluster, dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero_stage)
         host = [self.framework.unit_seconds(layer) if e > 0 else 0.0 for e, layer in zip(elems, profile.layers)]
         self.P_host = _prefix(host)
         self.P_compute = _prefix([f + g + h for f, g, h in zip(fwd, bwd, host)])
@@ -236,7 +237,7 @@ class CandidateCosts:
         self.p2p_link = [_spans(c % d.pp, (c + 1) % d.pp, pp_stride, G) for c in range(n - 1)]
 
         # Data-parallel collectives: per-layer costs (planner.dp_comm), summed per rank through prefix tables.
-        zero_ = cfg.zero if d.dp > 1 else ZeroStage.NONE
+        zero_ = cfg.zero_stage if d.dp > 1 else ZeroStage.NONE
         self.dp = dp_comm(comm, self.dp_group, zero_, dtype, pipelined=d.pp > 1, overlap=cluster.overlap_dp_comm)
         self.P_zero = _prefix([self.dp.per_mb.of(e) if e > 0 else 0.0 for e in elems])
         self.P_dp_overlap = _prefix([self.dp.overlap.of(e) if e > 0 else 0.0 for e in elems])
@@ -252,7 +253,7 @@ class CandidateCosts:
                                     virtual_stages=cfg.virtual_stages) for r in range(d.pp)]
         self.comm_buffer_bytes = estimate_comm_buffer_bytes(
             profile.layers, [x / (d.tp if sharded else 1) for x, sharded in zip(cut_bytes, sp_sends)], dtype=dtype,
-            dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero, micro_batch=b
+            dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero_stage, micro_batch=b
         )
         #: the layer being recomputed under full recompute: reported as activations, not as buffers
         self.working_set_bytes = estimate_working_set_bytes(layers_for_cluster(profile, cluster), tp=d.tp,

@@ -111,7 +111,7 @@ def enumerate_configs(view: ModelView, cluster: ClusterSpec, global_batch: int, 
                 for zero in zeros:
                     for sched, v in scheds:
                         for rc in space.recompute:
-                            configs += [Config(dims=dims, zero=zero, micro_batch=b, num_micro_batches=m,
+                            configs += [Config(dims=dims, zero_stage=zero, micro_batch_size=b, num_micro_batches=m,
                                                schedule=sched, virtual_stages=v, recompute=rc, mesh_order=order,
                                                sequence_parallel=sp) for sp in sps]
     return configs
@@ -183,12 +183,12 @@ class Bounder:
 
     def bounds(self, cfg: Config) -> tuple[float, float, float]:
         """(step-time bound in seconds, peak-memory bound in bytes, the slowest-rank time the first one assumed)."""
-        d, b, m, v = cfg.dims, cfg.micro_batch, cfg.num_micro_batches, cfg.virtual_stages
+        d, b, m, v = cfg.dims, cfg.micro_batch_size, cfg.num_micro_batches, cfg.virtual_stages
         G = self.cluster.gpus_per_node
         strides = _strides(cfg.mesh_order, d)
         t = self._totals(d.tp, b, cfg.recompute, (strides[MeshAxis.TP], G), cfg.sequence_parallel)
         dtype = self.profile.dtype
-        zero = cfg.zero if d.dp > 1 else ZeroStage.NONE
+        zero = cfg.zero_stage if d.dp > 1 else ZeroStage.NONE
         overlap = self.cluster.overlap_dp_comm
         pp = d.pp
         dpc = self._dp_comm(d.dp, strides[MeshAxis.DP], G, zero, pp > 1)
@@ -197,7 +197,7 @@ class Bounder:
             return term.alpha * t.param_layers + term.beta * t.elems
 
         k_sum = total(dpc.per_mb)
-        fo = framework_overhead(self.cluster, dp=d.dp, tp=d.tp, pp=pp, zero=cfg.zero)
+        fo = framework_overhead(self.cluster, dp=d.dp, tp=d.tp, pp=pp, zero=cfg.zero_stage)
         # Host work per micro-batch (planner.candidate): FSDP2 units and every rank's v pipeline chunks.
         busy = t.time + sum(fo.unit_seconds(x) for x in self.profile.layers) + pp * v * fo.stage_per_mb
         s_lb = max(busy, k_sum) if overlap else busy + k_sum
@@ -210,8 +210,8 @@ class Bounder:
         exposed = (max(0.0, dp_avg - t.window / pp) if overlap else dp_avg) + dpc.fixed
         # Averages over ranks bound the largest rank's tail from below (max(0, x - w) is convex).
         tail = opt / pp + total(dpc.blocking) / pp + exposed
-        state = estimate_state_bytes(dtype, cfg.zero, d.dp, pipelined=d.pp > 1, micro_batches=m)
+        state = estimate_state_bytes(dtype, cfg.zero_stage, d.dp, pipelined=d.pp > 1, micro_batches=m)
         fl = in_flight(cfg.schedule, pp=pp, rank=pp - 1, num_micro_batches=m, virtual_stages=v)  # the fewest
-        const = self._buffers(d.dp, d.tp, pp, cfg.zero, b) + t.working
+        const = self._buffers(d.dp, d.tp, pp, cfg.zero_stage, b) + t.working
         mem = max(t.elems * state.total / pp + fl * t.act / v / pp, t.max_static_elems * state.total) + const
         return pipe + tail, mem, r_lb

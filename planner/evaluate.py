@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -61,18 +63,17 @@ def prepare(profile: ModelProfile, cluster: ClusterSpec, budget: Budget | None =
 
 def config_of(strategy: Strategy) -> Config:
     """The strategy without its stage boundaries."""
-    return Config(dims=strategy.dims, zero=strategy.zero_stage, micro_batch=strategy.micro_batch_size,
-                  num_micro_batches=strategy.num_micro_batches, schedule=strategy.schedule,
-                  virtual_stages=strategy.virtual_stages, recompute=strategy.recompute,
-                  mesh_order=tuple(strategy.mesh_order), sequence_parallel=strategy.sequence_parallel)
+    return Config(**{f.name: _hashable(getattr(strategy, f.name)) for f in dataclasses.fields(Config)})
 
 
 def strategy_of(cfg: Config, bounds: tuple[int, ...] | list[int]) -> Strategy:
     """A full strategy from a config and stage boundaries."""
-    return Strategy(dims=cfg.dims, mesh_order=cfg.mesh_order, zero_stage=cfg.zero, micro_batch_size=cfg.micro_batch,
-                    num_micro_batches=cfg.num_micro_batches, schedule=cfg.schedule,
-                    virtual_stages=cfg.virtual_stages, recompute=cfg.recompute,
-                    sequence_parallel=cfg.sequence_parallel, stages=[StageSpec(start=a, stop=b) for a, b in zip(bounds, bounds[1:])])
+    return Strategy(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Config)},
+                    stages=[StageSpec(start=a, stop=b) for a, b in itertools.pairwise(bounds)])
+
+
+def _hashable(value: object) -> object:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def name_stages(strategy: Strategy, profile: ModelProfile) -> Strategy:
@@ -127,7 +128,7 @@ def _build_prediction(costs: CandidateCosts, pc: PartitionCosts) -> Prediction:
         exposed_comm=m * (slow.tp_comm + slow.p2p + zero_exposed) + dp_exposed, optimizer=tail.optimizer,
         comms=_comm_list(costs, pc, zero_exposed),
     )
-    batch = cfg.micro_batch * m * d.dp
+    batch = cfg.micro_batch_size * m * d.dp
     model_flops = batch * (profile.fwd_flops + profile.bwd_flops)
     run = layers_for_cluster(profile, cluster)  # recomputed as the device runs attention (no scores with flash)
     if cfg.recompute == Recompute.FULL:
@@ -169,7 +170,7 @@ def _comm_list(costs: CandidateCosts, pc: PartitionCosts, zero_exposed: float) -
         for i in slow.layers:  # the collectives planner.tp_comm prices (in planner.candidate.layer_table), by kind
             for c in tp_collectives(layers[i], layers[i - 1] if i else None, tp=cfg.dims.tp,
                                     sequence_parallel=cfg.sequence_parallel, recompute_forward=full):
-                nbytes = cfg.micro_batch * c.nbytes
+                nbytes = cfg.micro_batch_size * c.nbytes
                 acc = by_kind.setdefault(c.collective, [0.0, 0.0])
                 acc[0] += m * c.count * nbytes
                 acc[1] += m * c.count * getattr(costs.comm, c.collective)(nbytes, costs.tp_group)
@@ -186,7 +187,7 @@ def _comm_list(costs: CandidateCosts, pc: PartitionCosts, zero_exposed: float) -
         grads, params = elems * GRAD_REDUCE_BYTES, elems * costs.profile.dtype.itemsize
         pipelined = cfg.dims.pp > 1
         if slow.zero_per_mb > 0:
-            if cfg.zero == ZeroStage.FULL:
+            if cfg.zero_stage == ZeroStage.FULL:
                 gathers = 1 if pipelined else 2
                 out.append(CommCost(collective="all_gather", axis=MeshAxis.DP,
                                     purpose=f"ZeRO-3 parameter gathers ({gathers} per layer per micro-batch)",
@@ -197,14 +198,14 @@ def _comm_list(costs: CandidateCosts, pc: PartitionCosts, zero_exposed: float) -
                                     purpose="ZeRO-2 gradients every micro-batch", bytes=m * grads,
                                     seconds=m * slow.zero_per_mb, exposed_seconds=m * zero_exposed))
         if tail.dp_overlap > 0:
-            coll = "all_reduce" if cfg.zero == ZeroStage.NONE else "reduce_scatter"
+            coll = "all_reduce" if cfg.zero_stage == ZeroStage.NONE else "reduce_scatter"
             out.append(CommCost(collective=coll, axis=MeshAxis.DP, purpose="gradient sync during the last backward",
                                 bytes=grads, seconds=tail.dp_overlap, exposed_seconds=tail.dp_exposed))
         if tail.dp_blocking > 0:
-            what = ("gradient sync after the pipeline" if cfg.zero == ZeroStage.NONE
+            what = ("gradient sync after the pipeline" if cfg.zero_stage == ZeroStage.NONE
                     else "parameter gather before the first forward"
                     + (" and gradient sync after the pipeline" if pipelined else ""))
-            out.append(CommCost(collective="all_reduce" if cfg.zero == ZeroStage.NONE else "all_gather",
+            out.append(CommCost(collective="all_reduce" if cfg.zero_stage == ZeroStage.NONE else "all_gather",
                                 axis=MeshAxis.DP, purpose=what, bytes=params + (grads if pipelined else 0.0),
                                 seconds=tail.dp_blocking, exposed_seconds=tail.dp_blocking))
     return out

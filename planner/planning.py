@@ -231,9 +231,9 @@ def _simpler_words(fast: Scored, simple: Scored) -> tuple[str, str]:
     f, s = fast.cfg, simple.cfg
 
     def zero(c) -> str:
-        if c.zero == ZeroStage.NONE:
+        if c.zero_stage == ZeroStage.NONE:
             return "DDP" if c.dims.dp > 1 else "no ZeRO"
-        return f"ZeRO-{int(c.zero)}"
+        return f"ZeRO-{int(c.zero_stage)}"
 
     def pipe(c) -> str:
         return "no pipeline" if c.dims.pp == 1 else (

@@ -85,8 +85,8 @@ class Scored:
     def key(self, objective: Objective) -> tuple:
         """Sort key: the objective, then simpler strategies first (no ZeRO, no recompute, fewer stages)."""
         c = self.cfg
-        simple = (int(c.zero), list(type(c.recompute)).index(c.recompute), c.dims.pp, c.virtual_stages, c.dims.tp,
-                  int(c.sequence_parallel), -c.micro_batch)
+        simple = (int(c.zero_stage), list(type(c.recompute)).index(c.recompute), c.dims.pp, c.virtual_stages, c.dims.tp,
+                  int(c.sequence_parallel), -c.micro_batch_size)
         t = float(f"{self.step:.9e}")
         if objective == Objective.MEMORY:
             return (float(f"{self.peak:.6e}"), t, simple)
@@ -103,7 +103,7 @@ SIMPLICITY_TOLERANCE = 0.03
 def simplicity(cfg: Config) -> tuple:
     """Sort key, simpler first: lower ZeRO stage (DDP < ZeRO-1 < ZeRO-3), then fewer pipeline stages, then less
     recomputation, then less tensor parallelism, then no sequence parallelism."""
-    return (int(cfg.zero), cfg.dims.pp, cfg.virtual_stages, list(Recompute).index(cfg.recompute), cfg.dims.tp,
+    return (int(cfg.zero_stage), cfg.dims.pp, cfg.virtual_stages, list(Recompute).index(cfg.recompute), cfg.dims.tp,
             int(cfg.sequence_parallel))
 
 
@@ -420,12 +420,12 @@ def _no_fit_message(view: ModelView, cluster: ClusterSpec, scored: list, misfits
     from planner.strategy import Recompute
     if Recompute.FULL not in space.recompute:
         tips.append("allow full activation recomputation")
-    if cfg.micro_batch > 1 or (space.micro_batch_sizes and min(space.micro_batch_sizes) > 1):
+    if cfg.micro_batch_size > 1 or (space.micro_batch_sizes and min(space.micro_batch_sizes) > 1):
         tips.append("a smaller micro-batch")
     if 3 not in space.zero_stages:
         tips.append("allow ZeRO stage 3")
     return (f"no strategy fits in {cap / GB:.1f} GB per device ({cluster.device.name}, "
             f"{cluster.memory_margin:.0%} held back): the closest, {cfg.dims.dp}x{cfg.dims.tp}x{cfg.dims.pp} "
-            f"(dp x tp x pp) with ZeRO-{int(cfg.zero)}, micro-batch {cfg.micro_batch} and recompute "
+            f"(dp x tp x pp) with ZeRO-{int(cfg.zero_stage)}, micro-batch {cfg.micro_batch_size} and recompute "
             f"{cfg.recompute.value}, needs {need / GB:.1f} GB{where}, {over / GB:.1f} GB over; try "
             + ", or ".join(tips))
