@@ -44,6 +44,7 @@ from executor import (
     sequence_parallel,
     shared,
     tp_rewrite,
+    tp_styles,
     vocab_parallel,
 )
 from executor import init as minit
@@ -142,6 +143,7 @@ class ParallelModel:
             loss = self._pipelined(batch)
             # After the schedule (and with it FSDP's / replicate's reduction) has finished, before the optimizer.
             self.shared_copies.sync_grads()
+            tp_styles.sum_partial_grads(self.parts)
             return loss
         part = self.parts[0]
         nmb = self.strategy.num_micro_batches
@@ -160,6 +162,7 @@ class ParallelModel:
                     loss = training_loss(micro.call(part), micro.targets, self.loss_fn)
                 (loss / nmb).backward()
             total += vocab_parallel.local_loss(loss.detach())
+        tp_styles.sum_partial_grads(self.parts)  # per-head modules kept whole under TP (executor.tp_styles)
         return total / nmb
 
     def _pipelined(self, batch: Batch) -> torch.Tensor | None:

@@ -39,7 +39,8 @@ def runs_on_shards_unchanged(layer: nn.Module, spec: TensorParallelSpec) -> bool
     (see the module docstring): plain colwise / rowwise Linears or Conv1Ds (a fused one split per piece, the
     forward's own widths per rank) and experts stacks."""
     return is_hf_module(layer) and all(
-        s.style in (ShardStyle.COLWISE, ShardStyle.ROWWISE, ShardStyle.EXPERTS) for s in spec.shards
+        s.style in (ShardStyle.COLWISE, ShardStyle.ROWWISE, ShardStyle.EXPERTS, ShardStyle.REPLICATED)
+        for s in spec.shards
     )
 
 

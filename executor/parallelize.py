@@ -46,7 +46,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from executor.errors import ExecutorError
 from executor.tp_rewrite import localize_layer, mark_fused
-from executor.tp_styles import Conv1DColwise, Conv1DRowwise, ExpertsParallel
+from executor.tp_styles import Conv1DColwise, Conv1DRowwise, ExpertsParallel, mark_partial_grads
 from executor.vocab_parallel import check_vocab_module
 from planner.model_profile import ShardStyle, TensorParallelSpec, TPShard
 from planner.strategy import Recompute, ZeroStage
@@ -88,6 +88,9 @@ def apply_tp(
                 f"layer '{layer_name}': the plan shards '{shard.module}' but the layer has no such submodule; the "
                 "plan was made for a different model - re-profile and re-plan it"
             ) from None
+        if shard.style == ShardStyle.REPLICATED:  # whole on every rank; gradients summed after backward
+            mark_partial_grads(sub, tp_mesh)
+            continue
         if shard.style == ShardStyle.EXPERTS:
             experts = expert_plan(sub)
             split = None if experts is None else getattr(sub, experts.rowwise).shape[2]
@@ -117,8 +120,8 @@ def apply_tp(
         raise ExecutorError(f"layer '{layer_name}': the profile does not mark it sequence-parallel; plan without "
                             "sequence parallelism or re-profile the model")
     if sp is not None:
-        if any(shard.style == ShardStyle.EXPERTS or isinstance(plan[shard.module], (Conv1DColwise, Conv1DRowwise))
-               for shard in spec.shards):
+        if any(shard.style in (ShardStyle.EXPERTS, ShardStyle.REPLICATED)
+               or isinstance(plan[shard.module], (Conv1DColwise, Conv1DRowwise)) for shard in spec.shards):
             raise ExecutorError(f"layer '{layer_name}': sequence parallelism runs only nn.Linear shards; plan without "
                                 "sequence parallelism")
         for shard in spec.shards:

@@ -10,6 +10,10 @@
   run on the local shards (`profiler.hf_tp_derived.run_experts_sharded`) between Megatron's two region functions:
   inputs copied into the region (identity forward, gradients summed across the group in backward) and the output
   reduced out of it (summed in forward, identity in backward).
+- Modules kept whole on every rank that run on the rank's own heads (`ShardStyle.REPLICATED`: Qwen3's and Gemma 3's
+  per-head q / k norms): their parameters stay plain tensors; each rank's gradient is a partial sum over its heads,
+  added across the TP group once backward has ended (`sum_partial_grads`, before clipping and the optimizer; under
+  FSDP2 the local shard of the gradient, laid out alike on every TP rank).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from executor.errors import ExecutorError
 from profiler.hf_tp_derived import expert_plan, run_experts_sharded
 
-__all__ = ["Conv1DColwise", "Conv1DRowwise", "ExpertsParallel"]
+__all__ = ["Conv1DColwise", "Conv1DRowwise", "ExpertsParallel", "mark_partial_grads", "sum_partial_grads"]
+
+#: Set on a module kept whole under TP that runs on the rank's own heads: the group its gradients are summed over.
+PARTIAL_GRAD_ATTR = "_autopar_partial_grad_group"
 
 
 def _place(module: nn.Module, mesh: DeviceMesh, placements: dict[str, Any], src_data_rank: int | None) -> None:
@@ -114,3 +121,23 @@ class ExpertsParallel(ParallelStyle):
             forward, module, args, kwargs, enter=lambda t: _IntoRegion.apply(t, group),
             leave=lambda t: _OutOfRegion.apply(t, group), local=lambda p: p.to_local())
         return module
+
+
+def mark_partial_grads(module: nn.Module, mesh: DeviceMesh) -> None:
+    """Have `sum_partial_grads` add `module`'s parameter gradients across `mesh`'s group after each backward."""
+    setattr(module, PARTIAL_GRAD_ATTR, mesh.get_group())
+
+
+def sum_partial_grads(parts: list[nn.Module]) -> None:
+    """Sum the gradients `mark_partial_grads` named across their groups (every rank of a group calls this)."""
+    from torch.distributed.tensor import DTensor
+
+    for part in parts:
+        for module in part.modules():
+            group = getattr(module, PARTIAL_GRAD_ATTR, None)
+            if group is None:
+                continue
+            for param in module.parameters(recurse=False):
+                if param.grad is not None:
+                    grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                    dist.all_reduce(grad, group=group)

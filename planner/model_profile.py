@@ -59,6 +59,11 @@ class ShardStyle(str, Enum):
     each expert's intermediate features are split over the ranks (its input projection colwise, per piece when
     gate and up are concatenated; its output projection rowwise), and the module's output is summed across the
     group, as a rowwise Linear's is.
+
+    `replicated` names a module that stays whole on every rank while it runs on the rank's own attention heads (a
+    per-head norm of q or k after a colwise projection: Qwen3's, Gemma 3's `q_norm` / `k_norm`); each rank's gradient
+    of its parameters is a partial sum, added across the group after backward (transformers'
+    `replicated_with_grad_allreduce`).
     """
 
     COLWISE = "colwise"
@@ -66,6 +71,7 @@ class ShardStyle(str, Enum):
     VOCAB_ROWWISE = "vocab_rowwise"
     VOCAB_COLWISE = "vocab_colwise"
     EXPERTS = "experts"
+    REPLICATED = "replicated"
 
 
 class _Strict(Contract):

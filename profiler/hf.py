@@ -51,6 +51,8 @@ from profiler.recording import LayerCall
 logger = logging.getLogger(__name__)
 
 _SUPPORTED_STYLES = ("colwise", "rowwise")
+#: transformers' style for a module run on the rank's heads with whole parameters (autopar: `replicated`)
+_REPLICATED_STYLE = "replicated_with_grad_allreduce"
 _META_EXPERTS = "autopar_meta_grouped_mm"
 
 
@@ -303,7 +305,10 @@ def layer_tp_plans(model: nn.Module, names: list[str]) -> dict[str, dict[str, st
             for regex, key, style in patterns:
                 if not regex.fullmatch(f"{relative}.{sub}"):
                     continue
-                if style not in _SUPPORTED_STYLES:
+                if style == _REPLICATED_STYLE and isinstance(target, nn.Module) and any(
+                        True for _ in target.parameters(recurse=False)):
+                    styles[sub] = hf_tp_derived.REPLICATED
+                elif style not in _SUPPORTED_STYLES:
                     refused.append(f"'{key}': '{style}'")
                 elif hf_tp_derived.linear_features(target) is None:
                     refused.append(f"'{key}': '{style}' on a {type(target).__name__}")
@@ -337,13 +342,16 @@ def annotate_tp(model: nn.Module, names: list[str]) -> None:
     `autopar_tp_segments` (read by `profiler.tensor_parallel`); a plan the user set on a layer's class wins.
 
     A layer the config's `base_model_tp_plan` covers takes it as it is, unless it holds experts autopar shards
-    itself; those layers, and layers the config does not cover, get autopar's own plan on top of the config's
-    (`profiler.hf_tp_derived`), proved on a reduced copy."""
+    itself or modules the plan keeps whole with summed gradients (`replicated`); those layers, and layers the config
+    does not cover, get autopar's own plan on top of the config's (`profiler.hf_tp_derived`), proved on a reduced
+    copy."""
     planned = layer_tp_plans(model, names)
     own = [n for n in names if is_hf_model(model) and (
-        n not in planned or (planned[n] is not None and hf_tp_derived.EXPERTS in
-                             hf_tp_derived.derived_plan(model.get_submodule(n))[0].values()))]
-    derived = hf_tp_derived.prove_model(model, own) if own else {}
+        n not in planned or (planned[n] is not None and (
+            hf_tp_derived.REPLICATED in planned[n].values()
+            or hf_tp_derived.EXPERTS in hf_tp_derived.derived_plan(model.get_submodule(n))[0].values())))]
+    based = frozenset(n for n in own if planned.get(n))  # the config's plan needs the proof (experts, replicated)
+    derived = hf_tp_derived.prove_model(model, own, based) if own else {}
     for name in dict.fromkeys([*planned, *derived]):
         layer = model.get_submodule(name)
         if hasattr(type(layer), "autopar_tp_plan"):

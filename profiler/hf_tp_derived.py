@@ -89,6 +89,8 @@ EXPERT_PLANS: dict[str, ExpertPlan] = {
 }
 #: The style autopar gives a module of `EXPERT_PLANS` (`planner.model_profile.ShardStyle.EXPERTS`).
 EXPERTS = "experts"
+#: A module kept whole on every rank, its parameter gradients summed over the group (`ShardStyle.REPLICATED`).
+REPLICATED = "replicated"
 #: Block class -> (forward parameters, output positions) holding one slice per attention head on dim 1.
 HEAD_TENSORS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {
     "T5Block": (("position_bias", "encoder_decoder_position_bias"), (1, 2)),
@@ -346,6 +348,8 @@ def _rank_copy(layer: nn.Module, styles: dict[str, str], group: _Group, rank: in
     segments = fused_segments(layer)
     for path, style in styles.items():
         order = piece_order(segments[path], group.size) if path in segments else None
+        if style == REPLICATED:  # whole on every rank: its gradients are summed when checked
+            continue
         if style == EXPERTS:
             _shard_experts(shard.get_submodule(path), group, rank, order)
             continue
@@ -385,6 +389,8 @@ def _whole_grad(module: nn.Module | None, leaf: str, style: str | None, grads: l
                 order: torch.Tensor | None, experts: ExpertPlan | None) -> torch.Tensor | None:
     """The ranks' gradients of one sharded parameter put back into the unsharded parameter's layout (None: the
     parameter is not sharded)."""
+    if style == REPLICATED:  # partial on each rank (its own heads): the sum is the whole gradient
+        return torch.stack(grads).sum(0)
     if style == EXPERTS and experts is not None:
         if leaf == experts.colwise:
             return _unpermute(torch.cat(grads, 1), order, 1)
@@ -492,12 +498,13 @@ def prove_block(layer: nn.Module, args: tuple, kwargs: dict[str, Any], tp: int =
     return None
 
 
-def prove_model(model: nn.Module, names: list[str]) -> dict[str, str | None]:
-    """For each block among `names` with a derived plan: None when its tp=2 emulation on a reduced float64 copy of
-    the config matches the unsharded block, else the reason (cached per class and config)."""
+def prove_model(model: nn.Module, names: list[str], based: frozenset[str] = frozenset()) -> dict[str, str | None]:
+    """For each block among `names` with a derived plan (or in `based`: the config's plan for it needs the proof):
+    None when its tp=2 emulation on a reduced float64 copy of the config matches the unsharded block, else the
+    reason (cached per class and config)."""
     from profiler import hf
 
-    candidates = [n for n in names if derived_plan(model.get_submodule(n))[0]]
+    candidates = [n for n in names if n in based or derived_plan(model.get_submodule(n))[0]]
     if not candidates:
         return {}
     key = f"{type(model).__module__}.{type(model).__qualname__}:{model.config.to_json_string()}"
@@ -533,7 +540,9 @@ def _prove_reduced(model: nn.Module, hf: Any) -> dict[str, str | None]:
     blocks: dict[str, nn.Module] = {}  # the first two blocks of each outermost list of blocks
     for n, m in reduced.named_modules():
         if isinstance(m, nn.ModuleList) and not any(n.startswith(b + ".") for b in blocks):
-            blocks.update({f"{n}.{i}": b for i, b in enumerate(m[:2]) if derived_plan(b)[0]})
+            blocks.update({f"{n}.{i}": b for i, b in enumerate(m[:2])})
+    base = {n: styles for n, styles in hf.layer_tp_plans(reduced, list(blocks)).items() if styles}
+    blocks = {n: b for n, b in blocks.items() if n in base or derived_plan(b)[0]}
 
     def record(name: str):
         def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -550,7 +559,6 @@ def _prove_reduced(model: nn.Module, hf: Any) -> dict[str, str | None]:
     finally:
         for h in handles:
             h.remove()
-    base = {n: styles for n, styles in hf.layer_tp_plans(reduced, list(blocks)).items() if styles}
     results: dict[str, str | None] = {}
     for name, block in blocks.items():
         if name not in calls:

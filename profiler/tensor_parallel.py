@@ -15,8 +15,9 @@ User override: a layer module (or its class) may set `autopar_tp_plan = {"attn.q
 paths relative to the layer (or `None` to forbid TP), `autopar_tp_divisor = <int>` (attention heads, or KV heads
 with grouped-query attention; default: gcd of the colwise output widths) and `autopar_tp_segments = {"attn.qkv":
 [768, 768, 768]}` (the pieces of a fused colwise projection; default: found by tracing the layer). Besides
-nn.Linear, a plan may name transformers' `Conv1D` (colwise / rowwise) and an experts module that
-`profiler.hf_tp_derived.EXPERT_PLANS` knows (style `experts`).
+nn.Linear, a plan may name transformers' `Conv1D` (colwise / rowwise), an experts module that
+`profiler.hf_tp_derived.EXPERT_PLANS` knows (style `experts`) and a module kept whole whose gradients are summed over
+the group (style `replicated`: a per-head norm).
 """
 
 from __future__ import annotations
@@ -277,6 +278,12 @@ def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) ->
         except ValueError:
             raise ProfileError(f"autopar_tp_plan['{path}'] is '{style}'; use 'colwise', 'rowwise' or, on an experts "
                                "module, 'experts'") from None
+        if styles[path] == ShardStyle.REPLICATED:
+            owner = dict(module.named_modules()).get(path)
+            if owner is None or not any(True for _ in owner.parameters(recurse=False)):
+                raise ProfileError(f"{type(module).__name__}.autopar_tp_plan names '{path}' as replicated, but it is not "
+                                   "a module with parameters in the layer")
+            continue
         if styles[path] == ShardStyle.EXPERTS and path not in expert_modules:
             raise ProfileError(f"{type(module).__name__}.autopar_tp_plan names '{path}' as experts, but it is not an "
                                "experts module autopar can shard; its experts modules are "
@@ -289,6 +296,7 @@ def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) ->
     colwise = [p for p in linears if styles.get(p) == ShardStyle.COLWISE]
     rowwise = [p for p in linears if styles.get(p) == ShardStyle.ROWWISE]
     experts = [p for p in expert_modules if styles.get(p) == ShardStyle.EXPERTS]
+    replicated = [p for p, st in styles.items() if st == ShardStyle.REPLICATED]
     out_bytes: dict[str, float] = {}
     handles = [
         module.get_submodule(p).register_forward_hook(
@@ -322,5 +330,7 @@ def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) ->
             segments = {}
     spec = _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in [*rowwise, *experts]], segments,
                  experts=experts)
+    # kept whole on every rank; their gradients' sum over the group (a few per-head-width vectors) is not costed
+    spec.shards.extend(TPShard(module=p, style=ShardStyle.REPLICATED) for p in replicated)
     head_params = int(getattr(module, "autopar_tp_head_params", 0))  # per-head tables split with the heads (T5)
     return spec.model_copy(update={"sharded_param_count": spec.sharded_param_count + head_params})

@@ -76,7 +76,16 @@ def t5_batch(size: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "labels": torch.randint(1, V, (size, S - 2), generator=gen)}
 
 
-MODELS = {"bert": (bert, bert_batch), "t5": (t5, t5_batch), "gpt2": (gpt2, bert_batch), "mixtral": (mixtral, bert_batch)}
+def qwen3() -> torch.nn.Module:
+    """Tiny Qwen3ForCausalLM: per-head RMSNorms on q and k (kept whole under TP, their gradients summed)."""
+    cfg = transformers.Qwen3Config(num_hidden_layers=LAYERS, hidden_size=H, intermediate_size=INTER,
+                                   num_attention_heads=HEADS, num_key_value_heads=2, head_dim=H // HEADS, vocab_size=V,
+                                   max_position_embeddings=P)
+    return transformers.Qwen3ForCausalLM(cfg)
+
+
+MODELS = {"bert": (bert, bert_batch), "t5": (t5, t5_batch), "gpt2": (gpt2, bert_batch), "mixtral": (mixtral, bert_batch),
+          "qwen3": (qwen3, bert_batch)}
 
 
 def _profile(name: str):
@@ -128,6 +137,15 @@ def test_t5_blocks_shard_self_cross_attention_gated_mlp_and_the_position_bias_by
             assert layer.tp.divisor == HEADS
             # block 0 of each stack holds the relative position bias table, split with the heads
             assert layer.tp.sharded_param_count == params + (bias_params if i == 0 else 0)
+
+
+def test_qwen3_blocks_keep_their_per_head_norms_whole_beside_the_config_plans_shards(profiles):
+    # the config's plan says replicated_with_grad_allreduce for q_norm / k_norm: proved, and run so
+    for layer in _blocks(profiles["qwen3"], "model.layers."):
+        styles = {s.module: s.style.value for s in layer.tp.shards}
+        assert styles["self_attn.q_norm"] == styles["self_attn.k_norm"] == "replicated"
+        assert styles["self_attn.q_proj"] == "colwise" and styles["mlp.down_proj"] == "rowwise"
+        assert layer.tp.divisor == 2  # key/value heads
 
 
 def test_a_block_whose_mlp_mixes_the_split_features_gets_no_tp_with_the_reason(caplog):
@@ -208,6 +226,8 @@ def test_bert_t5_gpt2_and_mixtral_tp2_train_the_single_process_model(profiles, t
     assert "decoder.block.1.layer.1.EncDecAttention.o.weight" in result["t5"]["sharded"]
     assert "transformer.h.1.attn.c_attn.weight" in result["gpt2"]["sharded"]
     assert "model.layers.0.mlp.experts.gate_up_proj" in result["mixtral"]["sharded"]
+    assert "model.layers.1.self_attn.q_proj.weight" in result["qwen3"]["sharded"]
+    assert "model.layers.1.self_attn.q_norm.weight" not in result["qwen3"]["sharded"]  # whole on every rank
     for name in MODELS:
         st = sup.strategy(tp=2, num_layers=profiles[name].num_layers)
         losses, params = _train_reference(name, st.global_batch_size)
