@@ -36,7 +36,8 @@ PROFILER_VERSION = 17  # 6: kernel counts and weight-GEMM shapes per layer; 7: v
 # 14: elements each pass evaluates exp / log / tanh / erf on (`fwd_transcendental_elements`, profiler.transcendental)
 # 15: BERT / T5 blocks get TP shards from autopar's own proved per-class plan (profiler.hf_tp_derived)
 # 16: GPT-2 (Conv1D, fused c_attn) and Mixtral experts tensor-parallel; Conv1D / experts GEMMs record N, K per weight
-# 17: experts of every transformers MoE class with Mixtral's layout; `replicated` shards (per-head q / k norms)
+# 17: experts of every transformers MoE class with Mixtral's layout; `replicated` shards (per-head q / k norms);
+# Phi-3's fused projections per piece
 
 #: Default bound on the cache directory's profile files; the least recently used go first past it.
 MAX_CACHE_BYTES = 256 * 1024 * 1024

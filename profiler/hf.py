@@ -315,7 +315,8 @@ def layer_tp_plans(model: nn.Module, names: list[str]) -> dict[str, dict[str, st
                 else:
                     styles[sub] = style
         if refused:
-            logger.info("%s: no tensor parallelism (its tp plan has %s, which autopar's TP shards do not express)",
+            logger.info("%s: its config's tp plan has %s, which autopar's TP shards do not express; the layer gets "
+                        "autopar's own per-class plan if it has one, else no tensor parallelism",
                         name, ", ".join(sorted(set(refused))))
             out[name] = None
         elif styles:
@@ -347,9 +348,13 @@ def annotate_tp(model: nn.Module, names: list[str]) -> None:
     copy."""
     planned = layer_tp_plans(model, names)
     own = [n for n in names if is_hf_model(model) and (
-        n not in planned or (planned[n] is not None and (
-            hf_tp_derived.REPLICATED in planned[n].values()
-            or hf_tp_derived.EXPERTS in hf_tp_derived.derived_plan(model.get_submodule(n))[0].values())))]
+        n not in planned or (planned[n] is None and hf_tp_derived.derived_plan(model.get_submodule(n))[0]) or (
+            planned[n] is not None and (
+                hf_tp_derived.REPLICATED in planned[n].values()
+                or hf_tp_derived.EXPERTS in hf_tp_derived.derived_plan(model.get_submodule(n))[0].values())))]
+    for n in own:  # a config plan autopar cannot run (None) gives way to autopar's own table
+        if planned.get(n, "") is None:
+            del planned[n]
     based = frozenset(n for n in own if planned.get(n))  # the config's plan needs the proof (experts, replicated)
     derived = hf_tp_derived.prove_model(model, own, based) if own else {}
     for name in dict.fromkeys([*planned, *derived]):

@@ -57,7 +57,9 @@ class PartPlan:
     linears: dict[str, str]  # Linear (or Conv1D) path in the submodule -> 'colwise' | 'rowwise'
     per_rank: tuple[str, ...] = ()  # int attributes its forward reads, divided by the TP degree on a sharded copy
     head_tables: tuple[str, ...] = ()  # nn.Embedding with one column per head, split by columns
-    fused: tuple[tuple[str, int], ...] = ()  # colwise projection -> the count of equal pieces its output holds
+    # colwise projection -> the count of equal pieces its output holds, or the widths of its pieces from the module
+    fused: tuple[tuple[str, int | Callable[[nn.Module], list[int]]], ...] = ()
+    config_per_rank: tuple[str, ...] = ()  # int fields of `self.config` its forward reads (a per-rank config copy)
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,13 @@ PART_PLANS: dict[str, PartPlan] = {
     "GPT2Attention": PartPlan({"c_attn": "colwise", "c_proj": "rowwise"}, fused=(("c_attn", 3),),
                               per_rank=("split_size", "num_heads", "embed_dim")),
     "GPT2MLP": PartPlan({"c_fc": "colwise", "c_proj": "rowwise"}),
+    # Phi-3: q, k and v in one Linear sliced at `config.num_attention_heads * head_dim`; gate and up in one, chunked
+    "Phi3Attention": PartPlan(
+        {"qkv_proj": "colwise", "o_proj": "rowwise"}, per_rank=("num_key_value_heads",),
+        config_per_rank=("num_attention_heads", "num_key_value_heads"),
+        fused=(("qkv_proj", lambda a: [a.config.num_attention_heads * a.head_dim,
+                                       a.num_key_value_heads * a.head_dim, a.num_key_value_heads * a.head_dim]),)),
+    "Phi3MLP": PartPlan({"gate_up_proj": "colwise", "down_proj": "rowwise"}, fused=(("gate_up_proj", 2),)),
 }
 EXPERT_PLANS: dict[str, ExpertPlan] = {
     "MixtralExperts": ExpertPlan(colwise="gate_up_proj", pieces=2, rowwise="down_proj"),
@@ -182,8 +191,11 @@ def fused_segments(layer: nn.Module) -> dict[str, list[int]]:
         for rel, pieces in plan.fused if plan else ():
             features = linear_features(getattr(sub, rel, None)) if isinstance(getattr(sub, rel, None), nn.Module) \
                 else None
-            if features is not None and features[1] % pieces == 0:
-                out[prefix + rel] = [features[1] // pieces] * pieces
+            if features is None:
+                continue
+            widths = [features[1] // pieces] * pieces if isinstance(pieces, int) else [int(w) for w in pieces(sub)]
+            if sum(widths) == features[1]:
+                out[prefix + rel] = widths
     return out
 
 
@@ -230,14 +242,18 @@ def localize_attributes(layer: nn.Module, degree: int) -> list[str]:
     changed = []
     for path, sub in layer.named_modules():
         plan = _known(sub, PART_PLANS)
-        for attr in plan.per_rank if plan else ():
-            value = getattr(sub, attr, None)
+        if plan and plan.config_per_rank and getattr(sub, "config", None) is not None:
+            sub.config = copy.copy(sub.config)  # the model's config is shared by every module: this one's own copy
+        targets = [(sub, attr, attr) for attr in plan.per_rank] if plan else []
+        targets += [(sub.config, attr, f"config.{attr}") for attr in plan.config_per_rank] if plan else []
+        for owner, attr, label in targets:
+            value = getattr(owner, attr, None)
             if not isinstance(value, int):
                 continue
             if value % degree:
-                raise ValueError(f"'{path}.{attr}' is {value}, not divisible by tp={degree}")
-            setattr(sub, attr, value // degree)
-            changed.append(f"{path}.{attr}" if path else attr)
+                raise ValueError(f"'{path}.{label}' is {value}, not divisible by tp={degree}")
+            setattr(owner, attr, value // degree)
+            changed.append(f"{path}.{label}" if path else label)
     return changed
 
 

@@ -84,8 +84,17 @@ def qwen3() -> torch.nn.Module:
     return transformers.Qwen3ForCausalLM(cfg)
 
 
+def phi3() -> torch.nn.Module:
+    """Tiny Phi3ForCausalLM: q, k, v fused in one Linear (unequal pieces with grouped-query attention), gate and up
+    in another; its config's plan gathers their outputs, which autopar does not run."""
+    cfg = transformers.Phi3Config(num_hidden_layers=LAYERS, hidden_size=H, intermediate_size=INTER,
+                                  num_attention_heads=HEADS, num_key_value_heads=2, vocab_size=V,
+                                  max_position_embeddings=P, pad_token_id=0)
+    return transformers.Phi3ForCausalLM(cfg)
+
+
 MODELS = {"bert": (bert, bert_batch), "t5": (t5, t5_batch), "gpt2": (gpt2, bert_batch), "mixtral": (mixtral, bert_batch),
-          "qwen3": (qwen3, bert_batch)}
+          "qwen3": (qwen3, bert_batch), "phi3": (phi3, bert_batch)}
 
 
 def _profile(name: str):
@@ -146,6 +155,16 @@ def test_qwen3_blocks_keep_their_per_head_norms_whole_beside_the_config_plans_sh
         assert styles["self_attn.q_norm"] == styles["self_attn.k_norm"] == "replicated"
         assert styles["self_attn.q_proj"] == "colwise" and styles["mlp.down_proj"] == "rowwise"
         assert layer.tp.divisor == 2  # key/value heads
+
+
+def test_phi3_fused_projections_are_split_per_piece_by_autopars_own_plan(profiles):
+    head = H // HEADS
+    for layer in _blocks(profiles["phi3"], "model.layers."):
+        assert {s.module: (s.style.value, s.segments) for s in layer.tp.shards} == {
+            "self_attn.qkv_proj": ("colwise", [HEADS * head, 2 * head, 2 * head]), "self_attn.o_proj": ("rowwise", None),
+            "mlp.gate_up_proj": ("colwise", [INTER, INTER]), "mlp.down_proj": ("rowwise", None)}
+        assert layer.tp.divisor == 2  # key/value heads
+        assert layer.tp.sharded_param_count == H * (HEADS + 4) * head + H * H + 2 * H * INTER + INTER * H
 
 
 def test_a_block_whose_mlp_mixes_the_split_features_gets_no_tp_with_the_reason(caplog):
@@ -228,6 +247,7 @@ def test_bert_t5_gpt2_and_mixtral_tp2_train_the_single_process_model(profiles, t
     assert "model.layers.0.mlp.experts.gate_up_proj" in result["mixtral"]["sharded"]
     assert "model.layers.1.self_attn.q_proj.weight" in result["qwen3"]["sharded"]
     assert "model.layers.1.self_attn.q_norm.weight" not in result["qwen3"]["sharded"]  # whole on every rank
+    assert "model.layers.0.self_attn.qkv_proj.weight" in result["phi3"]["sharded"]
     for name in MODELS:
         st = sup.strategy(tp=2, num_layers=profiles[name].num_layers)
         losses, params = _train_reference(name, st.global_batch_size)
