@@ -38,6 +38,7 @@ import inspect
 import logging
 import math
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,9 @@ _SUPPORTED_STYLES = ("colwise", "rowwise")
 #: transformers' style for a module run on the rank's heads with whole parameters (autopar: `replicated`)
 _REPLICATED_STYLE = "replicated_with_grad_allreduce"
 _META_EXPERTS = "autopar_meta_grouped_mm"
+#: Guards transformers' module-global grouped-matmul switch (`_use_meta_experts`): [callers inside, saved switch].
+_EXPERTS_SWITCH = threading.Lock()
+_EXPERTS_INSIDE: list = [0]
 
 
 def is_hf_model(model: nn.Module) -> bool:
@@ -99,12 +103,21 @@ def _use_meta_experts(model: nn.Module) -> None:
 
     if _META_EXPERTS not in moe.ALL_EXPERTS_FUNCTIONS:
         def forward(self, *args, **kwargs):
-            original = moe._can_use_grouped_mm
-            moe._can_use_grouped_mm = lambda *_a, **_k: False
+            # The switch is module-global and the TP proof runs two ranks' experts in two threads at once: it stays
+            # off until the last caller inside has returned (an unguarded save / restore let one thread restore it
+            # while the other was still running, which then reached torch's float32-only kernel with float64).
+            with _EXPERTS_SWITCH:
+                if not _EXPERTS_INSIDE[0]:
+                    _EXPERTS_INSIDE.append(moe._can_use_grouped_mm)
+                    moe._can_use_grouped_mm = lambda *_a, **_k: False
+                _EXPERTS_INSIDE[0] += 1
             try:
                 return moe.grouped_mm_experts_forward(self, *args, **kwargs)
             finally:
-                moe._can_use_grouped_mm = original
+                with _EXPERTS_SWITCH:
+                    _EXPERTS_INSIDE[0] -= 1
+                    if not _EXPERTS_INSIDE[0]:
+                        moe._can_use_grouped_mm = _EXPERTS_INSIDE.pop()
 
         moe.ExpertsInterface.register(_META_EXPERTS, forward)
     for m in model.modules():
