@@ -246,10 +246,12 @@ def test_plan_for_llama3_8b_shape_on_8_dgx_h100_finishes_in_10_s():
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
     ids = torch.zeros(1, 2048, dtype=torch.long)
-    started = time.perf_counter()
+    # CPU seconds of this process (profiling, graph, the single-worker search): `make test` runs this beside two
+    # other pytest processes on 2 cores, where wall time measures their load (2.7 s idle, 14 s once in CI)
+    started, wall = time.process_time(), time.perf_counter()
     result = plan(model, load_cluster("dgx-h100", nodes=8), global_batch_size=512,
                   example_inputs={"input_ids": ids, "labels": ids}, time_limit_s=5.0)
-    assert time.perf_counter() - started < 10
+    assert time.process_time() - started < 10, f"{time.perf_counter() - wall:.1f} s wall"
     assert result.strategy.dims.world_size == 64
 
 
