@@ -158,9 +158,12 @@ class LabelsLoss:
     """The loss a transformers model computes from `labels` in its forward, as `loss(output, labels)` of its logits
     (`output` the model's output object or the head's logits tensor)."""
 
-    def __init__(self, model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str) -> None:
-        """`fn(logits, labels)`; `what` names it (part of the profile's cache key)."""
-        self.fn = fn
+    def __init__(self, model: nn.Module, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], what: str,
+                 post: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """`fn(logits, labels)`; `what` names it (part of the profile's cache key). `post`: what the model's forward
+        does to the head's output before its loss (Granite's logit scaling, Gemma 2's soft cap), applied here to a
+        head's logits tensor; the model's output object holds them done already."""
+        self.fn, self.post = fn, post
         self.__qualname__ = f"{type(model).__name__}(labels).{what}"  # read by profiler.loss.loss_name
 
     def reads(self, output: Any) -> Any:
@@ -169,7 +172,24 @@ class LabelsLoss:
 
     def __call__(self, output: Any, labels: torch.Tensor) -> torch.Tensor:
         """The scalar loss of `output` against `labels`."""
-        return self.fn(self.reads(output), labels)
+        logits = self.reads(output)
+        if self.post is not None and isinstance(output, torch.Tensor):
+            logits = self.post(logits)
+        return self.fn(logits, labels)
+
+
+def _after_head(model: nn.Module, source: str) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, str]:
+    """The elementwise transform `model`'s forward applies to the head's logits before its loss, when it is one
+    autopar knows by its source line (transformers' Granite and Gemma 2 / 3), and a name for it."""
+    config = model.config
+    if "logits = logits / self.config.logits_scaling" in source:
+        scale = float(config.logits_scaling)
+        return (lambda logits: logits / scale), f"scaled{scale:g}"
+    cap = getattr(config, "final_logit_softcapping", None)
+    if "self.config.final_logit_softcapping" in source and cap is not None:
+        cap = float(cap)
+        return (lambda logits: torch.tanh(logits / cap) * cap), f"softcap{cap:g}"
+    return None, ""
 
 
 def labels_loss(model: nn.Module) -> LabelsLoss | None:
@@ -191,7 +211,9 @@ def labels_loss(model: nn.Module) -> LabelsLoss | None:
         if fn not in (LOSS_MAPPING["ForCausalLM"], LOSS_MAPPING["ForMaskedLM"]):
             return None
         vocab = int(config.vocab_size)
-        return LabelsLoss(model, lambda logits, labels: fn(logits, labels, vocab_size=vocab), fn.__name__)
+        post, post_name = _after_head(model, source)
+        return LabelsLoss(model, lambda logits, labels: fn(logits, labels, vocab_size=vocab),
+                          f"{fn.__name__}.{post_name}" if post_name else fn.__name__, post)
     if "CrossEntropyLoss(" in source and "labels.view(-1)" in source:
         def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1))

@@ -181,6 +181,32 @@ def test_another_moe_family_with_mixtrals_expert_layout_gets_expert_tp_and_keeps
         assert layer.tp.sharded_param_count == attention + EXPERTS * 3 * H * moe_inter
 
 
+@pytest.mark.parametrize("family", ["granite", "gemma2"])
+def test_a_model_that_transforms_its_logits_after_the_head_is_profiled_with_that_transform_in_its_loss(family):
+    # Granite divides the logits by `logits_scaling`, Gemma 2 soft-caps them (tanh(x / cap) * cap), in the model's
+    # own forward after lm_head: the loss counted with the head applies the same transform, and equals the model's
+    from profiler.hf import labels_loss
+
+    small = {"num_hidden_layers": LAYERS, "hidden_size": H, "intermediate_size": INTER, "num_attention_heads": HEADS,
+             "num_key_value_heads": KV, "head_dim": HD, "vocab_size": V, "max_position_embeddings": P}
+    if family == "granite":
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**small, logits_scaling=4.0))
+    else:  # a cap small enough that it changes the loss
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**small, final_logit_softcapping=0.05,
+                                                                         sliding_window=S))
+    profile = _profile(lambda: model)
+    assert profile.layers[-1].name == "lm_head"
+    ids = batch(2)["input_ids"]
+    seen = {}
+    hook = model.lm_head.register_forward_hook(lambda _m, _a, out: seen.__setitem__("logits", out))
+    with torch.no_grad():
+        own = model.eval()(input_ids=ids, labels=ids).loss
+    hook.remove()
+    loss = labels_loss(model)
+    assert loss(seen["logits"], ids).item() == pytest.approx(own.item(), rel=1e-6)
+    assert abs(loss.fn(seen["logits"], ids).item() - own.item()) > 1e-3  # the transform matters here
+
+
 def test_tp_divides_the_weight_gemms_of_every_sharded_expert_and_attention_projection_not_the_router(profiles):
     from planner.cluster import load_cluster
     from planner.cost import estimate_weight_gemm_seconds
