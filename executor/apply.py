@@ -83,6 +83,8 @@ class ParallelModel:
     grad_scaler: torch.amp.GradScaler | None = None
     #: Copies of parameters shared across pipeline stages, whose gradients are summed after each backward.
     shared_copies: shared.SharedCopies = field(default_factory=shared.SharedCopies)
+    #: Modules kept whole under TP whose gradients are summed over their TP group after each backward (tp_styles).
+    partial_grads: list = field(default_factory=list)
     #: Pipelined: the forward's arguments that are not tensors, fixed at their traced values (see profiler.partition).
     fixed_inputs: dict[str, Any] = field(default_factory=dict)
     #: The head's logits stay split over the TP group and the loss runs under `loss_parallel` (executor.vocab_parallel).
@@ -143,7 +145,7 @@ class ParallelModel:
             loss = self._pipelined(batch)
             # After the schedule (and with it FSDP's / replicate's reduction) has finished, before the optimizer.
             self.shared_copies.sync_grads()
-            tp_styles.sum_partial_grads(self.parts)
+            tp_styles.sum_partial_grads(self.partial_grads)
             return loss
         part = self.parts[0]
         nmb = self.strategy.num_micro_batches
@@ -162,7 +164,7 @@ class ParallelModel:
                     loss = training_loss(micro.call(part), micro.targets, self.loss_fn)
                 (loss / nmb).backward()
             total += vocab_parallel.local_loss(loss.detach())
-        tp_styles.sum_partial_grads(self.parts)  # per-head modules kept whole under TP (executor.tp_styles)
+        tp_styles.sum_partial_grads(self.partial_grads)  # per-head modules kept whole under TP (executor.tp_styles)
         return total / nmb
 
     def _pipelined(self, batch: Batch) -> torch.Tensor | None:
@@ -330,7 +332,7 @@ def apply_plan(
     pm = ParallelModel(
         strategy=strategy, mesh=mesh, device=device, parts=parts, loss_fn=loss_fn, stage_indices=stage_indices,
         autocast_dtype=mp_autocast or autocast_dtype, grad_scaler=grad_scaler, loss_parallel=split_logits,
-        targets_key=targets_key,
+        targets_key=targets_key, partial_grads=tp_styles.partial_grad_modules(parts),
     )
     if dims.pp > 1:
         pm.shared_copies = shared.build_shared_copies(meta, profile, strategy, mesh, parts, stage_indices)

@@ -29,7 +29,7 @@ from torch import nn
 
 from executor.errors import ExecutorError
 from planner.model_profile import ModelProfile, ShardStyle, TensorParallelSpec
-from profiler.hf_tp_derived import expert_plan, is_conv1d, linear_features, piece_order
+from profiler.hf_tp_derived import expert_plan, is_conv1d, linear_features, piece_order, unpermute
 from profiler.recording import LayerCall, record_calls
 from profiler.tensor_parallel import trace_layer
 from profiler.tp_shapes import ShardError, analyze
@@ -151,10 +151,9 @@ def sharded_layout(module: nn.Module, name: str, whole: torch.Tensor, *, inverse
         dim = 0 if attr == "bias" else None
     if dim is None:
         return whole
-    order = order.to(whole.device)
-    if not inverse:
-        return whole.index_select(dim, order)
-    return torch.empty_like(whole).index_copy_(dim, order, whole)
+    if inverse:
+        return unpermute(whole, order, dim)
+    return whole.index_select(dim, order.to(whole.device))
 
 
 def fused_layouts(parts: Iterable[nn.Module]) -> dict[str, int]:

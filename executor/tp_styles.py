@@ -31,7 +31,8 @@ from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, Ro
 from executor.errors import ExecutorError
 from profiler.hf_tp_derived import expert_plan, run_experts_sharded
 
-__all__ = ["Conv1DColwise", "Conv1DRowwise", "ExpertsParallel", "mark_partial_grads", "sum_partial_grads"]
+__all__ = ["Conv1DColwise", "Conv1DRowwise", "ExpertsParallel", "mark_partial_grads", "partial_grad_modules",
+           "sum_partial_grads"]
 
 #: Set on a module kept whole under TP that runs on the rank's own heads: the group its gradients are summed over.
 PARTIAL_GRAD_ATTR = "_autopar_partial_grad_group"
@@ -128,16 +129,18 @@ def mark_partial_grads(module: nn.Module, mesh: DeviceMesh) -> None:
     setattr(module, PARTIAL_GRAD_ATTR, mesh.get_group())
 
 
-def sum_partial_grads(parts: list[nn.Module]) -> None:
-    """Sum the gradients `mark_partial_grads` named across their groups (every rank of a group calls this)."""
+def partial_grad_modules(parts: list[nn.Module]) -> list[tuple[nn.Module, dist.ProcessGroup]]:
+    """The modules `mark_partial_grads` named in `parts`, with their groups (found once, when the model is built)."""
+    return [(m, getattr(m, PARTIAL_GRAD_ATTR)) for part in parts for m in part.modules()
+            if getattr(m, PARTIAL_GRAD_ATTR, None) is not None]
+
+
+def sum_partial_grads(modules: list[tuple[nn.Module, dist.ProcessGroup]]) -> None:
+    """Sum the gradients of `partial_grad_modules` across their groups (every rank of a group calls this)."""
     from torch.distributed.tensor import DTensor
 
-    for part in parts:
-        for module in part.modules():
-            group = getattr(module, PARTIAL_GRAD_ATTR, None)
-            if group is None:
-                continue
-            for param in module.parameters(recurse=False):
-                if param.grad is not None:
-                    grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
-                    dist.all_reduce(grad, group=group)
+    for module, group in modules:
+        for param in module.parameters(recurse=False):  # read now: FSDP2 may have swapped the parameters
+            if param.grad is not None:
+                grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+                dist.all_reduce(grad, group=group)

@@ -393,12 +393,11 @@ def _shard_experts(experts: nn.Module, group: _Group, rank: int, order: torch.Te
         leave=lambda t: _SumForward.apply(t, group, rank))
 
 
-def _unpermute(t: torch.Tensor, order: torch.Tensor | None, dim: int) -> torch.Tensor:
+def unpermute(t: torch.Tensor, order: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """`t` held in `piece_order` along `dim`, back in the user's order (unchanged when `order` is None)."""
     if order is None:
         return t
-    out = torch.empty_like(t)
-    out.index_copy_(dim, order, t)
-    return out
+    return torch.empty_like(t).index_copy_(dim, order.to(t.device), t)
 
 
 def _whole_grad(module: nn.Module | None, leaf: str, style: str | None, grads: list[torch.Tensor],
@@ -409,10 +408,10 @@ def _whole_grad(module: nn.Module | None, leaf: str, style: str | None, grads: l
         return torch.stack(grads).sum(0)
     if style == EXPERTS and experts is not None:
         if leaf == experts.colwise:
-            return _unpermute(torch.cat(grads, 1), order, 1)
+            return unpermute(torch.cat(grads, 1), order, 1)
         return torch.cat(grads, 2) if leaf == experts.rowwise else None
     if style == "colwise":
-        got = _unpermute(torch.cat(grads, 0), order, 0)
+        got = unpermute(torch.cat(grads, 0), order, 0)
     elif style == "rowwise" and leaf == "weight":
         got = torch.cat(grads, 1)
     else:

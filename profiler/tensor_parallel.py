@@ -184,9 +184,11 @@ def trace_layer(module: nn.Module, call: LayerCall) -> fx.GraphModule:
 def _spec(
     module: nn.Module, colwise: list[str], rowwise: list[str], divisor: int, row_out_bytes: list[float],
     segments: dict[str, tuple[int, ...]], sequence_parallel: SequenceParallelSpec | None = None,
-    experts: list[str] = (),
+    experts: list[str] = (), replicated: list[str] = (),
 ) -> TensorParallelSpec:
-    """`row_out_bytes`: per sample, the output of each rowwise Linear and then of each experts module."""
+    """`row_out_bytes`: per sample, the output of each rowwise Linear and then of each experts module. `replicated`
+    modules stay whole on every rank; their gradients' sum over the group (a few per-head-width vectors) is not
+    costed."""
     sharded = 0
     for name in colwise:
         sharded += sum(p.numel() for p in module.get_submodule(name).parameters())
@@ -201,6 +203,7 @@ def _spec(
     shards += [TPShard(module=n, style=ShardStyle.ROWWISE) for n in rowwise]
     shards += [TPShard(module=n, style=ShardStyle.EXPERTS, segments=list(segments[n]) if n in segments else None)
                for n in experts]
+    shards += [TPShard(module=n, style=ShardStyle.REPLICATED) for n in replicated]
     return TensorParallelSpec(
         shards=shards,
         divisor=max(divisor, 1),
@@ -329,8 +332,6 @@ def _from_override(module: nn.Module, call: LayerCall, plan: Any, batch: int) ->
             logger.info("%s: fx cannot trace it (%s); no fused projection recorded", type(module).__name__, exc)
             segments = {}
     spec = _spec(module, colwise, rowwise, divisor, [out_bytes.get(r, 0.0) for r in [*rowwise, *experts]], segments,
-                 experts=experts)
-    # kept whole on every rank; their gradients' sum over the group (a few per-head-width vectors) is not costed
-    spec.shards.extend(TPShard(module=p, style=ShardStyle.REPLICATED) for p in replicated)
+                 experts=experts, replicated=replicated)
     head_params = int(getattr(module, "autopar_tp_head_params", 0))  # per-head tables split with the heads (T5)
     return spec.model_copy(update={"sharded_param_count": spec.sharded_param_count + head_params})
