@@ -3,29 +3,22 @@ grouped-query attention, BERT and Mixtral built from configs with random weights
 
 Closed forms come from the configs alone. FLOPs are counted the way FlopCounterMode counts them: 2 per
 multiply-accumulate, attention scores over all S x S positions (the math kernel), per sample.
-This file is also the worker program of the tensor-parallel training test (run under torchrun).
+Their tensor-parallel training (tp=2 against one process) is tests/test_hf_tp_derived.py's launch.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import executor_support as sup
-
-transformers = pytest.importorskip("transformers") if __name__ != "__main__" else __import__("transformers")
+transformers = pytest.importorskip("transformers")
 
 S, V, P = 8, 64, 16  # tokens per sample, vocabulary, positions
 H, HEADS, KV, INTER, LAYERS = 32, 4, 2, 64, 2
 EXPERTS, TOP_K = 4, 2
 HD = H // HEADS
-LR, STEPS, TOL = 0.1, 3, 1e-5
 
 
 def gpt2() -> torch.nn.Module:
@@ -279,72 +272,3 @@ def test_plan_for_llama3_8b_shape_on_8_dgx_h100_finishes_in_10_s():
                   example_inputs={"input_ids": ids, "labels": ids}, time_limit_s=5.0)
     assert time.process_time() - started < 10, f"{time.perf_counter() - wall:.1f} s wall"
     assert result.strategy.dims.world_size == 64
-
-
-# --- tensor-parallel training: tp=2 trains exactly the single-process model -------------------------------------
-
-def _tp_strategy(num_layers: int):
-    return sup.strategy(tp=2, num_layers=num_layers)
-
-
-def _reference_losses(global_batch: int) -> list[float]:
-    from executor.init import build_initialized
-
-    net = build_initialized(llama, seed=sup.SEED)
-    opt = torch.optim.SGD(net.parameters(), lr=LR)
-    losses = []
-    for step in range(STEPS):
-        full = batch(global_batch, seed=100 + step)
-        total = 0.0
-        for i in range(2):  # the strategy's two micro-batches
-            micro = {k: v[i * global_batch // 2:(i + 1) * global_batch // 2] for k, v in full.items()}
-            loss = net(**micro).loss
-            (loss / 2).backward()
-            total += loss.item() / 2
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
-    return losses
-
-
-def _worker(cases_path: str, out_path: str) -> None:
-    import torch.distributed as dist
-
-    from executor import apply_plan, init_distributed
-    from executor.worker import teardown
-    from planner.model_profile import ModelProfile
-
-    payload = json.loads(Path(cases_path).read_text())
-    profile = ModelProfile.model_validate(payload["profile"])
-    device = init_distributed("cpu")
-    st = _tp_strategy(profile.num_layers)
-    pm = apply_plan(st, llama, profile, device=device, seed=sup.SEED, example_inputs=batch(st.micro_batch_size))
-    sharded = sorted(n for n, p in pm.parts[0].named_parameters() if type(p).__name__ == "DTensor")
-    opts = [torch.optim.SGD(p.parameters(), lr=LR) for p in pm.parts]
-    losses = []
-    for step in range(STEPS):
-        local = pm.forward_backward(pm.local_batch(batch(st.global_batch_size, seed=100 + step)))
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-        losses.append(pm.global_loss(local))
-    if dist.get_rank() == 0:
-        Path(out_path).write_text(json.dumps({"losses": losses, "sharded": sharded}))
-    teardown()
-
-
-@pytest.mark.distributed
-@pytest.mark.timeout(200)
-def test_llama_gqa_tp2_trains_the_single_process_model(profiles, tmp_path):
-    profile = profiles["llama"]
-    cases, out = tmp_path / "cases.json", tmp_path / "out.json"
-    sup.run_workers(__file__, 2, {"profile": profile.model_dump(mode="json")}, cases, out, timeout=180)
-    result = json.loads(out.read_text())
-    assert "model.layers.0.self_attn.k_proj.weight" in result["sharded"]
-    assert "model.layers.1.mlp.down_proj.weight" in result["sharded"]
-    ref = _reference_losses(_tp_strategy(profile.num_layers).global_batch_size)
-    assert max(abs(a - b) for a, b in zip(result["losses"], ref, strict=True)) <= TOL, (result["losses"], ref)
-
-
-if __name__ == "__main__":
-    _worker(sys.argv[1], sys.argv[2])

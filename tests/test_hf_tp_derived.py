@@ -1,6 +1,7 @@
 """BERT, T5 and GPT-2 blocks, whose configs have no `base_model_tp_plan`, and Mixtral's experts, whose config plan
 uses styles autopar does not run, get tensor-parallel shards from autopar's own per-class plan, proved on a reduced
-copy (profiler.hf_tp_derived), and tp=2 trains the single-process model.
+copy (profiler.hf_tp_derived), and tp=2 trains the single-process model; so do Llama with grouped-query attention
+(its config's plan as it is), Qwen3 and Phi-3.
 
 This file is also the worker program of its distributed test (`python tests/test_hf_tp_derived.py CASES OUT`).
 """
@@ -17,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import executor_support as sup
-from test_hf_models import gpt2, mixtral  # tiny GPT-2 (fused Conv1D c_attn) and Mixtral (4 experts, top-2)
+from test_hf_models import gpt2, llama, mixtral  # tiny GPT-2 (fused Conv1D c_attn), GQA Llama, Mixtral (4 experts)
 
 transformers = pytest.importorskip("transformers") if __name__ != "__main__" else __import__("transformers")
 
@@ -94,7 +95,7 @@ def phi3() -> torch.nn.Module:
 
 
 MODELS = {"bert": (bert, bert_batch), "t5": (t5, t5_batch), "gpt2": (gpt2, bert_batch), "mixtral": (mixtral, bert_batch),
-          "qwen3": (qwen3, bert_batch), "phi3": (phi3, bert_batch)}
+          "qwen3": (qwen3, bert_batch), "phi3": (phi3, bert_batch), "llama": (llama, bert_batch)}
 
 
 def _profile(name: str):
@@ -235,7 +236,7 @@ def _worker(cases_path: str, out_path: str) -> None:
 
 @pytest.mark.distributed
 @pytest.mark.timeout(200)
-def test_bert_t5_gpt2_and_mixtral_tp2_train_the_single_process_model(profiles, tmp_path):
+def test_every_family_tp2_trains_the_single_process_model(profiles, tmp_path):
     cases, out = tmp_path / "cases.json", tmp_path / "out.json"
     payload = {"profiles": {n: p.model_dump(mode="json") for n, p in profiles.items()}}
     sup.run_workers(__file__, 2, payload, cases, out, timeout=180)
@@ -248,6 +249,8 @@ def test_bert_t5_gpt2_and_mixtral_tp2_train_the_single_process_model(profiles, t
     assert "model.layers.1.self_attn.q_proj.weight" in result["qwen3"]["sharded"]
     assert "model.layers.1.self_attn.q_norm.weight" not in result["qwen3"]["sharded"]  # whole on every rank
     assert "model.layers.0.self_attn.qkv_proj.weight" in result["phi3"]["sharded"]
+    assert "model.layers.0.self_attn.k_proj.weight" in result["llama"]["sharded"]  # by its key/value heads
+    assert "model.layers.1.mlp.down_proj.weight" in result["llama"]["sharded"]
     for name in MODELS:
         st = sup.strategy(tp=2, num_layers=profiles[name].num_layers)
         losses, params = _train_reference(name, st.global_batch_size)
