@@ -71,16 +71,34 @@ def layer_for_device(layer: LayerProfile, device_type: str) -> LayerProfile:
     return layer.model_copy(update=layer.fused_attention.model_dump())
 
 
-_RESOLVED: dict[tuple[int, str], tuple[ModelProfile, list[LayerProfile]]] = {}
+def layer_under_autocast(layer: LayerProfile, device_type: str) -> LayerProfile:
+    """`layer`'s memory fields as torch.autocast over fp32 parameters runs it on `device_type` (fp32 residual
+    stream, norms and softmax; `LayerProfile.autocast`), itself when the profile has no such count. The compute fields
+    stay the 16-bit count's: only what is kept changes here."""
+    a = layer.autocast
+    if a is None:
+        return layer
+    fused = runs_fused(layer, device_type) and a.fused_saved_activation_bytes is not None
+    return layer.model_copy(update={
+        "saved_activation_bytes": a.fused_saved_activation_bytes if fused else a.saved_activation_bytes,
+        "selective_saved_bytes": (a.fused_selective_saved_bytes or 0.0) if fused else a.selective_saved_bytes,
+        "input_bytes": a.input_bytes, "output_bytes": a.output_bytes,
+    })
 
 
-def layers_for_cluster(profile: ModelProfile, cluster: ClusterSpec) -> list[LayerProfile]:
-    """Every layer of `profile` as the cluster's device runs its attention (cached per profile and device type)."""
-    key = (id(profile), cluster.device.type)
+_RESOLVED: dict[tuple[int, str, bool], tuple[ModelProfile, list[LayerProfile]]] = {}
+
+
+def layers_for_cluster(profile: ModelProfile, cluster: ClusterSpec, *, autocast: bool = False) -> list[LayerProfile]:
+    """Every layer of `profile` as the cluster's device runs its attention, with the memory fields of training under
+    torch.autocast when `autocast` (`layer_under_autocast`); cached per profile, device type and that flag."""
+    key = (id(profile), cluster.device.type, autocast)
     hit = _RESOLVED.get(key)
     if hit is not None and hit[0] is profile:
         return hit[1]
     layers = [layer_for_device(x, cluster.device.type) for x in profile.layers]
+    if autocast:
+        layers = [layer_under_autocast(x, cluster.device.type) for x in layers]
     if len(_RESOLVED) > 256:  # bounded across many plans in one process
         _RESOLVED.clear()
     _RESOLVED[key] = (profile, layers)

@@ -30,6 +30,7 @@ from planner.cost import (
     estimate_layer_compute,
     framework_overhead,
     place_group,
+    trains_under_autocast,
     uses_measured_times,
 )
 from planner.dp_comm import dp_comm
@@ -135,14 +136,15 @@ def _representatives(profile: ModelProfile, layers: list) -> list[int]:
 
 
 def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batch: int, recompute: Recompute,
-                tp_group: Group, sequence_parallel: bool = False) -> tuple[list, ...]:
+                tp_group: Group, sequence_parallel: bool = False, autocast: bool = False) -> tuple[list, ...]:
     """Per-layer (fwd, bwd, recompute, TP comm, backward window, device params, activation bytes), cached.
 
-    These depend only on tp, micro-batch, recompute and sequence parallelism, so every candidate sharing them reuses
-    one table.
+    These depend only on tp, micro-batch, recompute, sequence parallelism and whether 16-bit compute runs as
+    torch.autocast (`planner.cost.trains_under_autocast`: activation bytes in autocast's dtypes), so every candidate
+    sharing them reuses one table.
     """
     sp = sequence_parallel and tp > 1
-    key = (id(profile), id(cluster), tp, micro_batch, recompute, tp_group, sp)
+    key = (id(profile), id(cluster), tp, micro_batch, recompute, tp_group, sp, autocast)
     hit = _TABLES.get(key)
     if hit is not None and hit[0] is profile and hit[1] is cluster:
         return hit[2]
@@ -150,6 +152,7 @@ def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batc
     measured = uses_measured_times(profile, cluster)
     full = recompute == Recompute.FULL  # the forward (and its TP all-reduces) runs again in backward
     layers = layers_for_cluster(profile, cluster)  # attention counted as the cluster's device runs it
+    kept = layers_for_cluster(profile, cluster, autocast=autocast)  # and activations in autocast's dtypes
     rows: dict[int, tuple] = {}
 
     def tp_seconds(layer, previous) -> float:  # the collectives as the executor issues them (planner.tp_comm)
@@ -162,7 +165,7 @@ def layer_table(profile: ModelProfile, cluster: ClusterSpec, tp: int, micro_batc
                                    measured=measured, sequence_parallel=sp)
         rows[i] = (c.fwd, c.bwd, c.recompute, tp_seconds(layer, None), c.bwd + c.recompute,
                    device_param_count(layer, tp),
-                   estimate_layer_activation_bytes(layer, tp=tp, micro_batch=micro_batch, recompute=recompute,
+                   estimate_layer_activation_bytes(kept[i], tp=tp, micro_batch=micro_batch, recompute=recompute,
                                                    sequence_parallel=sp))
     cols = tuple(list(col) for col in zip(*(rows[i] for i in _representatives(profile, layers))))
     for i in range(1, len(layers)) if sp else ():  # where sequence sharding starts or ends: one layer's neighbour
@@ -190,8 +193,10 @@ class CandidateCosts:
         state = estimate_state_bytes(dtype, cfg.zero_stage, d.dp, pipelined=d.pp > 1,
                                      micro_batches=cfg.num_micro_batches)
         self.state = state
+        self.autocast = trains_under_autocast(dtype, dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero_stage)
+        kept = layers_for_cluster(profile, cluster, autocast=self.autocast)  # what training keeps, in its dtypes
         fwd, bwd, rc, tpc, window, elems, act = layer_table(profile, cluster, d.tp, b, cfg.recompute, self.tp_group,
-                                                            cfg.sequence_parallel)
+                                                            cfg.sequence_parallel, self.autocast)
         if cfg.num_stages > 1:
             # A tied weight is held again by the stage of each layer that uses it (the executor keeps one copy per
             # stage and sums their gradients), split by TP when the using layer is TP-able. Charged whenever the model is
@@ -203,7 +208,7 @@ class CandidateCosts:
         # apart in the breakdown: per element updated, per device, or on the device running the last layer.
         self.opt_temp_bytes, self.opt_temp_per_elem = estimate_optimizer_temp_bytes(
             profile.layers, tp=d.tp, dp=d.dp, zero=cfg.zero_stage, device_type=cluster.device.type)
-        self.output_buffer_bytes = estimate_output_buffer_bytes(profile.layers[-1], tp=d.tp, micro_batch=b)
+        self.output_buffer_bytes = estimate_output_buffer_bytes(kept[-1], tp=d.tp, micro_batch=b)
         dtensor = d.tp > 1 or (d.dp > 1 and cfg.zero_stage != ZeroStage.NONE)  # FSDP2 / TP parameters are DTensors
         self.runtime_bytes = cluster.device.runtime_memory_bytes + (
             cluster.device.dtensor_runtime_memory_bytes if dtensor else 0)
@@ -256,7 +261,7 @@ class CandidateCosts:
             dp=d.dp, tp=d.tp, pp=d.pp, zero=cfg.zero_stage, micro_batch=b
         )
         #: the layer being recomputed under full recompute: reported as activations, not as buffers
-        self.working_set_bytes = estimate_working_set_bytes(layers_for_cluster(profile, cluster), tp=d.tp,
+        self.working_set_bytes = estimate_working_set_bytes(kept, tp=d.tp,
                                                             micro_batch=b, recompute=cfg.recompute,
                                                             sequence_parallel=cfg.sequence_parallel)
         self.const_bytes = self.comm_buffer_bytes + self.working_set_bytes + self.runtime_bytes + self.opt_temp_bytes

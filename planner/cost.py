@@ -300,6 +300,13 @@ def executor_uses_fsdp2(*, dp: int, tp: int, pp: int, zero: int) -> bool:
     return dp > 1 and not (pp == 1 and tp == 1 and int(zero) == 0)
 
 
+def trains_under_autocast(dtype: DType, *, dp: int, tp: int, pp: int, zero: int) -> bool:
+    """Whether the executor runs 16-bit compute as torch.autocast over fp32 parameters (DDP, plain pipelines, TP
+    without DP, one device), so activations keep autocast's dtypes (`LayerProfile.autocast`), rather than as FSDP2's
+    MixedPrecisionPolicy over 16-bit parameter copies (`executor.optim.mixed_precision`)."""
+    return dtype.itemsize < 4 and not executor_uses_fsdp2(dp=dp, tp=tp, pp=pp, zero=zero)
+
+
 @dataclass(frozen=True)
 class FrameworkOverhead:
     """Host-side framework work of one configuration, each term where the executor does it (one home for the float

@@ -166,6 +166,11 @@ class Bounder:
         times = [f + g + r + t for f, g, r, t in zip(fwd, bwd, rcs, tpc)]
         working = estimate_working_set_bytes(layers_for_cluster(p, self.cluster), tp=tp, micro_batch=b, recompute=rc,
                                              sequence_parallel=sp)
+        if p.dtype.itemsize < 4:  # a bound over both ways 16-bit compute runs: the lesser activations of the two
+            act = [min(x, y) for x, y in zip(act, layer_table(p, self.cluster, tp, b, rc, group, sp, True)[6])]
+            working = min(working, estimate_working_set_bytes(
+                layers_for_cluster(p, self.cluster, autocast=True), tp=tp, micro_batch=b, recompute=rc,
+                sequence_parallel=sp))
         return LayerTotals(time=sum(times), max_time=max(times), window=sum(window),
                            elems=sum(elems), act=sum(act),
                            working=working,

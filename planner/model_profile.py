@@ -225,6 +225,25 @@ class FusedAttentionCosts(_Strict):
                                                description="As LayerProfile.bwd_transcendental_elements.")
 
 
+class AutocastActivations(_Strict):
+    """A 16-bit profile's layer as `torch.autocast` over fp32 parameters runs it (per sample; same meaning as the
+    `LayerProfile` fields of the same names). The profile's own fields count the layer in its 16-bit copy, as FSDP2's
+    `MixedPrecisionPolicy` runs it; under autocast (DDP, plain pipelines, TP without DP, one device:
+    `executor.optim.mixed_precision`) the residual stream and the embedding's output stay fp32, LayerNorm, softmax and
+    the loss's log-softmax run and save in fp32, and each Linear saves the 16-bit copy of its input
+    (`profiler.autocast`)."""
+
+    saved_activation_bytes: float = Field(ge=0, description="As LayerProfile.saved_activation_bytes.")
+    selective_saved_bytes: float = Field(default=0.0, ge=0, description="As LayerProfile.selective_saved_bytes.")
+    input_bytes: float = Field(ge=0, description="As LayerProfile.input_bytes.")
+    output_bytes: float = Field(ge=0, description="As LayerProfile.output_bytes.")
+    fused_saved_activation_bytes: float | None = Field(
+        default=None, ge=0, description="saved_activation_bytes with the SDPA calls as fused kernels (None: no call, "
+                                        "or one no fused kernel takes).")
+    fused_selective_saved_bytes: float | None = Field(
+        default=None, ge=0, description="selective_saved_bytes with the SDPA calls as fused kernels.")
+
+
 class WeightGemm(_Strict):
     """The GEMMs of one weight matrix in a layer: out[M, N] = in[M, K] @ W[N, K]^T in forward, and in backward the
     input gradient (M x K, inner N) and the weight gradient (N x K, inner M), each 2*M*N*K FLOPs.
@@ -312,6 +331,11 @@ class LayerProfile(_Strict):
     fused_attention: FusedAttentionCosts | None = Field(
         default=None,
         description="The cost fields with those calls as fused kernels; None: no call, or one no fused kernel takes.",
+    )
+    autocast: AutocastActivations | None = Field(
+        default=None,
+        description="The memory fields under torch.autocast over fp32 parameters (16-bit profiles since profiler "
+                    "version 18); None: an fp32 profile, an older one, or a model the emulation could not run.",
     )
     # Kernel-level detail (empty / 0 in profiles made before it: the cost model then uses one efficiency for all
     # weight-GEMM FLOPs and no per-kernel cost).

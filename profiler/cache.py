@@ -27,7 +27,7 @@ from planner.model_profile import InputSpec, ModelProfile
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the profiler counts something differently, so old cache entries stop matching.
-PROFILER_VERSION = 17  # 6: kernel counts and weight-GEMM shapes per layer; 7: vocabulary-parallel embedding and head;
+PROFILER_VERSION = 18  # 6: kernel counts and weight-GEMM shapes per layer; 7: vocabulary-parallel embedding and head;
 # 8: uneven vocabulary splits say so (`uneven_max`); 9: Hugging Face models cut between blocks (profiler.hf_partition);
 # 10: parameter tensors per layer (`param_tensors`, the optimizer's per-tensor cost); 11: dispatched ops per pass
 # (`fwd_ops` / `bwd_ops`, views included) and TP all-reduces per backward (`allreduces_per_backward`)
@@ -38,6 +38,7 @@ PROFILER_VERSION = 17  # 6: kernel counts and weight-GEMM shapes per layer; 7: v
 # 16: GPT-2 (Conv1D, fused c_attn) and Mixtral experts tensor-parallel; Conv1D / experts GEMMs record N, K per weight
 # 17: experts of every transformers MoE class with Mixtral's layout; `replicated` shards (per-head q / k norms);
 # Phi-3's fused projections per piece
+# 18: 16-bit profiles count each layer again as torch.autocast runs it (`LayerProfile.autocast`, profiler.autocast)
 
 #: Default bound on the cache directory's profile files; the least recently used go first past it.
 MAX_CACHE_BYTES = 256 * 1024 * 1024

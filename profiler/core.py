@@ -22,6 +22,7 @@ from torch import nn
 from planner.model_profile import (
     AttentionCall,
     AttentionMask,
+    AutocastActivations,
     DType,
     FusedAttentionCosts,
     InputSpec,
@@ -35,6 +36,7 @@ from planner.model_profile import (
 from profiler import cache as profile_cache
 from profiler import hf
 from profiler.attention import AttentionCallInfo
+from profiler.autocast import AutocastCost, count_autocast_layers
 from profiler.counting import LayerCost, estimate_layer_cost
 from profiler.errors import ProfileError
 from profiler.graph import build_layer_graph
@@ -228,6 +230,11 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
         costs[sig] = estimate_layer_cost(module, records[n], meta_loss if n == names[-1] else None)
         tp[sig] = detect_tensor_parallel(module, records[n], batch)
 
+    autocast = None
+    if torch_dtype in (torch.bfloat16, torch.float16):  # plans that train under torch.autocast keep other dtypes
+        report("counting under autocast", len(unique), total)
+        autocast = count_autocast_layers(model, inputs, names, unique, loss_fn, targets, torch_dtype)
+
     times: dict[str, tuple[float, float]] = {}
     step = None
     device_name = None
@@ -253,7 +260,7 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
 
     vocab = detect_vocab_parallel(meta_model, names, records, batch)  # per layer name: tied weights count once
     layer_tp = {n: merge_specs(tp[signature[n]], vocab.get(n)) for n in names}
-    layer_profiles = _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch)
+    layer_profiles = _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch, autocast or {})
     result = ModelProfile(
         name=name,
         structure_hash=shash,
@@ -276,7 +283,7 @@ def _profile(model, example_inputs, *, device, dtype, layers, name, warmup, repe
     return result
 
 
-def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch) -> list[LayerProfile]:
+def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch, autocast) -> list[LayerProfile]:
     seen: set[int] = set()
     out = []
     for index, n in enumerate(names):
@@ -319,6 +326,7 @@ def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch)
             tp=layer_tp[n],
             attention=[_attention_call(c, batch) for c in cost.attention],
             fused_attention=None if cost.fused is None else _fused_costs(cost.fused, batch),
+            autocast=_autocast_activations(autocast.get(signature[n]), batch),
             fwd_kernels=cost.fwd_kernels,
             bwd_kernels=cost.bwd_kernels,
             fwd_ops=cost.fwd_ops,
@@ -329,6 +337,18 @@ def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch)
                               bwd_count=g.bwd_count) for g in cost.gemms],
         ))
     return out
+
+
+def _autocast_activations(cost: AutocastCost | None, batch: int) -> AutocastActivations | None:
+    if cost is None:
+        return None
+    fused, fused_sel = cost.fused_saved_bytes, cost.fused_selective_saved_bytes
+    return AutocastActivations(
+        saved_activation_bytes=cost.saved_bytes / batch, selective_saved_bytes=cost.selective_saved_bytes / batch,
+        input_bytes=cost.input_bytes / batch, output_bytes=cost.output_bytes / batch,
+        fused_saved_activation_bytes=None if fused is None else fused / batch,
+        fused_selective_saved_bytes=None if fused_sel is None else fused_sel / batch,
+    )
 
 
 def _attention_call(c: AttentionCallInfo, batch: int) -> AttentionCall:

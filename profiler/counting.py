@@ -34,10 +34,12 @@ Everything here is for the whole batch the layer was called with; the caller div
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -57,6 +59,9 @@ _MATMULS = {aten.mm, aten.bmm, aten.addmm, aten.baddbmm}
 _SOFTMAXES = {aten._softmax, aten._safe_softmax, aten.softmax}
 # Allocation without initialisation: no memory traffic on a GPU.
 _ALLOCATIONS = {aten.empty_like, aten.empty, aten.empty_strided, aten.new_empty, aten.new_empty_strided}
+
+if TYPE_CHECKING:
+    from profiler.autocast import AutocastEmulation
 
 logger = logging.getLogger(__name__)
 
@@ -294,13 +299,13 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
     A layer that calls scaled_dot_product_attention is counted again with the fused kernels (`LayerCost.fused`).
     """
     routing = AttentionRouting(fused=False)
-    cost = _count_layer(module, call, loss, routing)
+    cost = count_layer_call(module, call, loss, routing)
     if not routing.calls:
         return cost
     fused = None
     if all(c.fusable for c in routing.calls):
         try:
-            fused = _count_layer(module, call, loss, AttentionRouting(fused=True))
+            fused = count_layer_call(module, call, loss, AttentionRouting(fused=True))
         except RuntimeError as exc:
             # A layer whose arguments carry state the first count changed (a Hugging Face key/value cache object
             # passed in kwargs) cannot be run again; its attention is then costed as the math kernel.
@@ -310,25 +315,28 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
     return dataclasses.replace(cost, attention=tuple(routing.calls), fused=fused)
 
 
-def _count_layer(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, routing: AttentionRouting
-                 ) -> LayerCost:
+def count_layer_call(module: nn.Module, call: LayerCall, loss: TrainingLoss | None, routing: AttentionRouting, *,
+                     emulation: AutocastEmulation | None = None, forward_only: bool = False) -> LayerCost:
+    """Count one call of `module` with `routing` deciding how SDPA runs. `emulation`: run the forward under it
+    (its parameter copies are not activations); `forward_only`: skip backward (its fields stay 0)."""
     args, kwargs = fresh_leaf_args(call)
     excluded = {_key(t) for t in list(module.parameters()) + list(module.buffers())}
     saved: dict[int, float] = {}
+    param_casts = emulation.param_casts if emulation is not None else set()
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         k = _key(t)
-        if k not in excluded:
+        if k not in excluded and k not in param_casts:
             saved.setdefault(k, float(t.untyped_storage().nbytes()))
         return t
 
     fwd_meter = _OpMeter(excluded)
-    with torch.enable_grad(), routing, FlopCounterMode(display=False) as fwd_counter, fwd_meter, \
-            saved_tensors_hooks(pack, lambda t: t):
+    with torch.enable_grad(), routing, emulation or contextlib.nullcontext(), \
+            FlopCounterMode(display=False) as fwd_counter, fwd_meter, saved_tensors_hooks(pack, lambda t: t):
         output = module(*args, **kwargs)
         if loss is not None:
             output = loss(output)
-    needs_grad = [t for t in tensors_of(output) if t.requires_grad]
+    needs_grad = [] if forward_only else [t for t in tensors_of(output) if t.requires_grad]
     fwd_cls = fwd_meter.classes(set(saved) | {_key(t) for t in tensors_of(output)}, set())
     bwd_cls = RooflineClasses(0.0, 0.0, 0.0, 0.0)
     bwd_flops = bwd_bytes = 0.0
