@@ -13,8 +13,10 @@ would put on them):
 and rank 0 keeps the median over ranks. Then the communication: all-reduce, all-gather and reduce-scatter over
 groups of 2..nproc ranks of node 0 and, with several nodes, over groups spanning them, plus point-to-point
 ping-pong inside and across nodes, at several message sizes. Rank 0 writes the raw `Measurements` as JSON beside
-the spec; `planner.cluster_fit` turns them into a `ClusterSpec`. Each timing is the best of a few repeats, so other
-load on the machine counts as little as possible.
+the spec; `planner.cluster_fit` turns them into a `ClusterSpec`. Device timings are the best of a few repeats, so
+other load on the machine counts as little as possible. Collectives and sends are timed as a training step issues
+them: each call alone, after every rank has computed for a moment (`_BURST_SECONDS`), the median of several calls;
+back-to-back calls in a loop are faster than any a step makes on a host whose ranks share cores.
 """
 
 from __future__ import annotations
@@ -184,8 +186,34 @@ def _groups(spec: CalibrateSpec) -> list[tuple[list[int], int, int]]:
     return out
 
 
-def _comm_iters(nbytes: int) -> int:
-    return 20 if nbytes <= 2**16 else (5 if nbytes <= 2**22 else 3)
+#: Seconds of GEMMs every rank runs before each timed collective or send. A training step issues its collectives
+#: between kernels, not back to back, and on a host whose ranks share cores one that follows compute costs more the
+#: longer the compute ran: on the 2-core development host (2 gloo ranks, median of 15) a 4-byte all-reduce took 0.67 /
+#: 2.0 / 2.0 / 1.1 / 4.1 ms after 2 / 5 / 10 / 20 / 50 ms of GEMMs, a 1 MiB one 1.9 / 3.0 / 5.6 / 3.7 / 5.8 ms, where
+#: back to back they take 0.2 and 1.2-1.7 ms; the CPU steps of bench/fidelity_cpu.py leave 3-100 ms between their
+#: collectives (gpt-tiny's TP step about 4 ms, its DDP step 10 ms before the first bucket). 10 ms stands for that. On
+#: CUDA the host's compute does not delay the device's collectives, so no burst.
+_BURST_SECONDS = {"cpu": 10e-3, "cuda": 0.0}
+
+
+def _compute_burst(device: torch.device) -> Callable[[], None]:
+    """A call that keeps this rank computing for `_BURST_SECONDS` (nothing on CUDA)."""
+    seconds = _BURST_SECONDS.get(device.type, 0.0)
+    if seconds <= 0:
+        return lambda: None
+    a = torch.randn(128, 128, device=device)
+
+    def burst() -> None:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            torch.mm(a, a)
+
+    return burst
+
+
+def _insitu_repeats(repeats: int) -> int:
+    """Single timed calls per figure: the median of this many (more than best-of needs, as each is one call)."""
+    return 3 * repeats
 
 
 #: torch >= 2.10 names it reduce_scatter_single (reduce_scatter_tensor warns); older torch has only the old name.
@@ -205,15 +233,16 @@ def _time_collective(kind: Collective, nbytes: int, group, size: int, device: to
     sync = _sync(device)
     call()
     sync()
-    best = math.inf
-    for _ in range(repeats):
+    burst = _compute_burst(device)
+    times = []
+    for _ in range(_insitu_repeats(repeats)):
         dist.barrier(group=group)
+        burst()
         t0 = time.perf_counter()
-        for _ in range(_comm_iters(nbytes)):
-            call()
+        call()
         sync()
-        best = min(best, (time.perf_counter() - t0) / _comm_iters(nbytes))
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def _time_ping_pong(peer: int, nbytes: int, device: torch.device, repeats: int) -> float | None:
@@ -233,14 +262,15 @@ def _time_ping_pong(peer: int, nbytes: int, device: torch.device, repeats: int) 
             dist.send(buf, other)
 
     round_trip()
-    best = math.inf
-    for _ in range(repeats):
+    burst = _compute_burst(device)
+    times = []
+    for _ in range(_insitu_repeats(repeats)):
+        burst()
         t0 = time.perf_counter()
-        for _ in range(_comm_iters(nbytes)):
-            round_trip()
+        round_trip()
         _sync(device)()
-        best = min(best, (time.perf_counter() - t0) / _comm_iters(nbytes) / 2)
-    return best
+        times.append((time.perf_counter() - t0) / 2)
+    return statistics.median(times)
 
 
 def measure_comms(spec: CalibrateSpec, device: torch.device,

@@ -292,9 +292,13 @@ PRESETS: dict[str, dict] = {
     # 2-core Xeon (2.8 GHz) this project is tested on, measured once with `python bench/fidelity_cpu.py --measure`
     # (one thread, best of repeats): fp32 GEMMs of 256..2048 sustain ~120 GFLOP/s (bf16, no AMX: ~30); a 64 MiB
     # add moves ~11.5 GB/s; a tiny op with autograd costs ~8 us forward and ~7 us backward (the kernel overhead);
-    # GEMMs from 64^3 up lose ~3 us each beyond that (the ramp). The links are gloo as measured on a 2-core host (2 ranks:
-    # 16 MiB all-reduce in ~13 ms, i.e. ~1.3 GB/s bus bandwidth; ~0.2 ms for a tiny one). Compute and gloo share the
-    # cores, so gradient communication does not overlap the backward pass.
+    # GEMMs from 64^3 up lose ~3 us each beyond that (the ramp). The links are gloo on the same host, timed as a
+    # training step issues its collectives (`autopar calibrate --nproc-per-node 2`, 3 runs on an idle host, planner
+    # 0.3.6: each call alone after 10 ms of compute on both ranks, the median of 15; executor.calibrate._BURST_SECONDS):
+    # bus bandwidth 0.47 / 0.62 / 0.69 GB/s, one-way sends 0.32-1.09 ms, a ring pass 0.64-1.19 ms and a tiny
+    # all-reduce 1.0-2.2 ms. Back to back, as this preset had them before (1.3 GB/s, 0.2 ms), they are 2-5x faster
+    # than any step sees: a collective that follows compute waits for the peer's gloo thread to be scheduled again.
+    # Compute and gloo share the cores, so gradient communication does not overlap the backward pass.
     # Framework overhead per unit of work: `python bench/framework_overhead.py` (executor.overhead; 2 gloo ranks, one
     # thread each, tiny layers, each figure the best of 5 repeats with the cost model's collectives taken out), the
     # median of 3 runs on the host shared with other jobs (1-minute load 1.3-2.1 on 2 cores): a DTensor TP-sharded
@@ -327,8 +331,9 @@ PRESETS: dict[str, dict] = {
             # runs, all within 0.01 MiB): 0.28 MiB of private RSS under DDP, 1.36 MiB more under FSDP2.
             "runtime_memory_bytes": 290_000, "dtensor_runtime_memory_bytes": 1_430_000,
         },
-        "intra_node": {"bandwidth": 1.3 * GB, "latency": 2e-4},
-        "inter_node": {"bandwidth": 1 * GB, "latency": 2e-4},
+        "intra_node": {"bandwidth": 0.62 * GB, "latency": 8e-4},
+        "inter_node": {"bandwidth": 0.62 * GB, "latency": 8e-4},
+        "collective_latency": 2e-4,
         "compute_efficiency": 1.0,
         "memory_efficiency": 1.0,
         "comm_efficiency": 1.0,

@@ -17,7 +17,7 @@ from planner.strategy import Alternative, Plan, Provenance, Recompute, RunCalibr
 
 log = logging.getLogger(__name__)
 
-PLANNER_VERSION = "0.3.5"  # 0.3.5: experts shards split the intermediate GEMM dimension; sequence parallelism searched with pipelining too (cuts after such layers send shards); 0.3.4: transcendental elements per pass (cpu preset); 0.3.3: sequence parallelism (Strategy.sequence_parallel, planner.tp_comm); 0.3.2: memory counts the runtime, AdamW temporaries, output buffers; part of the service's plan keys: bumped whenever the cost model or the search changes
+PLANNER_VERSION = "0.3.6"  # 0.3.6: activations in autocast's dtypes where 16-bit compute runs as torch.autocast; 0.3.5: experts shards split the intermediate GEMM dimension; sequence parallelism searched with pipelining too (cuts after such layers send shards); 0.3.4: transcendental elements per pass (cpu preset); 0.3.3: sequence parallelism (Strategy.sequence_parallel, planner.tp_comm); 0.3.2: memory counts the runtime, AdamW temporaries, output buffers; part of the service's plan keys: bumped whenever the cost model or the search changes
 GB = 1e9
 
 
