@@ -228,6 +228,20 @@ def test_mixtral_records_active_parameters_of_top_k_experts(profiles):
     assert profiles["llama"].active_param_count == profiles["llama"].param_count
 
 
+@pytest.mark.parametrize("name", list(FACTORIES))
+def test_every_block_is_counted_under_autocast_with_its_hidden_state_in_fp32(name):
+    # Under torch.autocast the embedding's output and every residual add stay fp32 (profiler.autocast), so each block
+    # takes its hidden state (S x H per sample) with 2 more bytes per element than in the all-bf16 count, and keeps
+    # more for backward.
+    blocks = [x for x in _profile(FACTORIES[name], dtype="bfloat16").layers if x.name.startswith(BLOCKS[name])]
+    assert len(blocks) == LAYERS
+    for block in blocks:
+        a = block.autocast
+        assert a is not None, block.name
+        assert a.input_bytes - block.input_bytes >= 2 * S * H
+        assert a.saved_activation_bytes > block.saved_activation_bytes
+
+
 def test_mixtral_counts_the_same_in_bfloat16_and_float32():
     fp32, bf16 = _profile(mixtral, dtype="float32"), _profile(mixtral, dtype="bfloat16")
     assert [x.fwd_flops for x in fp32.layers] == [x.fwd_flops for x in bf16.layers]
