@@ -149,6 +149,17 @@ class LinkSpec(_Strict):
         return self
 
 
+class CollectivePasses(_Strict):
+    """What each collective costs in ring passes (one pass: a reduce-scatter's n-1 steps of 1/n of the data each,
+    bandwidth and per-step latency). NCCL's rings make an all-reduce of two passes and an all-gather or a
+    reduce-scatter of one (the defaults). Other backends differ: gloo on CPU runs its all-gather about as long as an
+    all-reduce and its reduce-scatter longer still (`autopar calibrate` measures them)."""
+
+    all_reduce: float = Field(default=2.0, gt=0, description="Passes of an all-reduce.")
+    all_gather: float = Field(default=1.0, gt=0, description="Passes of an all-gather.")
+    reduce_scatter: float = Field(default=1.0, gt=0, description="Passes of a reduce-scatter.")
+
+
 class ClusterSpec(_Strict):
     """A homogeneous cluster: `nodes` x `gpus_per_node` identical devices."""
 
@@ -172,6 +183,10 @@ class ClusterSpec(_Strict):
         default=8.4e-6, ge=0,
         description="Fixed seconds per collective call on top of its per-step link latencies (NCCL's ring base "
                     "latency, `baseLat` of the Simple protocol in NCCL's src/graph/tuning.cc).",
+    )
+    collective_passes: CollectivePasses = Field(
+        default_factory=CollectivePasses,
+        description="Ring passes each collective costs (NCCL: 2 / 1 / 1; measured by autopar calibrate).",
     )
     memory_margin: float = Field(
         default=0.1, ge=0, lt=1, description="Fraction of device memory held back for fragmentation and buffers."
@@ -293,11 +308,13 @@ PRESETS: dict[str, dict] = {
     # (one thread, best of repeats): fp32 GEMMs of 256..2048 sustain ~120 GFLOP/s (bf16, no AMX: ~30); a 64 MiB
     # add moves ~11.5 GB/s; a tiny op with autograd costs ~8 us forward and ~7 us backward (the kernel overhead);
     # GEMMs from 64^3 up lose ~3 us each beyond that (the ramp). The links are gloo on the same host, timed as a
-    # training step issues its collectives (`autopar calibrate --nproc-per-node 2`, 3 runs on an idle host, planner
-    # 0.3.6: each call alone after 10 ms of compute on both ranks, the median of 15; executor.calibrate._BURST_SECONDS):
-    # bus bandwidth 0.47 / 0.62 / 0.69 GB/s, one-way sends 0.32-1.09 ms, a ring pass 0.64-1.19 ms and a tiny
-    # all-reduce 1.0-2.2 ms. Back to back, as this preset had them before (1.3 GB/s, 0.2 ms), they are 2-5x faster
-    # than any step sees: a collective that follows compute waits for the peer's gloo thread to be scheduled again.
+    # training step issues its collectives (`autopar calibrate --nproc-per-node 2`, planner 0.3.6: each call alone
+    # after 10 ms of compute on both ranks, the median of 15; executor.calibrate._BURST_SECONDS), medians of 3 runs on
+    # an idle host: all-reduce bus bandwidth 0.95 / 1.00 / 2.07 GB/s, one-way sends 0.32-1.09 ms per step over 6 runs
+    # (0.4 ms), 0-1.0 ms more per call (0.5 ms); gloo's all-gather costs 1.3 / 2.0 / 3.3 ring passes and its
+    # reduce-scatter 2.5 / 3.7 / 4.0 where NCCL's cost 1 (`collective_passes`). Back to back, as this preset had them
+    # before (1.3 GB/s, 0.2 ms, one pass each), they are 2-5x faster than any step sees: a collective that follows
+    # compute waits for the peer's gloo thread to be scheduled again.
     # Compute and gloo share the cores, so gradient communication does not overlap the backward pass.
     # Framework overhead per unit of work: `python bench/framework_overhead.py` (executor.overhead; 2 gloo ranks, one
     # thread each, tiny layers, each figure the best of 5 repeats with the cost model's collectives taken out), the
@@ -333,9 +350,10 @@ PRESETS: dict[str, dict] = {
             # FSDP2; with tiny Linears alone it was 0.28 and 1.36).
             "runtime_memory_bytes": 424_000, "dtensor_runtime_memory_bytes": 2_073_000,
         },
-        "intra_node": {"bandwidth": 0.62 * GB, "latency": 8e-4},
-        "inter_node": {"bandwidth": 0.62 * GB, "latency": 8e-4},
-        "collective_latency": 2e-4,
+        "intra_node": {"bandwidth": 1.0 * GB, "latency": 4e-4},
+        "inter_node": {"bandwidth": 1.0 * GB, "latency": 4e-4},
+        "collective_latency": 5e-4,
+        "collective_passes": {"all_reduce": 2.0, "all_gather": 2.0, "reduce_scatter": 3.7},
         "compute_efficiency": 1.0,
         "memory_efficiency": 1.0,
         "comm_efficiency": 1.0,

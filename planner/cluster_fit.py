@@ -27,6 +27,7 @@ measured / datasheet, capped at 1.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -140,6 +141,8 @@ class CommFit:
     residual_rms: float  # of the collectives
     residual_max: float
     p2p_residual_rms: float | None = None  # of the sends (their bandwidth is not fitted: see `fit_comm`)
+    all_gather_passes: float | None = None  # ring passes an all-gather costs (an all-reduce: 2); None: not measured
+    reduce_scatter_passes: float | None = None
 
 
 def _residuals(pred: np.ndarray, meas: np.ndarray) -> tuple[float, float]:
@@ -194,15 +197,47 @@ def comm_row(sample: CommSample) -> list[float]:
 
 
 def fit_comm(samples: list[CommSample]) -> CommFit:
-    """Bus bandwidths and latencies, inside and across nodes, from all communication timings.
+    """Bus bandwidths and latencies, inside and across nodes, and each collective's ring passes, from all
+    communication timings.
 
-    Two stages, because gloo's collectives run at about half the bandwidth of its plain sends (the model has one
-    bandwidth per link): the point-to-point timings give the per-step link latencies, then the collectives, with
-    those latencies fixed, give the bus bandwidths and the per-call `collective_latency`. Without sends all five
-    come from the collectives at once. On NCCL, sends and ring collectives agree and either way gives the same.
+    Stages, because gloo's collectives run at about half the bandwidth of its plain sends (the model has one
+    bandwidth per link): the point-to-point timings give the per-step link latencies; then the all-reduces (two ring
+    passes by definition), with those latencies fixed, give the bus bandwidths and the per-call `collective_latency`;
+    then each of all-gather and reduce-scatter gets the number of passes that fits its timings best (least squares
+    on log error: NCCL's rings give 1, gloo's all-gather about 2 and its reduce-scatter more). Without all-reduces
+    every collective counts as NCCL's and all terms come from them at once; without sends the latencies come from
+    the collectives too.
     """
     if not samples:
         raise ClusterError("no communication timings to fit; calibrate with at least 2 processes (--nproc-per-node 2)")
+    sends = [s for s in samples if s.collective == Collective.P2P]
+    reduces = [s for s in samples if s.collective == Collective.ALL_REDUCE]
+    others = [s for s in samples if s.collective in (Collective.ALL_GATHER, Collective.REDUCE_SCATTER)]
+    if reduces and others:
+        base = _fit_links(sends + reduces)
+        passes = {kind: _passes(base, [s for s in others if s.collective == kind])
+                  for kind in (Collective.ALL_GATHER, Collective.REDUCE_SCATTER)}
+        return dataclasses.replace(base, all_gather_passes=passes[Collective.ALL_GATHER],
+                                   reduce_scatter_passes=passes[Collective.REDUCE_SCATTER])
+    return _fit_links(samples)
+
+
+def _passes(fit: CommFit, samples: list[CommSample]) -> float | None:
+    """Ring passes that best explain `samples` (geometric mean of measured over one predicted pass)."""
+    if not samples:
+        return None
+    x = np.array([1 / (fit.intra_bandwidth or np.inf), 1 / (fit.inter_bandwidth or np.inf),
+                  fit.collective_latency or 0.0, fit.intra_latency or 0.0, fit.inter_latency or 0.0])
+    one_pass = np.array([comm_row(s.model_copy(update={"collective": Collective.REDUCE_SCATTER})) for s in samples]) @ x
+    keep = one_pass > 0
+    if not np.any(keep):
+        return None
+    measured = np.array([s.seconds for s in samples])[keep]
+    return float(np.exp(np.mean(np.log(measured / one_pass[keep]))))
+
+
+def _fit_links(samples: list[CommSample]) -> CommFit:
+    """The link terms from `samples` (sends first for the latencies, as `fit_comm` says)."""
     sends = [s for s in samples if s.collective == Collective.P2P]
     colls = [s for s in samples if s.collective != Collective.P2P] or sends
     a = np.array([comm_row(s) for s in colls])
@@ -308,6 +343,10 @@ def build_cluster(m: Measurements, *, name: str = "calibrated", reference: Clust
         "compute_efficiency": compute_eff, "memory_efficiency": mem_eff, "comm_efficiency": comm_eff,
         "collective_latency": comm.collective_latency if comm and comm.collective_latency is not None
         else (reference.collective_latency if reference else 0.0),
+        "collective_passes": {"all_reduce": 2.0,
+                              "all_gather": comm.all_gather_passes if comm and comm.all_gather_passes else 1.0,
+                              "reduce_scatter": comm.reduce_scatter_passes if comm and comm.reduce_scatter_passes
+                              else 1.0},
         # Compute and gloo share the host's cores: gradient communication cannot hide behind the backward pass.
         "overlap_dp_comm": m.device_type != "cpu",
     }
@@ -346,6 +385,9 @@ def provenance_lines(cal: Calibration, m: Measurements) -> list[str]:
         lines.append(f"communication: {len(m.comms)} timings of {', '.join(kinds)} over group sizes {sizes}; "
                      f"collectives' fit residual rms {cal.comm_fit.residual_rms:.1%}, max "
                      f"{cal.comm_fit.residual_max:.1%}")
+        if cal.comm_fit.all_gather_passes or cal.comm_fit.reduce_scatter_passes:
+            lines.append(f"ring passes (an all-reduce: 2): all-gather {cal.comm_fit.all_gather_passes or 1.0:.2f}, "
+                         f"reduce-scatter {cal.comm_fit.reduce_scatter_passes or 1.0:.2f}")
         if cal.comm_fit.p2p_residual_rms is not None:
             lines.append(f"point-to-point: latency fitted to the sends, bandwidth from the collectives; sends' "
                          f"residual rms {cal.comm_fit.p2p_residual_rms:.1%}")

@@ -62,6 +62,9 @@ class CommModel:
     local ring pass plus a ring pass of the q nodes on 1/k of the data. Bandwidths are scaled by
     `cluster.comm_efficiency` (what NCCL achieves of the link rate).
 
+    Each collective costs `cluster.collective_passes` ring passes (NCCL: all-reduce 2, all-gather and reduce-scatter
+    1; gloo's differ and are measured).
+
     Latency follows NCCL's own tuning model (src/graph/tuning.cc, `ncclTopoTuneModel`, ring algorithm): a base
     latency per call, plus one step per rank of the ring - nodes-1 of them cross the network (`inter_node.latency`),
     the other n-nodes stay inside a node (`intra_node.latency`); an all-reduce makes both passes. So the latency of
@@ -88,21 +91,25 @@ class CommModel:
         return (self.cluster.collective_latency + intra_steps * self.cluster.intra_node.latency
                 + inter_steps * self.cluster.inter_node.latency)
 
-    def reduce_scatter(self, nbytes: float, group: Group) -> float:
-        """Seconds to reduce-scatter `nbytes` (each member's full buffer) over `group`."""
+    def ring_pass(self, nbytes: float, group: Group) -> float:
+        """Seconds of one ring pass over `group` with `nbytes` per member (a reduce-scatter as NCCL runs it)."""
         if group.size <= 1:
             return 0.0
         intra, inter = self.cluster.intra_node, self.cluster.inter_node
         local = self._pass_bytes_seconds(group.per_node, nbytes, intra)
         return self.pass_latency(group) + local + self._pass_bytes_seconds(group.nodes, nbytes / group.per_node, inter)
 
+    def reduce_scatter(self, nbytes: float, group: Group) -> float:
+        """Seconds to reduce-scatter `nbytes` (each member's full buffer) over `group`."""
+        return self.cluster.collective_passes.reduce_scatter * self.ring_pass(nbytes, group)
+
     def all_gather(self, nbytes: float, group: Group) -> float:
         """Seconds to all-gather buffers that total `nbytes` per member after the gather."""
-        return self.reduce_scatter(nbytes, group)  # the mirror-image ring passes
+        return self.cluster.collective_passes.all_gather * self.ring_pass(nbytes, group)
 
     def all_reduce(self, nbytes: float, group: Group) -> float:
-        """Seconds to all-reduce `nbytes` over `group` (reduce-scatter followed by all-gather)."""
-        return self.reduce_scatter(nbytes, group) + self.all_gather(nbytes, group)
+        """Seconds to all-reduce `nbytes` over `group` (NCCL: a reduce-scatter followed by an all-gather)."""
+        return self.cluster.collective_passes.all_reduce * self.ring_pass(nbytes, group)
 
     def p2p(self, nbytes: float, spans_nodes: bool) -> float:
         """Seconds to send `nbytes` from one device to another (inside a node or across nodes)."""

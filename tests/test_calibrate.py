@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import planner
-from planner.cluster import ClusterError, ClusterSpec, load_cluster
+from planner.cluster import ClusterError, ClusterSpec, CollectivePasses, load_cluster
 from planner.cluster_fit import (
     Collective,
     CommSample,
@@ -87,7 +87,23 @@ def test_fits_recover_known_cluster_constants_within_2_percent_from_noisy_timing
         assert _close(g.bandwidth * got.comm_efficiency, t.bandwidth * truth.comm_efficiency), link
         assert _close(g.latency, t.latency), link
     assert _close(got.collective_latency, truth.collective_latency)
+    assert _close(got.collective_passes.all_gather, 1.0) and _close(got.collective_passes.reduce_scatter, 1.0)
     assert cal.comm_fit.residual_max < 0.01 and all(f.residual_max < 0.01 for f in cal.gemm_fits)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fits_recover_how_many_ring_passes_each_collective_costs(seed):
+    # A gloo-like backend: its all-gather as costly as an all-reduce, its reduce-scatter costlier still.
+    truth = _truth().model_copy(update={"collective_passes": CollectivePasses(all_gather=2.0, reduce_scatter=3.5)})
+    got = build_cluster(_synthetic(truth, noise=0.005, seed=seed)).cluster
+    assert _close(got.collective_passes.all_gather, 2.0) and _close(got.collective_passes.reduce_scatter, 3.5)
+    for link in ("intra_node", "inter_node"):  # the links still come out right: the all-reduces set them
+        g, t = getattr(got, link), getattr(truth, link)
+        assert _close(g.bandwidth * got.comm_efficiency, t.bandwidth * truth.comm_efficiency), link
+    # and the planner prices a ZeRO-3 layer's gathers and reduce-scatter by them
+    group = Group(8, 4, 2)
+    fitted, nccl = CommModel(got), CommModel(_truth())
+    assert _close(fitted.reduce_scatter(2**26, group) / nccl.reduce_scatter(2**26, group), 3.5, 0.03)
 
 
 def test_fits_with_a_datasheet_reference_keep_its_peaks_and_recover_the_efficiencies():
