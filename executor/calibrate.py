@@ -211,9 +211,20 @@ def _compute_burst(device: torch.device) -> Callable[[], None]:
     return burst
 
 
-def _insitu_repeats(repeats: int) -> int:
-    """Single timed calls per figure: the median of this many (more than best-of needs, as each is one call)."""
-    return 3 * repeats
+def _median_after_compute(call: Callable[[], None], device: torch.device, repeats: int,
+                          before: Callable[[], None] = lambda: None) -> float:
+    """Median seconds of `call` timed alone, each time after `before` (a barrier) and a compute burst, as a step
+    issues it; 3 x `repeats` single calls (more than best-of needs, as each is one call)."""
+    burst, sync = _compute_burst(device), _sync(device)
+    times = []
+    for _ in range(3 * repeats):
+        before()
+        burst()
+        t0 = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 #: torch >= 2.10 names it reduce_scatter_single (reduce_scatter_tensor warns); older torch has only the old name.
@@ -230,19 +241,9 @@ def _time_collective(kind: Collective, nbytes: int, group, size: int, device: to
         Collective.ALL_GATHER: lambda: _all_gather(full, part, group=group),
         Collective.REDUCE_SCATTER: lambda: _reduce_scatter(part, full, group=group),
     }[kind]
-    sync = _sync(device)
     call()
-    sync()
-    burst = _compute_burst(device)
-    times = []
-    for _ in range(_insitu_repeats(repeats)):
-        dist.barrier(group=group)
-        burst()
-        t0 = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    _sync(device)()
+    return _median_after_compute(call, device, repeats, before=lambda: dist.barrier(group=group))
 
 
 def _time_ping_pong(peer: int, nbytes: int, device: torch.device, repeats: int) -> float | None:
@@ -262,15 +263,7 @@ def _time_ping_pong(peer: int, nbytes: int, device: torch.device, repeats: int) 
             dist.send(buf, other)
 
     round_trip()
-    burst = _compute_burst(device)
-    times = []
-    for _ in range(_insitu_repeats(repeats)):
-        burst()
-        t0 = time.perf_counter()
-        round_trip()
-        _sync(device)()
-        times.append((time.perf_counter() - t0) / 2)
-    return statistics.median(times)
+    return _median_after_compute(round_trip, device, repeats) / 2
 
 
 def measure_comms(spec: CalibrateSpec, device: torch.device,

@@ -26,17 +26,15 @@ compute cos / sin that way) are emulated like the rest, which changes those smal
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from profiler import hf
-from profiler.attention import AttentionRouting
-from profiler.counting import count_layer_call
+from profiler.counting import LayerCost, estimate_layer_cost
 from profiler.loss import TrainingLoss
-from profiler.recording import LayerCall, cast_inputs, meta_copy, record_calls
+from profiler.recording import cast_inputs, meta_copy, record_calls, tensors_of
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +108,7 @@ class AutocastEmulation(TorchFunctionMode):
         elif name in FP32_OPS and kwargs.get("dtype") is None:
             target, source = torch.float32, _LOW
         elif name in PROMOTE_OPS:
-            floats = [t.dtype for t in _tensors((args, kwargs)) if t.is_floating_point() and t.dtype != torch.float64]
+            floats = [t.dtype for t in tensors_of((args, kwargs)) if t.is_floating_point() and t.dtype != torch.float64]
             if not floats:
                 return func(*args, **kwargs)
             target = torch.float32 if torch.float32 in floats else floats[0]
@@ -122,56 +120,13 @@ class AutocastEmulation(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _tensors(tree) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    if isinstance(tree, (list, tuple)):
-        return [t for v in tree for t in _tensors(v)]
-    return []
-
-
-@dataclass(frozen=True)
-class AutocastCost:
-    """What one layer call keeps under autocast (whole batch): saved activations (and the attention core's part),
-    inputs and output, with SDPA as the math ops and, where its calls can run fused, as the fused kernels."""
-
-    saved_bytes: float
-    selective_saved_bytes: float
-    input_bytes: float
-    output_bytes: float
-    fused_saved_bytes: float | None = None
-    fused_selective_saved_bytes: float | None = None
-
-
-def estimate_autocast_activations(module: nn.Module, call: LayerCall, loss: TrainingLoss | None,
-                                  dtype: torch.dtype) -> AutocastCost:
-    """Count one layer of the fp32 model called with the arguments it gets under autocast (`call`, recorded under
-    `AutocastEmulation`), as CUDA autocast in `dtype` runs it: forward only, what autograd saves, the parameters'
-    16-bit copies left out (they are state)."""
-    routing = AttentionRouting(fused=False)
-    cost = count_layer_call(module, call, loss, routing, emulation=AutocastEmulation(dtype), forward_only=True)
-    fused = None
-    if routing.calls and all(c.fusable for c in routing.calls):
-        try:
-            fused = count_layer_call(module, call, loss, AttentionRouting(fused=True),
-                                     emulation=AutocastEmulation(dtype), forward_only=True)
-        except RuntimeError:  # arguments the first count changed (as in estimate_layer_cost): the math count only
-            fused = None
-    return AutocastCost(
-        saved_bytes=cost.saved_bytes, selective_saved_bytes=cost.selective_saved_bytes,
-        input_bytes=cost.input_bytes, output_bytes=cost.output_bytes,
-        fused_saved_bytes=None if fused is None else fused.saved_bytes,
-        fused_selective_saved_bytes=None if fused is None else fused.selective_saved_bytes,
-    )
-
-
 def count_autocast_layers(model: nn.Module, inputs: tuple, names: list[str], layers: dict[str, str],
-                          loss_fn, targets, dtype: torch.dtype) -> dict[str, AutocastCost] | None:
+                          loss_fn, targets, dtype: torch.dtype) -> dict[str, LayerCost] | None:
     """Per layer signature (`layers`: signature -> the layer counted for it), what training under autocast in
     `dtype` keeps: the model copied to the meta device in fp32, one forward under `AutocastEmulation` recording each
-    layer's arguments, then each layer counted under it (`loss_fn` with the last of `names`).
+    layer's arguments, then each layer's forward counted under it (`counting.estimate_layer_cost`, with `loss_fn`
+    for the last of `names`): saved bytes with the parameters' 16-bit copies left out (they are state), the
+    attention core's part, inputs and output, for math and fused attention.
 
     None when the model cannot run that way (user code that insists on one dtype, say): the planner then counts
     16-bit activations throughout, as before this count existed, and the log says why.
@@ -184,8 +139,8 @@ def count_autocast_layers(model: nn.Module, inputs: tuple, names: list[str], lay
             records = record_calls(model32, inputs32, names, clone=False)
         hf.drop_caches(records)
         loss = None if loss_fn is None else TrainingLoss.on_device(loss_fn, targets, "meta", torch.float32)
-        return {sig: estimate_autocast_activations(model32.get_submodule(n), records[n],
-                                                   loss if n == names[-1] else None, dtype)
+        return {sig: estimate_layer_cost(model32.get_submodule(n), records[n], loss if n == names[-1] else None,
+                                         emulation=lambda: AutocastEmulation(dtype))
                 for sig, n in layers.items()}
     except (RuntimeError, TypeError, ValueError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

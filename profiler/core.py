@@ -36,7 +36,7 @@ from planner.model_profile import (
 from profiler import cache as profile_cache
 from profiler import hf
 from profiler.attention import AttentionCallInfo
-from profiler.autocast import AutocastCost, count_autocast_layers
+from profiler.autocast import count_autocast_layers
 from profiler.counting import LayerCost, estimate_layer_cost
 from profiler.errors import ProfileError
 from profiler.graph import build_layer_graph
@@ -339,15 +339,15 @@ def _layer_profiles(meta_model, names, signature, costs, layer_tp, times, batch,
     return out
 
 
-def _autocast_activations(cost: AutocastCost | None, batch: int) -> AutocastActivations | None:
+def _autocast_activations(cost: LayerCost | None, batch: int) -> AutocastActivations | None:
     if cost is None:
         return None
-    fused, fused_sel = cost.fused_saved_bytes, cost.fused_selective_saved_bytes
+    fused = cost.fused
     return AutocastActivations(
         saved_activation_bytes=cost.saved_bytes / batch, selective_saved_bytes=cost.selective_saved_bytes / batch,
         input_bytes=cost.input_bytes / batch, output_bytes=cost.output_bytes / batch,
-        fused_saved_activation_bytes=None if fused is None else fused / batch,
-        fused_selective_saved_bytes=None if fused_sel is None else fused_sel / batch,
+        fused_saved_activation_bytes=None if fused is None else fused.saved_bytes / batch,
+        fused_selective_saved_bytes=None if fused is None else fused.selective_saved_bytes / batch,
     )
 
 

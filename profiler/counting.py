@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -289,7 +290,8 @@ class _OpMeter(TorchDispatchMode):
         return sum(self.mm_flops[i] for i in self.core_mms)
 
 
-def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss | None = None) -> LayerCost:
+def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss | None = None, *,
+                        emulation: Callable[[], AutocastEmulation] | None = None) -> LayerCost:
     """Count one layer (on meta) called with its recorded arguments: FLOPs, bytes, saved activations.
 
     With `loss` (the last layer only), the loss of the layer's output is part of the forward, backward starts from
@@ -297,15 +299,21 @@ def estimate_layer_cost(module: nn.Module, call: LayerCall, loss: TrainingLoss |
     counted twice).
 
     A layer that calls scaled_dot_product_attention is counted again with the fused kernels (`LayerCost.fused`).
+    With `emulation` (a factory: each count runs under a fresh one, `profiler.autocast`) only the forward is counted,
+    under it: what the layer keeps when it trains that way.
     """
+    def count(routing: AttentionRouting) -> LayerCost:
+        return count_layer_call(module, call, loss, routing, emulation=emulation and emulation(),
+                                forward_only=emulation is not None)
+
     routing = AttentionRouting(fused=False)
-    cost = count_layer_call(module, call, loss, routing)
+    cost = count(routing)
     if not routing.calls:
         return cost
     fused = None
     if all(c.fusable for c in routing.calls):
         try:
-            fused = count_layer_call(module, call, loss, AttentionRouting(fused=True))
+            fused = count(AttentionRouting(fused=True))
         except RuntimeError as exc:
             # A layer whose arguments carry state the first count changed (a Hugging Face key/value cache object
             # passed in kwargs) cannot be run again; its attention is then costed as the math kernel.

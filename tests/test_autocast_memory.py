@@ -26,8 +26,8 @@ from profiler.autocast import (
     LOWER_PRECISION_OPS,
     PROMOTE_OPS,
     AutocastEmulation,
-    estimate_autocast_activations,
 )
+from profiler.counting import estimate_layer_cost
 from profiler.recording import LayerCall
 
 BF16 = torch.bfloat16
@@ -82,8 +82,8 @@ class _MLPBlock(nn.Module):
 
 
 def _count(module: nn.Module, x: torch.Tensor):
-    return estimate_autocast_activations(module, LayerCall(name="l", args=(x,), kwargs={}, output=None,
-                                                           from_input=(False,)), None, BF16)
+    return estimate_layer_cost(module, LayerCall(name="l", args=(x,), kwargs={}, output=None, from_input=(False,)),
+                               emulation=lambda: AutocastEmulation(BF16))
 
 
 def test_pre_norm_mlp_block_saves_22_bsh_plus_fp32_statistics_under_autocast_by_hand():
